@@ -42,7 +42,6 @@ def _from_gguf(embedded: EmbeddedModel) -> tuple[PreTrainedModel, PreTrainedToke
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=embedded.gguf_file)
     config = quantized.config
     del config.quantization_config
-    config.name_or_path = f"{embedded.package}=={embedded.version}/{embedded.gguf_file}"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     return model, tokenizer
