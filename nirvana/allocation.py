@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+from torch import nn
+
+from nirvana.models import get_adapter
 
 
 def pool_fractions(sparsity: float, gamma: float, attn_params: int, n_attn: int,
@@ -65,6 +68,15 @@ def allocate(scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: i
     plan = scores.copy()
     plan["keep"] = ~plan.index.isin(list(removed))
     return plan
+
+
+def allocate_for_model(model: nn.Module, scores: pd.DataFrame, sparsity: float, gamma: float,
+                       mlp_multiple: int) -> pd.DataFrame:
+    """`allocate` with the per-unit parameter counts read off the model's first layer."""
+    adapter = get_adapter(model.config)
+    layer = adapter.layers(model)[0]
+    return allocate(scores, sparsity, gamma, adapter.unit_params(layer, "attn"),
+                    adapter.unit_params(layer, "mlp"), mlp_multiple)
 
 
 def layer_widths(plan: pd.DataFrame) -> pd.DataFrame:

@@ -118,3 +118,34 @@ def read_windows(path: str | Path) -> torch.Tensor:
     """Token windows stored as a parquet column `input_ids` of equal-length lists."""
     column = pd.read_parquet(path)["input_ids"]
     return torch.from_numpy(np.stack(column.to_numpy()).astype(np.int64))
+
+
+def hold_out(stream: list[int], samples: int, seq_len: int) -> tuple[list[int], torch.Tensor]:
+    """Split off the stream's tail as `samples` windows (the KL set); return the rest and them."""
+    size = samples * seq_len
+    if size >= len(stream):
+        raise ValueError(f"the KL set ({samples} x {seq_len} tokens) does not fit in the "
+                         f"calibration pool's {len(stream)} tokens")
+    return stream[:-size], windows(stream[-size:], seq_len)
+
+
+def user_windows(path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Calibration windows a user brings: parquet with `input_ids` (used as they are) or `text`
+    (tokenised and cut into windows of `seq_len`)."""
+    table = pd.read_parquet(path)
+    if "input_ids" in table:
+        lengths = set(table["input_ids"].map(len))
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"{path}: every input_ids row must have the same non-zero length, got {sorted(lengths)[:5]}")
+        return read_windows(path)
+    if "text" in table:
+        return windows(token_stream(table["text"].tolist(), tokenizer), seq_len)
+    raise ValueError(f"{path}: needs a column input_ids or text, has {list(table.columns)}")
+
+
+def dataset_texts(source: str) -> list[str]:
+    """The `text` column of a Hugging Face dataset's train split (an id, or a local folder)."""
+    table = datasets.load_dataset(source, split="train")
+    if "text" not in table.column_names:
+        raise ValueError(f"calibration.source {source!r} has no column 'text': {table.column_names}")
+    return _unique(table["text"])

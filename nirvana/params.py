@@ -31,15 +31,36 @@ class DataParams:
         _check(self.overlap_ngram >= 4, "data.overlap_ngram", self.overlap_ngram, "an integer >= 4")
 
 
+USER_CALIBRATION_DIR = Path("data/calibration")
+
+
 @dataclass(frozen=True)
 class CalibrationParams:
     num_samples: int = 32
     seq_len: int = 128
     seed: int = 0
+    candidates: int = 8
+    kl_samples: int = 128
+    kl_seq_len: int = 64
+    kl_batch_size: int = 16
+    select_at_sparsity: float | None = None
+    path: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.num_samples > 0, "calibration.num_samples", self.num_samples, "a positive integer")
-        _check(self.seq_len > 1, "calibration.seq_len", self.seq_len, "an integer > 1")
+        for key in ("num_samples", "candidates", "kl_samples", "kl_batch_size"):
+            _check(getattr(self, key) > 0, f"calibration.{key}", getattr(self, key), "a positive integer")
+        for key in ("seq_len", "kl_seq_len"):
+            _check(getattr(self, key) > 1, f"calibration.{key}", getattr(self, key), "an integer > 1")
+        at = self.select_at_sparsity
+        _check(at is None or 0 <= at < 1, "calibration.select_at_sparsity", at, "null or 0 <= value < 1")
+        _check(self.path is None or self.source is None, "calibration.source", self.source,
+               "null when calibration.path is set (one or the other)")
+        if self.path is not None:
+            path = Path(self.path)
+            _check(path.suffix == ".parquet" and USER_CALIBRATION_DIR in path.parents, "calibration.path",
+                   self.path, f"a .parquet file under {USER_CALIBRATION_DIR}/ (which DVC tracks)")
+            _check(path.is_file(), "calibration.path", self.path, "an existing file")
 
 
 @dataclass(frozen=True)

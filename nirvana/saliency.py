@@ -47,3 +47,6 @@ def nirvana_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: in
     model.requires_grad_(False)
     model.train(was_training)
     return pd.DataFrame(rows, columns=["layer", "module", "unit", "score"])
+
+
+CRITERIA = {"nirvana": nirvana_scores}

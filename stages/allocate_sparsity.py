@@ -2,21 +2,16 @@
 
 import pandas as pd
 
-from nirvana.allocation import allocate, layer_widths
+from nirvana.allocation import allocate_for_model, layer_widths
 from nirvana.io import log, write_csv, write_parquet
 from nirvana.modeling import skeleton
-from nirvana.models import get_adapter
 from nirvana.params import Params
 from nirvana.stage import run_stage
 
 
 def main(params: Params, model_dir: str, scores: str, plan_out: str, widths_out: str) -> None:
-    model = skeleton(model_dir)
-    adapter = get_adapter(model.config)
-    layer = adapter.layers(model)[0]
-    plan = allocate(pd.read_parquet(scores), params.sparsity, params.gamma,
-                    adapter.unit_params(layer, "attn"), adapter.unit_params(layer, "mlp"),
-                    params.allocation.mlp_multiple)
+    plan = allocate_for_model(skeleton(model_dir), pd.read_parquet(scores), params.sparsity,
+                              params.gamma, params.allocation.mlp_multiple)
     write_parquet(plan, plan_out)
     widths = layer_widths(plan)
     write_csv(widths, widths_out)

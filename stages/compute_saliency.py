@@ -4,10 +4,8 @@ from nirvana.data import read_windows
 from nirvana.io import log, write_parquet
 from nirvana.modeling import load_model
 from nirvana.params import Params
-from nirvana.saliency import nirvana_scores
+from nirvana.saliency import CRITERIA
 from nirvana.stage import run_stage
-
-CRITERIA = {"nirvana": nirvana_scores}
 
 
 def main(params: Params, model_dir: str, calibration: str, out: str) -> None:

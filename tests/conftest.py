@@ -48,3 +48,24 @@ def random_plan(model: LlamaForCausalLM, seed: int = 0, drop: float = 0.4) -> pd
 @pytest.fixture(params=sorted(SHAPES))
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+WORDS = [f"w{i}" for i in range(63)]
+
+
+def tiny_model_dir(path, kind: str = "gqa"):
+    """A saved tiny Llama with a word-level tokenizer over its 64-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {w: i + 1 for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tiny_llama(kind).save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def random_text(words: int, seed: int) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=gen).tolist())

@@ -1,0 +1,92 @@
+"""KL-divergence calibration selection (method §3): among seeded candidate calibration sets,
+keep the one whose pruned model shifts the output distribution least on a held-out KL set."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from nirvana.allocation import allocate_for_model
+from nirvana.params import Params
+from nirvana.saliency import CRITERIA
+from nirvana.surgery import prune_model
+
+
+@torch.no_grad()
+def log_probs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Float32 log-probabilities over the vocabulary, one chunk of windows at a time (on the CPU)."""
+    device = next(model.parameters()).device
+    for start in range(0, len(windows), batch_size):
+        logits = model(input_ids=windows[start:start + batch_size].to(device), use_cache=False).logits
+        yield torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def kl_to_reference(reference: list[torch.Tensor], model: PreTrainedModel, windows: torch.Tensor,
+                    batch_size: int) -> float:
+    """KL(P_ref || Q_model) = sum_v p (log p - log q), averaged over every token of `windows`.
+
+    `reference` holds the dense model's log-probabilities in the same chunks."""
+    total, tokens = 0.0, 0
+    for log_p, log_q in zip(reference, log_probs(model, windows, batch_size), strict=True):
+        total += (log_p.exp() * (log_p - log_q)).sum().item()
+        tokens += log_p.shape[0] * log_p.shape[1]
+    return total / tokens
+
+
+def draw(pool: torch.Tensor, num_samples: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded draw, without replacement, of `num_samples` pool windows."""
+    if num_samples > len(pool):
+        raise ValueError(f"calibration.num_samples = {num_samples} exceeds the {len(pool)} windows available")
+    return np.sort(np.random.default_rng(seed).choice(len(pool), size=num_samples, replace=False))
+
+
+def prune_with(model: PreTrainedModel, windows: torch.Tensor, params: Params, sparsity: float) -> PreTrainedModel:
+    """A pruned copy of `model`, scored on `windows` with the configured criterion and allocation."""
+    scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
+    plan = allocate_for_model(model, scores, sparsity, params.gamma, params.allocation.mlp_multiple)
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, plan)
+    return pruned
+
+
+def select(model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params,
+           verbatim: bool = False) -> tuple[torch.Tensor, pd.DataFrame]:
+    """The selected windows and one row per candidate (candidate, seed, kl, selected, windows).
+
+    With one candidate there is no search: a seeded draw, or the whole pool if `verbatim`."""
+    c = params.calibration
+    if c.candidates == 1:
+        picks = np.arange(len(pool)) if verbatim else draw(pool, c.num_samples, c.seed)
+        row = {"candidate": 0, "seed": c.seed, "kl": float("nan"), "windows": picks.tolist(), "selected": True}
+        return pool[torch.from_numpy(picks)], pd.DataFrame([row])
+    assert model is not None, "a search needs the dense model"
+    sparsity = params.sparsity if c.select_at_sparsity is None else c.select_at_sparsity
+    reference = list(log_probs(model, kl_windows, c.kl_batch_size))  # the dense model's work, once
+    rows = []
+    for candidate in tqdm(range(c.candidates), desc="candidates", unit="set"):
+        seed = c.seed + candidate
+        picks = draw(pool, c.num_samples, seed)
+        pruned = prune_with(model, pool[torch.from_numpy(picks)], params, sparsity)
+        kl = kl_to_reference(reference, pruned, kl_windows, c.kl_batch_size)
+        rows.append({"candidate": candidate, "seed": seed, "kl": kl, "windows": picks.tolist()})
+        del pruned
+    table = pd.DataFrame(rows)
+    best = int(table["kl"].idxmin())
+    table["selected"] = table.index == best
+    return pool[torch.tensor(table.at[best, "windows"])], table
+
+
+def summary(table: pd.DataFrame) -> dict[str, float | int]:
+    """The metrics of a selection: the winner's KL against the median and worst candidate."""
+    kl = table["kl"].dropna()
+    if kl.empty:  # one candidate: nothing was measured
+        return {"candidates": len(table)}
+    return {"candidates": len(table), "kl_selected": float(table.loc[table["selected"], "kl"].iloc[0]),
+            "kl_median": float(kl.median()), "kl_worst": float(kl.max())}

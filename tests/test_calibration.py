@@ -1,0 +1,100 @@
+"""KL calibration selection: the KL itself, the search, and calibration data users bring."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
+
+from nirvana.calibration import kl_to_reference, log_probs, select
+from nirvana.params import CalibrationParams, Params
+from nirvana.surgery import prune_model
+
+ROOT = Path(__file__).resolve().parents[1]
+KL_WINDOWS = torch.randint(0, 64, (7, 9), generator=torch.Generator().manual_seed(2))
+
+
+def test_kl_matches_a_direct_computation_and_chunking_changes_nothing() -> None:
+    dense = tiny_llama("gqa")
+    pruned = copy.deepcopy(dense)
+    prune_model(pruned, random_plan(dense, seed=1))
+    with torch.no_grad():
+        log_p = torch.log_softmax(dense(input_ids=KL_WINDOWS).logits, -1)
+        log_q = torch.log_softmax(pruned(input_ids=KL_WINDOWS).logits, -1)
+    expected = F.kl_div(log_q, log_p, log_target=True, reduction="sum").item() / KL_WINDOWS.numel()
+    for batch_size in (1, 3, 7):
+        reference = list(log_probs(dense, KL_WINDOWS, batch_size))
+        assert kl_to_reference(reference, pruned, KL_WINDOWS, batch_size) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+    assert kl_to_reference(list(log_probs(dense, KL_WINDOWS, 4)), dense, KL_WINDOWS, 4) == pytest.approx(0, abs=1e-7)
+
+
+def test_search_picks_the_candidate_with_the_lowest_kl() -> None:
+    pool = torch.randint(0, 64, (40, 8), generator=torch.Generator().manual_seed(3))
+    params = Params(sparsity=0.4, calibration=CalibrationParams(num_samples=4, candidates=4, kl_batch_size=4))
+    windows, table = select(tiny_llama("gqa"), pool, KL_WINDOWS, params)
+    assert table["kl"].nunique() == 4 and table["seed"].tolist() == [0, 1, 2, 3]
+    winner = table.loc[table.selected].iloc[0]
+    assert table.selected.sum() == 1 and winner.kl == table.kl.min()
+    assert torch.equal(windows, pool[winner.windows])
+
+
+def test_one_candidate_is_a_seeded_draw_without_a_model() -> None:
+    pool = torch.arange(200).view(20, 10)
+    params = Params(calibration=CalibrationParams(num_samples=5, candidates=1, seed=7))
+    first, table = select(None, pool, KL_WINDOWS, params)
+    again, _ = select(None, pool, KL_WINDOWS, params)
+    assert torch.equal(first, again) and first.shape == (5, 10) and table.selected.all()
+
+
+def run_select_stage(repo: Path, calibration: dict) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["calibration"] |= calibration
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    outs = ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"]
+    return subprocess.run([sys.executable, str(ROOT / "stages/select_calibration.py"), "model", "pool.parquet", *outs],
+                          cwd=repo, capture_output=True, text=True)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    tiny_model_dir(tmp_path / "model")
+    pd.DataFrame({"text": [random_text(300, seed) for seed in range(10)]}).to_parquet(tmp_path / "pool.parquet")
+    (tmp_path / "data/calibration").mkdir(parents=True)
+    return tmp_path
+
+
+def test_user_input_ids_are_used_verbatim(repo: Path) -> None:
+    mine = pd.DataFrame({"input_ids": [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 9, 9]]})
+    mine.to_parquet(repo / "data/calibration/mine.parquet")
+    done = run_select_stage(repo, {"path": "data/calibration/mine.parquet", "candidates": 1,
+                                   "kl_samples": 4, "kl_seq_len": 16})
+    assert done.returncode == 0, done.stderr
+    assert pd.read_parquet(repo / "out/calibration.parquet")["input_ids"].map(list).tolist() == mine["input_ids"].tolist()
+
+
+def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> None:
+    done = run_select_stage(repo, {"num_samples": 4, "seq_len": 16, "candidates": 3, "kl_samples": 8,
+                                   "kl_seq_len": 16, "kl_batch_size": 4})
+    assert done.returncode == 0, done.stderr
+    table = pd.read_parquet(repo / "out/candidates.parquet")
+    assert len(table) == 3 and table.selected.sum() == 1 and table.kl.notna().all()
+    metrics = yaml.safe_load((repo / "out/calibration.json").read_text())
+    assert metrics["kl_selected"] == table.kl.min() <= metrics["kl_median"] <= metrics["kl_worst"]
+
+
+@pytest.mark.parametrize("calibration,message", [
+    ({"path": "elsewhere/mine.parquet"}, "calibration.path = 'elsewhere/mine.parquet' is invalid; expected a .parquet file under data/calibration/"),
+    ({"path": "data/calibration/missing.parquet"}, "expected an existing file"),
+    ({"candidates": 0}, "calibration.candidates = 0 is invalid"),
+])
+def test_bad_calibration_params_stop_before_any_work(repo: Path, calibration: dict, message: str) -> None:
+    done = run_select_stage(repo, calibration)
+    assert done.returncode != 0 and message in done.stderr
+    assert not (repo / "out").exists()
