@@ -4,18 +4,31 @@ keep the one whose pruned model shifts the output distribution least on a held-o
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.allocation import allocate_for_model
-from nirvana.params import Params
+from nirvana.data import dataset_texts, hold_out, token_stream, user_windows, windows
+from nirvana.params import CalibrationParams, Params
 from nirvana.saliency import CRITERIA
 from nirvana.surgery import prune_model
+
+
+def candidate_pool(c: CalibrationParams, tokenizer: PreTrainedTokenizerBase,
+                   pool_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows candidates are drawn from (the built-in pool, a user file or a dataset), and
+    the held-out KL set: the built-in pool's tail, never drawn from."""
+    stream, kl_windows = hold_out(token_stream(pool_texts, tokenizer), c.kl_samples, c.kl_seq_len)
+    if c.path:
+        return user_windows(c.path, tokenizer, c.seq_len), kl_windows
+    if c.source:
+        stream = token_stream(dataset_texts(c.source), tokenizer)
+    return windows(stream, c.seq_len), kl_windows
 
 
 @torch.no_grad()
@@ -56,17 +69,11 @@ def prune_with(model: PreTrainedModel, windows: torch.Tensor, params: Params, sp
     return pruned
 
 
-def select(model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params,
-           verbatim: bool = False) -> tuple[torch.Tensor, pd.DataFrame]:
-    """The selected windows and one row per candidate (candidate, seed, kl, selected, windows).
-
-    With one candidate there is no search: a seeded draw, or the whole pool if `verbatim`."""
+def search(model: PreTrainedModel, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params,
+           measure: Callable[[PreTrainedModel], dict] | None = None) -> pd.DataFrame:
+    """One row per candidate: candidate, seed, kl, windows (pool indices), selected; plus
+    whatever `measure` reports on each pruned candidate (benchmarks use it)."""
     c = params.calibration
-    if c.candidates == 1:
-        picks = np.arange(len(pool)) if verbatim else draw(pool, c.num_samples, c.seed)
-        row = {"candidate": 0, "seed": c.seed, "kl": float("nan"), "windows": picks.tolist(), "selected": True}
-        return pool[torch.from_numpy(picks)], pd.DataFrame([row])
-    assert model is not None, "a search needs the dense model"
     sparsity = params.sparsity if c.select_at_sparsity is None else c.select_at_sparsity
     reference = list(log_probs(model, kl_windows, c.kl_batch_size))  # the dense model's work, once
     rows = []
@@ -75,12 +82,27 @@ def select(model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.
         picks = draw(pool, c.num_samples, seed)
         pruned = prune_with(model, pool[torch.from_numpy(picks)], params, sparsity)
         kl = kl_to_reference(reference, pruned, kl_windows, c.kl_batch_size)
-        rows.append({"candidate": candidate, "seed": seed, "kl": kl, "windows": picks.tolist()})
+        extra = measure(pruned) if measure else {}
+        rows.append({"candidate": candidate, "seed": seed, "kl": kl, "windows": picks.tolist(), **extra})
         del pruned
     table = pd.DataFrame(rows)
-    best = int(table["kl"].idxmin())
-    table["selected"] = table.index == best
-    return pool[torch.tensor(table.at[best, "windows"])], table
+    table["selected"] = table.index == int(table["kl"].idxmin())
+    return table
+
+
+def select(model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params,
+           verbatim: bool = False) -> tuple[torch.Tensor, pd.DataFrame]:
+    """The selected windows and the candidates table.
+
+    With one candidate there is no search: a seeded draw, or the whole pool if `verbatim`."""
+    c = params.calibration
+    if c.candidates == 1:
+        picks = np.arange(len(pool)) if verbatim else draw(pool, c.num_samples, c.seed)
+        row = {"candidate": 0, "seed": c.seed, "kl": float("nan"), "windows": picks.tolist(), "selected": True}
+        return pool[torch.from_numpy(picks)], pd.DataFrame([row])
+    assert model is not None, "a search needs the dense model"
+    table = search(model, pool, kl_windows, params)
+    return pool[torch.tensor(table.loc[table["selected"], "windows"].iloc[0])], table
 
 
 def summary(table: pd.DataFrame) -> dict[str, float | int]:

@@ -26,7 +26,7 @@ def accumulate_gradients(model: PreTrainedModel, windows: torch.Tensor, batch_si
             p.requires_grad_(True)
             p.grad = None
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(windows), batch_size), desc="saliency", unit="batch"):
+    for start in tqdm(range(0, len(windows), batch_size), desc="saliency", unit="batch", leave=False):
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         output_function(logits, len(windows)).backward()

@@ -40,3 +40,14 @@ def test_windows_are_non_overlapping_and_draws_reproducible() -> None:
 def test_too_many_samples_fail_clearly() -> None:
     with pytest.raises(ValueError, match="calibration.num_samples = 20 exceeds the 15 windows"):
         draw_windows(list(range(1000)), 20, 64, seed=0)
+
+
+def test_a_dataset_folder_with_a_text_column_is_a_calibration_source(tmp_path) -> None:
+    import pandas as pd
+
+    from nirvana.data import dataset_texts
+
+    (tmp_path / "ds").mkdir()
+    pd.DataFrame({"text": ["one passage", "another passage", "one passage", " "]}).to_parquet(
+        tmp_path / "ds" / "train.parquet")
+    assert dataset_texts(str(tmp_path / "ds")) == ["one passage", "another passage"]
