@@ -104,16 +104,6 @@ def windows(stream: list[int], seq_len: int, max_windows: int | None = None) -> 
     return torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
-def draw_windows(stream: list[int], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """A seeded draw, without replacement, of `num_samples` non-overlapping windows."""
-    pool = windows(stream, seq_len)
-    if num_samples > len(pool):
-        raise ValueError(f"calibration.num_samples = {num_samples} exceeds the {len(pool)} "
-                         f"windows of {seq_len} tokens in the calibration pool")
-    picks = np.random.default_rng(seed).choice(len(pool), size=num_samples, replace=False)
-    return pool[torch.from_numpy(np.sort(picks))]
-
-
 def read_windows(path: str | Path) -> torch.Tensor:
     """Token windows stored as a parquet column `input_ids` of equal-length lists."""
     column = pd.read_parquet(path)["input_ids"]

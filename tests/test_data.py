@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nirvana.data import build_corpora, draw_windows, drop_overlapping, ngrams, windows
+from nirvana.calibration import draw
+from nirvana.data import build_corpora, drop_overlapping, ngrams, windows
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,14 @@ def test_windows_are_non_overlapping_and_draws_reproducible() -> None:
     stream = list(range(1000))
     w = windows(stream, 64)
     assert w.shape == (15, 64) and w[1, 0] == 64
-    first, again = draw_windows(stream, 5, 64, seed=3), draw_windows(stream, 5, 64, seed=3)
-    assert torch.equal(first, again) and not torch.equal(first, draw_windows(stream, 5, 64, seed=4))
-    assert len({row[0].item() for row in first}) == 5
+    first, again = draw(w, 5, seed=3), draw(w, 5, seed=3)
+    assert (first == again).all() and not (first == draw(w, 5, seed=4)).all()
+    assert len(set(first.tolist())) == 5 and list(first) == sorted(first)
 
 
 def test_too_many_samples_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="calibration.num_samples = 20 exceeds the 15 windows"):
-        draw_windows(list(range(1000)), 20, 64, seed=0)
+    with pytest.raises(ValueError, match="calibration.num_samples = 20 exceeds the 15 windows available"):
+        draw(windows(list(range(1000)), 64), 20, seed=0)
 
 
 def test_a_dataset_folder_with_a_text_column_is_a_calibration_source(tmp_path) -> None:

@@ -37,7 +37,7 @@ def stages_run(log: str) -> set[str]:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git+DVC checkout of the pipeline with small sizes, reproduced once."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", ".dvcignore", "stages", "nirvana", ".dvc/config"):
+    for name in ("dvc.yaml", ".dvcignore", "stages", "nirvana", ".dvc/config", "data/calibration"):
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
