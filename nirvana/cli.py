@@ -1,4 +1,4 @@
-"""`nirvana` command line: look inside and try out models the pipeline wrote."""
+"""`nirvana` command line: look inside models the pipeline wrote, and tabulate experiments."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from nirvana.evaluation import param_counts
 from nirvana.modeling import load_model, load_tokenizer
+from nirvana.report import report
 from nirvana.surgery import layer_units
 
 
@@ -36,11 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("model")
     p_gen.add_argument("prompt")
     p_gen.add_argument("--max-new-tokens", type=int, default=40)
+    sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info(args.model)
-    else:
+    elif args.command == "generate":
         generate(args.model, args.prompt, args.max_new_tokens)
+    else:
+        print(report(), end="")
 
 
 if __name__ == "__main__":

@@ -84,13 +84,33 @@ class EvaluateParams:
     windows: list[int] = field(default_factory=lambda: [128, 512])
     max_tokens: int | None = 16384
     batch_size: int = 8
+    tasks: list[str] = field(default_factory=lambda: ["arc_challenge", "arc_easy", "boolq", "hellaswag",
+                                                      "openbookqa", "piqa", "winogrande"])
+    limit: int | None = 100
 
     def __post_init__(self) -> None:
+        _check(self.limit is None or self.limit > 0, "evaluate.limit", self.limit, "null or a positive integer")
         ok = len(self.windows) > 0 and all(w > 1 for w in self.windows)
         _check(ok, "evaluate.windows", self.windows, "a non-empty list of integers > 1")
         _check(self.max_tokens is None or self.max_tokens > 1, "evaluate.max_tokens",
                self.max_tokens, "null or an integer > 1")
         _check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class EfficiencyParams:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = 128
+    new_tokens: int = 64
+    warmup: int = 1
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        ok = len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes)
+        _check(ok, "efficiency.batch_sizes", self.batch_sizes, "a non-empty list of positive integers")
+        for key in ("prompt_len", "new_tokens", "repeats"):
+            _check(getattr(self, key) > 0, f"efficiency.{key}", getattr(self, key), "a positive integer")
+        _check(self.warmup >= 0, "efficiency.warmup", self.warmup, "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,7 @@ class Params:
     saliency: SaliencyParams = field(default_factory=SaliencyParams)
     allocation: AllocationParams = field(default_factory=AllocationParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")

@@ -1,4 +1,4 @@
-"""Stage evaluate: perplexity on the held-out sets at each window length, and model size."""
+"""Stage evaluate: perplexity on the held-out sets, zero-shot accuracy, and model size."""
 
 import pandas as pd
 
@@ -8,10 +8,12 @@ from nirvana.io import log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
+from nirvana.zeroshot import check_tasks, zero_shot
 
 
-def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str) -> None:
+def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, info_out: str) -> None:
     e = params.evaluate
+    check_tasks(e.tasks)  # an unknown task stops here, before any model work
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     metrics: dict = param_counts(model)
     for name in EVAL_SETS:
@@ -21,8 +23,12 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str) -> 
             ppl = perplexity(model, windows(stream, seq_len), e.batch_size, desc=f"{name}@{seq_len}")
             metrics[f"ppl_{name}_{seq_len}"] = round(ppl, 4)
             log.info("%s perplexity at %d-token windows: %.3f", name, seq_len, ppl)
+    accuracies, info = zero_shot(model, tokenizer, e.tasks, e.limit, e.batch_size)
+    metrics |= {k: round(v, 4) for k, v in accuracies.items()}
+    log.info("zero-shot average over %d tasks (limit %s): %.4f", len(e.tasks), e.limit, accuracies["acc_average"])
     write_json(metrics, metrics_out)
-    log.info("wrote %s", metrics_out)
+    write_json(info, info_out)
+    log.info("wrote %s and %s", metrics_out, info_out)
 
 
 if __name__ == "__main__":

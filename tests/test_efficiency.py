@@ -1,0 +1,72 @@
+"""Size, memory and speed measurements, and the ideal speedup from FLOPs."""
+
+import copy
+
+import pytest
+import torch
+from conftest import random_plan, tiny_llama
+
+from nirvana.efficiency import compare_speed, efficiency_report, forward_flops, peak_forward_bytes
+from nirvana.surgery import layer_units, prune_model
+
+
+def hand_flops(units: list[dict[str, int]], seq_len: int, hidden: int = 24, head_dim: int = 4, n_rep: int = 3,
+               vocab: int = 64) -> int:
+    """The FLOPs formula written out for the tiny GQA Llama of conftest."""
+    total = 2 * seq_len * hidden * vocab  # LM head
+    for layer in units:
+        q = layer["attn"] * n_rep * head_dim
+        kv = layer["attn"] * head_dim
+        total += 2 * seq_len * (2 * hidden * q + 2 * hidden * kv + 3 * hidden * layer["mlp"])
+        total += 4 * seq_len * seq_len * q  # QK^T and AV
+    return total
+
+
+def test_forward_flops_match_the_formula_dense_and_pruned() -> None:
+    dense = tiny_llama("gqa")
+    pruned = copy.deepcopy(dense)
+    prune_model(pruned, random_plan(dense, seed=2))
+    for model in (dense, pruned):
+        assert forward_flops(model, 32) == hand_flops(layer_units(model), 32)
+    assert forward_flops(pruned, 32) < forward_flops(dense, 32)
+
+
+def test_peak_forward_memory_covers_weights_and_grows_with_batch() -> None:
+    model = tiny_llama("gqa")
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    small = peak_forward_bytes(model, torch.zeros(1, 32, dtype=torch.long))
+    large = peak_forward_bytes(model, torch.zeros(16, 32, dtype=torch.long))
+    logits = 16 * 32 * 64 * 4
+    assert weights < small < large and large - weights >= logits
+
+
+def test_report_has_every_measure_and_the_ideal_ratio(tmp_path) -> None:
+    dense = tiny_llama("gqa")
+    pruned = copy.deepcopy(dense)
+    prune_model(pruned, random_plan(dense, seed=3))
+    dense.save_pretrained(tmp_path / "dense")
+    pruned.save_pretrained(tmp_path / "pruned")
+    report = efficiency_report(dense, pruned, tmp_path / "dense", tmp_path / "pruned", [1, 2], 16, 4, 0, 1)
+    assert report["speedup_ideal"] == pytest.approx(forward_flops(dense, 16) / forward_flops(pruned, 16), abs=1e-4)
+    for name in ("dense", "pruned"):
+        r = report[name]
+        assert r["weights_mb"] > 0 and r["peak_forward_bs2_mb"] > r["weights_mb"] * 0.9
+        for kind in ("prefill", "generate"):
+            assert r[f"{kind}_bs1_ms"] > 0 and r[f"{kind}_bs2_tokens_per_s"] > 0
+    assert report["pruned"]["weights_mb"] < report["dense"]["weights_mb"]
+    assert {"speedup_prefill_bs1", "speedup_generate_bs2"} <= set(report)
+
+
+def test_generation_produces_exactly_the_requested_tokens() -> None:
+    model = tiny_llama("gqa")
+    calls = []
+    original = model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs)
+        calls.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = spy
+    compare_speed({"m": model}, [1], 8, 5, warmup=0, repeats=2)
+    assert calls == [5, 5]
