@@ -19,7 +19,8 @@ from nirvana.surgery import zero_model
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"calibration": {"num_samples": 4, "seq_len": 64, "seed": 0, "candidates": 2, "kl_samples": 8,
                          "kl_seq_len": 32, "kl_batch_size": 8, "select_at_sparsity": 0.2},
-         "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8}}
+         "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8, "tasks": ["piqa"], "limit": 8},
+         "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1}}
 
 
 def sh(repo: Path, *args: str) -> str:
@@ -37,7 +38,7 @@ def stages_run(log: str) -> set[str]:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git+DVC checkout of the pipeline with small sizes, reproduced once."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", ".dvcignore", "stages", "nirvana", ".dvc/config", "data/calibration"):
+    for name in ("dvc.yaml", ".dvcignore", "stages", "nirvana", ".dvc/config", "data/calibration", "data/tasks"):
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
@@ -51,7 +52,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "pipeline")
     log = sh(repo, "dvc", "repro")
-    assert {"prepare_model", "compute_saliency", "prune", "evaluate@dense", "evaluate@pruned"} <= stages_run(log)
+    assert {"prepare_model", "compute_saliency", "prune", "evaluate@dense", "evaluate@pruned", "compare"} <= stages_run(log)
     return repo
 
 
@@ -61,6 +62,11 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
     pruned = json.loads((repo / "metrics/pruned.json").read_text())
     for name in ("ppl_wiki_64", "ppl_books_64"):
         assert 1 < dense[name] < pruned[name] < 10_000
+    for metrics in (dense, pruned):
+        assert 0 <= metrics["acc_piqa"] <= 1 and metrics["acc_average"] == metrics["acc_piqa"]
+    efficiency = json.loads((repo / "metrics/efficiency.json").read_text())
+    assert 1 < efficiency["speedup_ideal"] < 1.5 and efficiency["speedup_prefill_bs1"] > 0
+    assert efficiency["pruned"]["weights_mb"] < efficiency["dense"]["weights_mb"]
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.2, abs=0.005)
     assert pruned["params_total"] == prune["pruned"]["params_total"] < dense["params_total"]
@@ -90,7 +96,7 @@ def test_second_repro_does_nothing_and_a_sparsity_change_reruns_only_downstream(
     log = sh(repo, "dvc", "exp", "run", "-S", "sparsity=0.4")
     # The search reruns (it depends on sparsity) but is pinned at 0.2: same windows, same bytes,
     # so the cached saliency and the dense evaluation are reused.
-    assert stages_run(log) == {"select_calibration", "allocate_sparsity", "prune", "evaluate@pruned"}
+    assert stages_run(log) == {"select_calibration", "allocate_sparsity", "prune", "evaluate@pruned", "compare"}
     assert (repo / "outputs/calibration.parquet").read_bytes() == selected
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.4, abs=0.005)
