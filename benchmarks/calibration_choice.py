@@ -23,13 +23,15 @@ from nirvana.params import load_params
 
 def run(sparsity: float, seq_len: int = 128) -> dict:
     params = load_params()
-    params = dataclasses.replace(params, sparsity=sparsity,
-                                 calibration=dataclasses.replace(params.calibration, select_at_sparsity=None))
+    params = dataclasses.replace(
+        params, sparsity=sparsity, calibration=dataclasses.replace(params.calibration, select_at_sparsity=None)
+    )
     model, tokenizer = load_model("outputs/base_model"), load_tokenizer("outputs/base_model")
-    pool, kl_windows = candidate_pool(params.calibration, tokenizer,
-                                      pd.read_parquet("outputs/corpora/calibration.parquet")["text"].tolist())
+    pool, kl_windows = candidate_pool(
+        params.calibration, tokenizer, pd.read_parquet("outputs/corpora/calibration.parquet")["text"].tolist()
+    )
     wiki = token_stream(pd.read_parquet("outputs/corpora/wiki.parquet")["text"].tolist(), tokenizer)
-    wiki_windows = windows(wiki[:params.evaluate.max_tokens], seq_len)
+    wiki_windows = windows(wiki[: params.evaluate.max_tokens], seq_len)
 
     def measure(pruned) -> dict:
         return {f"ppl_wiki_{seq_len}": perplexity(pruned, wiki_windows, params.evaluate.batch_size)}
@@ -53,11 +55,15 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         for which in ("selected", "median", "worst"):
             row = r[which]
-            lines.append(f"| {r['sparsity']} | {which} | {int(row['seed'])} | {row['kl']:.4f} | "
-                         f"{row[r['ppl_column']]:.2f} |")
+            lines.append(
+                f"| {r['sparsity']} | {which} | {int(row['seed'])} | {row['kl']:.4f} | {row[r['ppl_column']]:.2f} |"
+            )
     lines.append("")
-    lines += [f"Spearman correlation of KL and perplexity over {len(r['candidates'])} candidates at "
-              f"sparsity {r['sparsity']}: {r['kl_ppl_spearman']:.2f}" for r in results]
+    lines += [
+        f"Spearman correlation of KL and perplexity over {len(r['candidates'])} candidates at "
+        f"sparsity {r['sparsity']}: {r['kl_ppl_spearman']:.2f}"
+        for r in results
+    ]
     return "\n".join(lines) + "\n"
 
 

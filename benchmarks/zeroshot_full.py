@@ -16,8 +16,12 @@ def main(tasks: list[str]) -> None:
     model, tokenizer = load_model("outputs/base_model"), load_tokenizer("outputs/base_model")
     start = time.perf_counter()
     accuracies, info = zero_shot(model, tokenizer, tasks, limit=None, batch_size=8)
-    result = {"model": "outputs/base_model", "accuracies": accuracies, "info": info,
-              "seconds": round(time.perf_counter() - start, 1)}
+    result = {
+        "model": "outputs/base_model",
+        "accuracies": accuracies,
+        "info": info,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     Path("results").mkdir(exist_ok=True)
     Path("results/zeroshot_full.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(accuracies, indent=1))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pandas as pd
-from torch import nn
+from transformers import PreTrainedModel
 
 from nirvana.models import get_adapter
 
 
-def pool_fractions(sparsity: float, gamma: float, attn_params: int, n_attn: int,
-                   mlp_params: int, n_mlp: int) -> tuple[float, float]:
+def pool_fractions(
+    sparsity: float, gamma: float, attn_params: int, n_attn: int, mlp_params: int, n_mlp: int
+) -> tuple[float, float]:
     """Fractions (p_attn, p_mlp) of units to remove so that p_mlp = gamma * p_attn and the
     removed parameters are `sparsity` of all attention+MLP parameters. If p_mlp would exceed
     1 it is clipped and attention takes the rest."""
@@ -40,7 +43,7 @@ def _mlp_blocks(mlp: pd.DataFrame, multiple: int) -> list[tuple[float, int, int,
         cuts = list(range(len(labels) % multiple, len(labels), multiple))
         if cuts[0] != 0:
             cuts.insert(0, 0)
-        for position, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+        for position, (lo, hi) in enumerate(itertools.pairwise(cuts)):
             chunk = labels[lo:hi]
             blocks.append((float(mlp.at[chunk[-1], "score"]), int(layer), position, chunk))
     return blocks
@@ -57,8 +60,9 @@ def _remove_mlp(mlp: pd.DataFrame, count: int, multiple: int) -> set[int]:
     return set(removed)
 
 
-def allocate(scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: int,
-             mlp_params: int, mlp_multiple: int) -> pd.DataFrame:
+def allocate(
+    scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: int, mlp_params: int, mlp_multiple: int
+) -> pd.DataFrame:
     """The score table plus a boolean `keep` column: the pruning plan."""
     attn = scores[scores["module"] == "attn"]
     mlp = scores[scores["module"] == "mlp"]
@@ -70,22 +74,26 @@ def allocate(scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: i
     return plan
 
 
-def allocate_for_model(model: nn.Module, scores: pd.DataFrame, sparsity: float, gamma: float,
-                       mlp_multiple: int) -> pd.DataFrame:
+def allocate_for_model(
+    model: PreTrainedModel, scores: pd.DataFrame, sparsity: float, gamma: float, mlp_multiple: int
+) -> pd.DataFrame:
     """`allocate` with the per-unit parameter counts read off the model's first layer."""
     adapter = get_adapter(model.config)
     layer = adapter.layers(model)[0]
-    return allocate(scores, sparsity, gamma, adapter.unit_params(layer, "attn"),
-                    adapter.unit_params(layer, "mlp"), mlp_multiple)
+    return allocate(
+        scores, sparsity, gamma, adapter.unit_params(layer, "attn"), adapter.unit_params(layer, "mlp"), mlp_multiple
+    )
 
 
 def layer_widths(plan: pd.DataFrame) -> pd.DataFrame:
     """Per layer: kept and dense attention units and MLP channels (the plotted widths)."""
     counts = plan.groupby(["layer", "module"])["keep"].agg(["sum", "size"]).unstack("module")
-    return pd.DataFrame({
-        "layer": counts.index.astype(int),
-        "attn_kept": counts[("sum", "attn")].astype(int).values,
-        "attn_dense": counts[("size", "attn")].astype(int).values,
-        "mlp_kept": counts[("sum", "mlp")].astype(int).values,
-        "mlp_dense": counts[("size", "mlp")].astype(int).values,
-    })
+    return pd.DataFrame(
+        {
+            "layer": counts.index.astype(int),
+            "attn_kept": counts[("sum", "attn")].astype(int).values,
+            "attn_dense": counts[("size", "attn")].astype(int).values,
+            "mlp_kept": counts[("sum", "mlp")].astype(int).values,
+            "mlp_dense": counts[("size", "mlp")].astype(int).values,
+        }
+    )

@@ -19,8 +19,9 @@ from nirvana.saliency import CRITERIA
 from nirvana.surgery import prune_model
 
 
-def candidate_pool(c: CalibrationParams, tokenizer: PreTrainedTokenizerBase,
-                   pool_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_pool(
+    c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, pool_texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows candidates are drawn from (the built-in pool, a user file or a dataset), and
     the held-out KL set: the built-in pool's tail, never drawn from."""
     stream, kl_windows = hold_out(token_stream(pool_texts, tokenizer), c.kl_samples, c.kl_seq_len)
@@ -36,13 +37,14 @@ def log_probs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) ->
     """Float32 log-probabilities over the vocabulary, one chunk of windows at a time (on the CPU)."""
     device = next(model.parameters()).device
     for start in range(0, len(windows), batch_size):
-        logits = model(input_ids=windows[start:start + batch_size].to(device), use_cache=False).logits
+        logits = model(input_ids=windows[start : start + batch_size].to(device), use_cache=False).logits
         yield torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 @torch.no_grad()
-def kl_to_reference(reference: list[torch.Tensor], model: PreTrainedModel, windows: torch.Tensor,
-                    batch_size: int) -> float:
+def kl_to_reference(
+    reference: list[torch.Tensor], model: PreTrainedModel, windows: torch.Tensor, batch_size: int
+) -> float:
     """KL(P_ref || Q_model) = sum_v p (log p - log q), averaged over every token of `windows`.
 
     `reference` holds the dense model's log-probabilities in the same chunks."""
@@ -69,8 +71,13 @@ def prune_with(model: PreTrainedModel, windows: torch.Tensor, params: Params, sp
     return pruned
 
 
-def search(model: PreTrainedModel, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params,
-           measure: Callable[[PreTrainedModel], dict] | None = None) -> pd.DataFrame:
+def search(
+    model: PreTrainedModel,
+    pool: torch.Tensor,
+    kl_windows: torch.Tensor,
+    params: Params,
+    measure: Callable[[PreTrainedModel], dict] | None = None,
+) -> pd.DataFrame:
     """One row per candidate: candidate, seed, kl, windows (pool indices), selected; plus
     whatever `measure` reports on each pruned candidate (benchmarks use it)."""
     c = params.calibration
@@ -90,8 +97,9 @@ def search(model: PreTrainedModel, pool: torch.Tensor, kl_windows: torch.Tensor,
     return table
 
 
-def select(model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params,
-           verbatim: bool = False) -> tuple[torch.Tensor, pd.DataFrame]:
+def select(
+    model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params, verbatim: bool = False
+) -> tuple[torch.Tensor, pd.DataFrame]:
     """The selected windows and the candidates table.
 
     With one candidate there is no search: a seeded draw, or the whole pool if `verbatim`."""
@@ -110,5 +118,9 @@ def summary(table: pd.DataFrame) -> dict[str, float | int]:
     kl = table["kl"].dropna()
     if kl.empty:  # one candidate: nothing was measured
         return {"candidates": len(table)}
-    return {"candidates": len(table), "kl_selected": float(table.loc[table["selected"], "kl"].iloc[0]),
-            "kl_median": float(kl.median()), "kl_worst": float(kl.max())}
+    return {
+        "candidates": len(table),
+        "kl_selected": float(table.loc[table["selected"], "kl"].iloc[0]),
+        "kl_median": float(kl.median()),
+        "kl_worst": float(kl.max()),
+    }

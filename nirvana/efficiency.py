@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -55,8 +56,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_timings(runs: dict[str, Callable[[], object]], device: torch.device,
-                        warmup: int, repeats: int) -> dict[str, float]:
+def interleaved_timings(
+    runs: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median seconds of each callable, alternating between them on every repeat so that the
     machine's drift hits all of them alike."""
     for fn in runs.values():
@@ -73,20 +75,41 @@ def interleaved_timings(runs: dict[str, Callable[[], object]], device: torch.dev
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _prefill(model: PreTrainedModel, ids: torch.Tensor) -> object:
+    return model(input_ids=ids, use_cache=False)
+
+
+def _generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> object:
+    """Exactly `new_tokens` greedy tokens per sequence (no early stop at EOS)."""
+    return model.generate(  # type: ignore[operator]  # GenerationMixin is mixed in at runtime
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
 @torch.no_grad()
-def compare_speed(models: dict[str, PreTrainedModel], batch_sizes: list[int], prompt_len: int,
-                  new_tokens: int, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+def compare_speed(
+    models: dict[str, PreTrainedModel],
+    batch_sizes: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+) -> dict[str, dict[str, float]]:
     """Prefill and generation latency (ms) and throughput (tokens/s) of each model per batch size."""
     first = next(iter(models.values()))
     device = next(first.parameters()).device
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for bs in batch_sizes:
-        ids = torch.randint(0, first.config.vocab_size, (bs, prompt_len),
-                            generator=torch.Generator().manual_seed(bs)).to(device)
-        prefill = {n: (lambda m=m: m(input_ids=ids, use_cache=False)) for n, m in models.items()}
-        generate = {n: (lambda m=m: m.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                               do_sample=False, pad_token_id=0)) for n, m in models.items()}
+        ids = torch.randint(
+            0, first.config.vocab_size, (bs, prompt_len), generator=torch.Generator().manual_seed(bs)
+        ).to(device)
+        prefill = {n: functools.partial(_prefill, m, ids) for n, m in models.items()}
+        generate = {n: functools.partial(_generate, m, ids, new_tokens) for n, m in models.items()}
         for kind, runs, tokens in (("prefill", prefill, bs * prompt_len), ("generate", generate, bs * new_tokens)):
             for name, seconds in interleaved_timings(runs, device, warmup, repeats).items():
                 out[name][f"{kind}_bs{bs}_ms"] = round(seconds * 1000, 2)
@@ -94,22 +117,34 @@ def compare_speed(models: dict[str, PreTrainedModel], batch_sizes: list[int], pr
     return out
 
 
-def efficiency_report(dense: PreTrainedModel, pruned: PreTrainedModel, dense_dir: str | Path,
-                      pruned_dir: str | Path, batch_sizes: list[int], prompt_len: int, new_tokens: int,
-                      warmup: int, repeats: int) -> dict:
+def efficiency_report(
+    dense: PreTrainedModel,
+    pruned: PreTrainedModel,
+    dense_dir: str | Path,
+    pruned_dir: str | Path,
+    batch_sizes: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+) -> dict:
     """Size, peak forward memory and speed of both models, measured speedups next to the ideal
     one (dense over pruned FLOPs of a whole forward pass of `prompt_len` tokens)."""
     models, dirs = {"dense": dense, "pruned": pruned}, {"dense": dense_dir, "pruned": pruned_dir}
     speed = compare_speed(models, batch_sizes, prompt_len, new_tokens, warmup, repeats)
     device = next(dense.parameters()).device
-    ids = torch.randint(0, dense.config.vocab_size, (max(batch_sizes), prompt_len),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        0, dense.config.vocab_size, (max(batch_sizes), prompt_len), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     report: dict = {}
     for name, model in models.items():
-        report[name] = {"params_total": sum(p.numel() for p in model.parameters()),
-                        "weights_mb": round(weights_bytes(dirs[name]) / 2**20, 2),
-                        f"peak_forward_bs{max(batch_sizes)}_mb": round(peak_forward_bytes(model, ids) / 2**20, 2),
-                        "flops_forward": forward_flops(model, prompt_len), **speed[name]}
+        report[name] = {
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "weights_mb": round(weights_bytes(dirs[name]) / 2**20, 2),
+            f"peak_forward_bs{max(batch_sizes)}_mb": round(peak_forward_bytes(model, ids) / 2**20, 2),
+            "flops_forward": forward_flops(model, prompt_len),
+            **speed[name],
+        }
     report["speedup_ideal"] = round(report["dense"]["flops_forward"] / report["pruned"]["flops_forward"], 4)
     for key, dense_ms in speed["dense"].items():
         if key.endswith("_ms"):

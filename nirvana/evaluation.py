@@ -18,11 +18,10 @@ def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, d
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch"):
-        batch = windows[start:start + batch_size].to(device)
+        batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     reduction="sum").item()
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)
 

@@ -63,7 +63,7 @@ def device() -> torch.device:
 def load_model(path: str | Path) -> PreTrainedModel:
     """A dense or pruned model folder written by this pipeline, on `device()`, in eval mode."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.to(device()).eval()
+    return model.to(device()).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

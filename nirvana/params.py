@@ -54,12 +54,20 @@ class CalibrationParams:
             _check(getattr(self, key) > 1, f"calibration.{key}", getattr(self, key), "an integer > 1")
         at = self.select_at_sparsity
         _check(at is None or 0 <= at < 1, "calibration.select_at_sparsity", at, "null or 0 <= value < 1")
-        _check(self.path is None or self.source is None, "calibration.source", self.source,
-               "null when calibration.path is set (one or the other)")
+        _check(
+            self.path is None or self.source is None,
+            "calibration.source",
+            self.source,
+            "null when calibration.path is set (one or the other)",
+        )
         if self.path is not None:
             path = Path(self.path)
-            _check(path.suffix == ".parquet" and USER_CALIBRATION_DIR in path.parents, "calibration.path",
-                   self.path, f"a .parquet file under {USER_CALIBRATION_DIR}/ (which DVC tracks)")
+            _check(
+                path.suffix == ".parquet" and USER_CALIBRATION_DIR in path.parents,
+                "calibration.path",
+                self.path,
+                f"a .parquet file under {USER_CALIBRATION_DIR}/ (which DVC tracks)",
+            )
             _check(path.is_file(), "calibration.path", self.path, "an existing file")
 
 
@@ -84,16 +92,21 @@ class EvaluateParams:
     windows: list[int] = field(default_factory=lambda: [128, 512])
     max_tokens: int | None = 16384
     batch_size: int = 8
-    tasks: list[str] = field(default_factory=lambda: ["arc_challenge", "arc_easy", "boolq", "hellaswag",
-                                                      "openbookqa", "piqa", "winogrande"])
+    tasks: list[str] = field(
+        default_factory=lambda: ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
+    )
     limit: int | None = 100
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit > 0, "evaluate.limit", self.limit, "null or a positive integer")
         ok = len(self.windows) > 0 and all(w > 1 for w in self.windows)
         _check(ok, "evaluate.windows", self.windows, "a non-empty list of integers > 1")
-        _check(self.max_tokens is None or self.max_tokens > 1, "evaluate.max_tokens",
-               self.max_tokens, "null or an integer > 1")
+        _check(
+            self.max_tokens is None or self.max_tokens > 1,
+            "evaluate.max_tokens",
+            self.max_tokens,
+            "null or an integer > 1",
+        )
         _check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
 
 

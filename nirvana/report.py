@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+
 def _files(data: dict, kind: str) -> dict:
     return {path: (content or {}).get("data", {}) for path, content in (data.get(kind) or {}).items()}
 
@@ -15,9 +16,13 @@ def _row(name: str, data: dict, model: str) -> dict:
     metrics = _files(data, "metrics")
     quality = metrics.get(f"metrics/{model}.json", {})
     pruned = model == "pruned"
-    row = {"experiment": name, "method": params.get("method", "") if pruned else "dense",
-           "sparsity": params.get("sparsity", "") if pruned else 0, "gamma": params.get("gamma", "") if pruned else "",
-           "params": quality.get("params_total", "")}
+    row = {
+        "experiment": name,
+        "method": params.get("method", "") if pruned else "dense",
+        "sparsity": params.get("sparsity", "") if pruned else 0,
+        "gamma": params.get("gamma", "") if pruned else "",
+        "params": quality.get("params_total", ""),
+    }
     row |= {k: v for k, v in quality.items() if k.startswith(("ppl_", "acc_"))}
     if pruned:
         efficiency = metrics.get("metrics/efficiency.json", {})
@@ -55,6 +60,7 @@ def markdown(rows: list[dict]) -> str:
 
 def report() -> str:
     """Run `dvc exp show --json` here and render it."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     return markdown(experiment_rows(json.loads(out)))

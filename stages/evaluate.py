@@ -18,7 +18,7 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, inf
     metrics: dict = param_counts(model)
     for name in EVAL_SETS:
         stream = token_stream(pd.read_parquet(f"{corpora_dir}/{name}.parquet")["text"].tolist(), tokenizer)
-        stream = stream[:e.max_tokens] if e.max_tokens else stream
+        stream = stream[: e.max_tokens] if e.max_tokens else stream
         for seq_len in e.windows:
             ppl = perplexity(model, windows(stream, seq_len), e.batch_size, desc=f"{name}@{seq_len}")
             metrics[f"ppl_{name}_{seq_len}"] = round(ppl, 4)

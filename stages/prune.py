@@ -17,10 +17,23 @@ def main(params: Params, model_dir: str, plan: str, out_dir: str, metrics_out: s
     pruned = param_counts(model)
     save_model(model, load_tokenizer(model_dir), out_dir)
     removed = 1 - pruned["params_attn_mlp"] / dense["params_attn_mlp"]
-    write_json({"dense": dense, "pruned": pruned, "sparsity_requested": params.sparsity,
-                "sparsity_realised": round(removed, 6)}, metrics_out)
-    log.info("wrote %s: %d -> %d parameters, attention+MLP sparsity %.4f (requested %.4f)",
-             out_dir, dense["params_total"], pruned["params_total"], removed, params.sparsity)
+    write_json(
+        {
+            "dense": dense,
+            "pruned": pruned,
+            "sparsity_requested": params.sparsity,
+            "sparsity_realised": round(removed, 6),
+        },
+        metrics_out,
+    )
+    log.info(
+        "wrote %s: %d -> %d parameters, attention+MLP sparsity %.4f (requested %.4f)",
+        out_dir,
+        dense["params_total"],
+        pruned["params_total"],
+        removed,
+        params.sparsity,
+    )
 
 
 if __name__ == "__main__":

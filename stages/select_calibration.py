@@ -19,8 +19,14 @@ def main(params: Params, model_dir: str, pool_path: str, out: str, table_out: st
     write_parquet(table, table_out)
     write_json(summary(table), metrics_out)
     winner = table.loc[table.selected].iloc[0]
-    log.info("wrote %s: candidate %d of %d (%d windows x %d tokens), KL %.5f", out,
-             winner.candidate, len(table), *selected.shape, winner.kl)
+    log.info(
+        "wrote %s: candidate %d of %d (%d windows x %d tokens), KL %.5f",
+        out,
+        winner.candidate,
+        len(table),
+        *selected.shape,
+        winner.kl,
+    )
 
 
 if __name__ == "__main__":

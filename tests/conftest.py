@@ -19,8 +19,16 @@ SHAPES = {
 def tiny_llama(kind: str = "gqa", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
     """A 2-layer random Llama with distinct weights everywhere (biases included)."""
     torch.manual_seed(seed)
-    shape = dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2, head_dim=4,
-                 max_position_embeddings=64, tie_word_embeddings=False, **SHAPES[kind])
+    shape = dict(
+        vocab_size=64,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        head_dim=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **SHAPES[kind],
+    )
     config = LlamaConfig(**{**shape, **overrides})
     model = LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():

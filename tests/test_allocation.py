@@ -12,8 +12,12 @@ A, M = 1000, 30  # parameters per attention unit and per MLP channel
 
 def scores(seed: int = 0, ties: bool = False) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    rows = [(layer, module, unit) for layer in range(LAYERS)
-            for module, n in (("attn", HEADS), ("mlp", CHANNELS)) for unit in range(n)]
+    rows = [
+        (layer, module, unit)
+        for layer in range(LAYERS)
+        for module, n in (("attn", HEADS), ("mlp", CHANNELS))
+        for unit in range(n)
+    ]
     df = pd.DataFrame(rows, columns=["layer", "module", "unit"])
     df["score"] = 1.0 if ties else rng.gamma(2.0, size=len(df))
     return df

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
 
+from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
 from nirvana.calibration import kl_to_reference, log_probs, select
 from nirvana.params import CalibrationParams, Params
 from nirvana.surgery import prune_model
@@ -58,8 +58,12 @@ def run_select_stage(repo: Path, calibration: dict) -> subprocess.CompletedProce
     params["calibration"] |= calibration
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     outs = ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"]
-    return subprocess.run([sys.executable, str(ROOT / "stages/select_calibration.py"), "model", "pool.parquet", *outs],
-                          cwd=repo, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages/select_calibration.py"), "model", "pool.parquet", *outs],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -73,15 +77,19 @@ def repo(tmp_path: Path) -> Path:
 def test_user_input_ids_are_used_verbatim(repo: Path) -> None:
     mine = pd.DataFrame({"input_ids": [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 9, 9]]})
     mine.to_parquet(repo / "data/calibration/mine.parquet")
-    done = run_select_stage(repo, {"path": "data/calibration/mine.parquet", "candidates": 1,
-                                   "kl_samples": 4, "kl_seq_len": 16})
+    done = run_select_stage(
+        repo, {"path": "data/calibration/mine.parquet", "candidates": 1, "kl_samples": 4, "kl_seq_len": 16}
+    )
     assert done.returncode == 0, done.stderr
-    assert pd.read_parquet(repo / "out/calibration.parquet")["input_ids"].map(list).tolist() == mine["input_ids"].tolist()
+    assert (
+        pd.read_parquet(repo / "out/calibration.parquet")["input_ids"].map(list).tolist() == mine["input_ids"].tolist()
+    )
 
 
 def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> None:
-    done = run_select_stage(repo, {"num_samples": 4, "seq_len": 16, "candidates": 3, "kl_samples": 8,
-                                   "kl_seq_len": 16, "kl_batch_size": 4})
+    done = run_select_stage(
+        repo, {"num_samples": 4, "seq_len": 16, "candidates": 3, "kl_samples": 8, "kl_seq_len": 16, "kl_batch_size": 4}
+    )
     assert done.returncode == 0, done.stderr
     table = pd.read_parquet(repo / "out/candidates.parquet")
     assert len(table) == 3 and table.selected.sum() == 1 and table.kl.notna().all()
@@ -89,11 +97,17 @@ def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> No
     assert metrics["kl_selected"] == table.kl.min() <= metrics["kl_median"] <= metrics["kl_worst"]
 
 
-@pytest.mark.parametrize("calibration,message", [
-    ({"path": "elsewhere/mine.parquet"}, "calibration.path = 'elsewhere/mine.parquet' is invalid; expected a .parquet file under data/calibration/"),
-    ({"path": "data/calibration/missing.parquet"}, "expected an existing file"),
-    ({"candidates": 0}, "calibration.candidates = 0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "calibration,message",
+    [
+        (
+            {"path": "elsewhere/mine.parquet"},
+            "calibration.path = 'elsewhere/mine.parquet' is invalid; expected a .parquet file under data/calibration/",
+        ),
+        ({"path": "data/calibration/missing.parquet"}, "expected an existing file"),
+        ({"candidates": 0}, "calibration.candidates = 0 is invalid"),
+    ],
+)
 def test_bad_calibration_params_stop_before_any_work(repo: Path, calibration: dict, message: str) -> None:
     done = run_select_stage(repo, calibration)
     assert done.returncode != 0 and message in done.stderr

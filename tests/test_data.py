@@ -1,7 +1,6 @@
 """The offline corpora: no calibration text in the evaluation sets, and reproducible windows."""
 
 import pytest
-import torch
 
 from nirvana.calibration import draw
 from nirvana.data import build_corpora, drop_overlapping, ngrams, windows
@@ -24,8 +23,10 @@ def test_roles_are_real_and_disjoint(corpora: dict) -> None:
 
 def test_overlap_filter_drops_shared_passages() -> None:
     reference = ["the quick brown fox jumps over the lazy dog near the river bank today"]
-    texts = ["A story: the quick brown fox jumps over the lazy dog near the river bank today.",
-             "Something else entirely, with no words in common at all, none whatsoever here."]
+    texts = [
+        "A story: the quick brown fox jumps over the lazy dog near the river bank today.",
+        "Something else entirely, with no words in common at all, none whatsoever here.",
+    ]
     assert drop_overlapping(texts, reference, n=13) == texts[1:]
 
 
@@ -39,7 +40,7 @@ def test_windows_are_non_overlapping_and_draws_reproducible() -> None:
 
 
 def test_too_many_samples_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="calibration.num_samples = 20 exceeds the 15 windows available"):
+    with pytest.raises(ValueError, match=r"calibration\.num_samples = 20 exceeds the 15 windows available"):
         draw(windows(list(range(1000)), 64), 20, seed=0)
 
 
@@ -50,5 +51,6 @@ def test_a_dataset_folder_with_a_text_column_is_a_calibration_source(tmp_path) -
 
     (tmp_path / "ds").mkdir()
     pd.DataFrame({"text": ["one passage", "another passage", "one passage", " "]}).to_parquet(
-        tmp_path / "ds" / "train.parquet")
+        tmp_path / "ds" / "train.parquet"
+    )
     assert dataset_texts(str(tmp_path / "ds")) == ["one passage", "another passage"]

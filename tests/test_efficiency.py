@@ -4,14 +4,15 @@ import copy
 
 import pytest
 import torch
-from conftest import random_plan, tiny_llama
 
+from conftest import random_plan, tiny_llama
 from nirvana.efficiency import compare_speed, efficiency_report, forward_flops, peak_forward_bytes
 from nirvana.surgery import layer_units, prune_model
 
 
-def hand_flops(units: list[dict[str, int]], seq_len: int, hidden: int = 24, head_dim: int = 4, n_rep: int = 3,
-               vocab: int = 64) -> int:
+def hand_flops(
+    units: list[dict[str, int]], seq_len: int, hidden: int = 24, head_dim: int = 4, n_rep: int = 3, vocab: int = 64
+) -> int:
     """The FLOPs formula written out for the tiny GQA Llama of conftest."""
     total = 2 * seq_len * hidden * vocab  # LM head
     for layer in units:

@@ -28,18 +28,21 @@ def test_the_committed_params_are_valid() -> None:
     assert params.method == "nirvana" and 0 < params.sparsity < 1
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"sparsity": 1.0}, r"sparsity = 1.0 is invalid; expected a number with 0 <= sparsity < 1"),
-    ({"sparsity": -0.1}, r"sparsity = -0.1 is invalid"),
-    ({"gamma": 0}, r"gamma = 0 is invalid; expected a number > 0"),
-    ({"method": "magic"}, r"method = 'magic' is invalid; expected one of nirvana"),
-    ({"calibration__num_samples": 0}, r"calibration.num_samples = 0 is invalid"),
-    ({"calibration__seq_len": "128"}, r"calibration.seq_len = '128' has the wrong type"),
-    ({"saliency__batch_size": 2.5}, r"saliency.batch_size = 2.5 has the wrong type"),
-    ({"evaluate__windows": []}, r"evaluate.windows = \[\] is invalid"),
-    ({"calibration__num_sample": 8}, r"unknown key calibration.num_sample; did you mean calibration.num_samples\?"),
-    ({"sparsty": 0.3}, r"unknown key sparsty; did you mean sparsity\?"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"sparsity": 1.0}, r"sparsity = 1.0 is invalid; expected a number with 0 <= sparsity < 1"),
+        ({"sparsity": -0.1}, r"sparsity = -0.1 is invalid"),
+        ({"gamma": 0}, r"gamma = 0 is invalid; expected a number > 0"),
+        ({"method": "magic"}, r"method = 'magic' is invalid; expected one of nirvana"),
+        ({"calibration__num_samples": 0}, r"calibration.num_samples = 0 is invalid"),
+        ({"calibration__seq_len": "128"}, r"calibration.seq_len = '128' has the wrong type"),
+        ({"saliency__batch_size": 2.5}, r"saliency.batch_size = 2.5 has the wrong type"),
+        ({"evaluate__windows": []}, r"evaluate.windows = \[\] is invalid"),
+        ({"calibration__num_sample": 8}, r"unknown key calibration.num_sample; did you mean calibration.num_samples\?"),
+        ({"sparsty": 0.3}, r"unknown key sparsty; did you mean sparsity\?"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(ParamError, match=message):
         load_params(write(tmp_path, **changes))

@@ -17,10 +17,20 @@ from transformers import AutoModelForCausalLM
 from nirvana.surgery import zero_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"calibration": {"num_samples": 4, "seq_len": 64, "seed": 0, "candidates": 2, "kl_samples": 8,
-                         "kl_seq_len": 32, "kl_batch_size": 8, "select_at_sparsity": 0.2},
-         "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8, "tasks": ["piqa"], "limit": 8},
-         "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1}}
+SMALL = {
+    "calibration": {
+        "num_samples": 4,
+        "seq_len": 64,
+        "seed": 0,
+        "candidates": 2,
+        "kl_samples": 8,
+        "kl_seq_len": 32,
+        "kl_batch_size": 8,
+        "select_at_sparsity": 0.2,
+    },
+    "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8, "tasks": ["piqa"], "limit": 8},
+    "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
+}
 
 
 def sh(repo: Path, *args: str) -> str:
@@ -52,7 +62,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "pipeline")
     log = sh(repo, "dvc", "repro")
-    assert {"prepare_model", "compute_saliency", "prune", "evaluate@dense", "evaluate@pruned", "compare"} <= stages_run(log)
+    assert {"prepare_model", "compute_saliency", "prune", "evaluate@dense", "evaluate@pruned", "compare"} <= stages_run(
+        log
+    )
     return repo
 
 
@@ -82,8 +94,9 @@ def test_real_pruned_model_equals_masked_dense_and_generates(repo: Path) -> None
     zero_model(dense, pd.read_parquet(repo / "outputs/plan.parquet"))
     tokens = torch.tensor(pd.read_parquet(repo / "outputs/calibration.parquet")["input_ids"][0][None, :32].tolist())
     with torch.no_grad():
-        torch.testing.assert_close(pruned(input_ids=tokens).logits, dense(input_ids=tokens).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            pruned(input_ids=tokens).logits, dense(input_ids=tokens).logits, atol=1e-4, rtol=1e-4
+        )
         out = pruned.generate(input_ids=tokens[:, :8], max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 16)
 

@@ -33,8 +33,11 @@ def vega_scripts() -> list[Path]:
         if not shutil.which("npm"):
             pytest.skip("npm is needed to fetch vega, vega-lite and vega-embed")
         CACHE.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", *VEGA.values()],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", *VEGA.values()],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             pytest.skip(f"npm could not install the vega libraries: {done.stderr[-300:]}")
     return builds
@@ -49,8 +52,13 @@ def test_plots_page_draws_every_chart(tmp_path: Path) -> None:
         shutil.copy(csv, repo / "plots")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, check=True, env=env)
-    subprocess.run(["dvc", "plots", "show", "--html-template", str(ROOT / "data/plots_template.html"),
-                    "-o", "page"], cwd=repo, check=True, env=env, capture_output=True)
+    subprocess.run(
+        ["dvc", "plots", "show", "--html-template", str(ROOT / "data/plots_template.html"), "-o", "page"],
+        cwd=repo,
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     page = repo / "page" / "index.html"
     for script in scripts:
         shutil.copy(script, page.parent)
@@ -58,10 +66,26 @@ def test_plots_page_draws_every_chart(tmp_path: Path) -> None:
     charts = len(re.findall(r'<div id = "[^"]+"', html)) or html.count("vegaEmbed(")
     assert charts == 4 and "cdn.jsdelivr" not in html
 
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
-                          "--virtual-time-budget=15000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     drawn = len(re.findall(r"<canvas|<svg", dom))
     assert drawn >= charts, f"{drawn} of {charts} charts drew:\n{dom[:2000]}"

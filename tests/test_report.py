@@ -4,13 +4,20 @@ from nirvana.report import experiment_rows, markdown
 
 
 def commit(name: str, sparsity: float, ppl: float, speedup: float, experiments: list | None = None) -> dict:
-    data = {"params": {"params.yaml": {"data": {"method": "nirvana", "sparsity": sparsity, "gamma": 3.0}}},
-            "metrics": {"metrics/dense.json": {"data": {"params_total": 1_000_000, "ppl_wiki_128": 20.0,
-                                                         "acc_piqa": 0.6, "acc_average": 0.6}},
-                        "metrics/pruned.json": {"data": {"params_total": 800_000, "ppl_wiki_128": ppl,
-                                                          "acc_piqa": 0.55, "acc_average": 0.55}},
-                        "metrics/efficiency.json": {"data": {"speedup_prefill_bs1": speedup, "speedup_ideal": 1.3,
-                                                              "dense": {"prefill_bs1_ms": 5.0}}}}}
+    data = {
+        "params": {"params.yaml": {"data": {"method": "nirvana", "sparsity": sparsity, "gamma": 3.0}}},
+        "metrics": {
+            "metrics/dense.json": {
+                "data": {"params_total": 1_000_000, "ppl_wiki_128": 20.0, "acc_piqa": 0.6, "acc_average": 0.6}
+            },
+            "metrics/pruned.json": {
+                "data": {"params_total": 800_000, "ppl_wiki_128": ppl, "acc_piqa": 0.55, "acc_average": 0.55}
+            },
+            "metrics/efficiency.json": {
+                "data": {"speedup_prefill_bs1": speedup, "speedup_ideal": 1.3, "dense": {"prefill_bs1_ms": 5.0}}
+            },
+        },
+    }
     return {"rev": "a" * 40, "name": name, "data": data, "experiments": experiments}
 
 

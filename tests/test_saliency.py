@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from conftest import tiny_llama
 from nirvana.saliency import nirvana_scores
 
 WINDOWS = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(5))
@@ -23,12 +23,16 @@ def brute_force_unit_scores(model: torch.nn.Module) -> dict[tuple[int, str, int]
     scores: dict[tuple[int, str, int], float] = {}
     for index, layer in enumerate(model.model.layers):
         a, m = layer.self_attn, layer.mlp
-        members = {("attn", g): [(a.q_proj.weight, r, None) for r in range(g * n_rep * d, (g + 1) * n_rep * d)]
-                   + [(w, r, None) for w in (a.k_proj.weight, a.v_proj.weight) for r in range(g * d, (g + 1) * d)]
-                   + [(a.o_proj.weight, None, col) for col in range(g * n_rep * d, (g + 1) * n_rep * d)]
-                   for g in range(c.num_key_value_heads)}
-        members |= {("mlp", ch): [(m.gate_proj.weight, ch, None), (m.up_proj.weight, ch, None),
-                                  (m.down_proj.weight, None, ch)] for ch in range(c.intermediate_size)}
+        members = {
+            ("attn", g): [(a.q_proj.weight, r, None) for r in range(g * n_rep * d, (g + 1) * n_rep * d)]
+            + [(w, r, None) for w in (a.k_proj.weight, a.v_proj.weight) for r in range(g * d, (g + 1) * d)]
+            + [(a.o_proj.weight, None, col) for col in range(g * n_rep * d, (g + 1) * n_rep * d)]
+            for g in range(c.num_key_value_heads)
+        }
+        members |= {
+            ("mlp", ch): [(m.gate_proj.weight, ch, None), (m.up_proj.weight, ch, None), (m.down_proj.weight, None, ch)]
+            for ch in range(c.intermediate_size)
+        }
         for (module, unit), parts in members.items():
             total = 0.0
             for weight, row, col in parts:
@@ -59,8 +63,15 @@ def _rms_norm_in_input_dtype(self: LlamaRMSNorm, x: torch.Tensor) -> torch.Tenso
 def test_matches_brute_force_per_weight_computation(monkeypatch: pytest.MonkeyPatch) -> None:
     # HF's RMSNorm computes in float32; finite differences need the whole forward in float64.
     monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
-    model = tiny_llama("gqa", dtype=torch.float64, hidden_size=8, intermediate_size=8,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=2)
+    model = tiny_llama(
+        "gqa",
+        dtype=torch.float64,
+        hidden_size=8,
+        intermediate_size=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=2,
+    )
     expected = brute_force_unit_scores(model)
     table = nirvana_scores(model, WINDOWS, batch_size=len(WINDOWS))
     got = {(r.layer, r.module, r.unit): r.score for r in table.itertuples()}
@@ -74,8 +85,7 @@ def test_micro_batches_equal_the_full_batch(kind: str) -> None:
     full = nirvana_scores(model, WINDOWS, batch_size=len(WINDOWS))
     for batch_size in (1, 3):
         micro = nirvana_scores(model, WINDOWS, batch_size=batch_size)
-        torch.testing.assert_close(torch.tensor(micro.score.values), torch.tensor(full.score.values),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(micro.score.values), torch.tensor(full.score.values), rtol=1e-5, atol=0)
 
 
 def test_leaves_no_gradients_behind() -> None:

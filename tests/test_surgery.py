@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import random_plan, tiny_llama
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from conftest import random_plan, tiny_llama
 from nirvana.models import get_adapter
 from nirvana.surgery import CONFIG_KEY, layer_units, prune_model, zero_model
 

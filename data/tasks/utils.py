@@ -27,8 +27,12 @@ def olmes_qa_docs(requests: datasets.Dataset) -> datasets.Dataset:
         query = row["doc"]["query"]
         if not (query.startswith(QUESTION) and query.endswith(ANSWER)):
             raise ValueError(f"unexpected OLMES query for {row['doc']['id']}: {query!r}")
-        return {"id": row["doc"]["id"], "question": query[len(QUESTION):-len(ANSWER)],
-                "choices": row["doc"]["choices"], "gold": row["doc"]["gold"]}
+        return {
+            "id": row["doc"]["id"],
+            "question": query[len(QUESTION) : -len(ANSWER)],
+            "choices": row["doc"]["choices"],
+            "gold": row["doc"]["gold"],
+        }
 
     docs = _one_row_per_doc(requests)
     return docs.map(convert, remove_columns=docs.column_names)
@@ -42,9 +46,13 @@ def olmes_boolq_docs(requests: datasets.Dataset) -> datasets.Dataset:
         suffix = "?" + ANSWER
         if not query.endswith(suffix) or "\n" + QUESTION not in query or sorted(choices) != ["no", "yes"]:
             raise ValueError(f"unexpected OLMES BoolQ doc {row['doc']['idx']}: {query[-200:]!r}")
-        passage, question = query[:-len(suffix)].rsplit("\n" + QUESTION, 1)
-        return {"idx": row["doc"]["idx"], "passage": passage, "question": question,
-                "label": int(choices[row["doc"]["gold"]] == "yes")}
+        passage, question = query[: -len(suffix)].rsplit("\n" + QUESTION, 1)
+        return {
+            "idx": row["doc"]["idx"],
+            "passage": passage,
+            "question": question,
+            "label": int(choices[row["doc"]["gold"]] == "yes"),
+        }
 
     docs = _one_row_per_doc(requests)
     return docs.map(convert, remove_columns=docs.column_names)
@@ -62,9 +70,11 @@ def hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
 
     def convert(doc: dict) -> dict:
         context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {"query": _hellaswag_clean(doc["activity_label"] + ": " + context),
-                "choices": [_hellaswag_clean(ending) for ending in doc["endings"]],
-                "gold": int(doc["label"])}
+        return {
+            "query": _hellaswag_clean(doc["activity_label"] + ": " + context),
+            "choices": [_hellaswag_clean(ending) for ending in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
 
     return dataset.map(convert)
 
@@ -79,10 +89,10 @@ def winogrande_gold(doc: dict) -> int:
 
 def winogrande_continuation(doc: dict) -> str:
     """The sentence after the blank."""
-    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+    return doc["sentence"][doc["sentence"].index("_") + 1 :].strip()
 
 
 def winogrande_contexts(doc: dict) -> list[str]:
     """The sentence up to the blank, filled with each option."""
-    head = doc["sentence"][:doc["sentence"].index("_")]
+    head = doc["sentence"][: doc["sentence"].index("_")]
     return [head + doc["option1"], head + doc["option2"]]

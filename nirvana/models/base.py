@@ -62,8 +62,9 @@ class Adapter:
             total += s.size * (p.numel() // p.shape[s.dim])
         return total
 
-    def unit_scores(self, layer: nn.Module, module: str,
-                    per_weight: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:
+    def unit_scores(
+        self, layer: nn.Module, module: str, per_weight: Callable[[nn.Parameter], torch.Tensor]
+    ) -> torch.Tensor:
         """L1 sum of per-weight scores over each unit's slices, in float32."""
         n = self.unit_count(layer, module)
         total = torch.zeros(n, dtype=torch.float32)
