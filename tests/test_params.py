@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nirvana.params import ParamError, load_params
+from nirvana.params import METHODS, ParamError, load_params
+from nirvana.saliency import CRITERIA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,10 @@ def write(tmp_path: Path, **changes: object) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def test_every_method_has_a_criterion() -> None:
+    assert set(METHODS) == set(CRITERIA)
 
 
 def test_the_committed_params_are_valid() -> None:

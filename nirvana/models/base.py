@@ -32,7 +32,9 @@ def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Adapter:
-    """Names the prunable units of one decoder layer; subclasses give `layers` and `slices`."""
+    """Names the prunable units of one decoder layer; subclasses give `layers` and `slices`.
+
+    The first attention slice must be the query rows (FLOP counts read the query width from it)."""
 
     def __init__(self, config: PretrainedConfig) -> None:
         self.config = config
