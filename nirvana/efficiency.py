@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import PreTrainedModel
 
 from nirvana.models import get_adapter
+from nirvana.params import EfficiencyParams
 
 
 def weights_bytes(model_dir: str | Path) -> int:
@@ -118,31 +119,23 @@ def compare_speed(
 
 
 def efficiency_report(
-    dense: PreTrainedModel,
-    pruned: PreTrainedModel,
-    dense_dir: str | Path,
-    pruned_dir: str | Path,
-    batch_sizes: list[int],
-    prompt_len: int,
-    new_tokens: int,
-    warmup: int,
-    repeats: int,
+    dense: PreTrainedModel, pruned: PreTrainedModel, dense_dir: str | Path, pruned_dir: str | Path, f: EfficiencyParams
 ) -> dict:
     """Size, peak forward memory and speed of both models, measured speedups next to the ideal
     one (dense over pruned FLOPs of a whole forward pass of `prompt_len` tokens)."""
     models, dirs = {"dense": dense, "pruned": pruned}, {"dense": dense_dir, "pruned": pruned_dir}
-    speed = compare_speed(models, batch_sizes, prompt_len, new_tokens, warmup, repeats)
+    speed = compare_speed(models, f.batch_sizes, f.prompt_len, f.new_tokens, f.warmup, f.repeats)
     device = next(dense.parameters()).device
     ids = torch.randint(
-        0, dense.config.vocab_size, (max(batch_sizes), prompt_len), generator=torch.Generator().manual_seed(0)
+        0, dense.config.vocab_size, (max(f.batch_sizes), f.prompt_len), generator=torch.Generator().manual_seed(0)
     ).to(device)
     report: dict = {}
     for name, model in models.items():
         report[name] = {
             "params_total": sum(p.numel() for p in model.parameters()),
             "weights_mb": round(weights_bytes(dirs[name]) / 2**20, 2),
-            f"peak_forward_bs{max(batch_sizes)}_mb": round(peak_forward_bytes(model, ids) / 2**20, 2),
-            "flops_forward": forward_flops(model, prompt_len),
+            f"peak_forward_bs{max(f.batch_sizes)}_mb": round(peak_forward_bytes(model, ids) / 2**20, 2),
+            "flops_forward": forward_flops(model, f.prompt_len),
             **speed[name],
         }
     report["speedup_ideal"] = round(report["dense"]["flops_forward"] / report["pruned"]["flops_forward"], 4)

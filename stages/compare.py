@@ -16,18 +16,7 @@ from nirvana.stage import run_stage
 def main(
     params: Params, dense_dir: str, pruned_dir: str, dense_metrics: str, pruned_metrics: str, out: str, plot_out: str
 ) -> None:
-    f = params.efficiency
-    report = efficiency_report(
-        load_model(dense_dir),
-        load_model(pruned_dir),
-        dense_dir,
-        pruned_dir,
-        f.batch_sizes,
-        f.prompt_len,
-        f.new_tokens,
-        f.warmup,
-        f.repeats,
-    )
+    report = efficiency_report(load_model(dense_dir), load_model(pruned_dir), dense_dir, pruned_dir, params.efficiency)
     write_json(report, out)
     rows = [
         {"model": name, **json.loads(Path(path).read_text())}

@@ -7,6 +7,7 @@ import torch
 
 from conftest import random_plan, tiny_llama
 from nirvana.efficiency import compare_speed, efficiency_report, forward_flops, peak_forward_bytes
+from nirvana.params import EfficiencyParams
 from nirvana.surgery import layer_units, prune_model
 
 
@@ -47,7 +48,13 @@ def test_report_has_every_measure_and_the_ideal_ratio(tmp_path) -> None:
     prune_model(pruned, random_plan(dense, seed=3))
     dense.save_pretrained(tmp_path / "dense")
     pruned.save_pretrained(tmp_path / "pruned")
-    report = efficiency_report(dense, pruned, tmp_path / "dense", tmp_path / "pruned", [1, 2], 16, 4, 0, 1)
+    report = efficiency_report(
+        dense,
+        pruned,
+        tmp_path / "dense",
+        tmp_path / "pruned",
+        EfficiencyParams(batch_sizes=[1, 2], prompt_len=16, new_tokens=4, warmup=0, repeats=1),
+    )
     assert report["speedup_ideal"] == pytest.approx(forward_flops(dense, 16) / forward_flops(pruned, 16), abs=1e-4)
     for name in ("dense", "pruned"):
         r = report[name]
