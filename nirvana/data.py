@@ -98,11 +98,9 @@ def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[i
     return tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
 
 
-def windows(stream: list[int], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+def windows(stream: list[int], seq_len: int) -> torch.Tensor:
     """Non-overlapping windows of `seq_len` tokens from the start of the stream."""
     count = len(stream) // seq_len
-    if max_windows is not None:
-        count = min(count, max_windows)
     if count == 0:
         raise ValueError(f"{len(stream)} tokens do not fill one window of {seq_len}")
     return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
