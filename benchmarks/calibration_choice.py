@@ -12,10 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from nirvana.calibration import candidate_pool, search
-from nirvana.data import token_stream, windows
+from nirvana.data import read_texts, token_stream, windows
 from nirvana.evaluation import perplexity
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import load_params
@@ -27,10 +25,8 @@ def run(sparsity: float, seq_len: int = 128) -> dict:
         params, sparsity=sparsity, calibration=dataclasses.replace(params.calibration, select_at_sparsity=None)
     )
     model, tokenizer = load_model("outputs/base_model"), load_tokenizer("outputs/base_model")
-    pool, kl_windows = candidate_pool(
-        params.calibration, tokenizer, pd.read_parquet("outputs/corpora/calibration.parquet")["text"].tolist()
-    )
-    wiki = token_stream(pd.read_parquet("outputs/corpora/wiki.parquet")["text"].tolist(), tokenizer)
+    pool, kl_windows = candidate_pool(params.calibration, tokenizer, read_texts("outputs/corpora/calibration.parquet"))
+    wiki = token_stream(read_texts("outputs/corpora/wiki.parquet"), tokenizer)
     wiki_windows = windows(wiki[: params.evaluate.max_tokens], seq_len)
 
     def measure(pruned) -> dict:

@@ -106,10 +106,18 @@ def windows(stream: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """The `text` column of a corpus table written by prepare_data."""
+    return pd.read_parquet(path)["text"].tolist()
+
+
+def _stack(input_ids: pd.Series) -> torch.Tensor:
+    return torch.from_numpy(np.stack(input_ids.to_numpy()).astype(np.int64))
+
+
 def read_windows(path: str | Path) -> torch.Tensor:
     """Token windows stored as a parquet column `input_ids` of equal-length lists."""
-    column = pd.read_parquet(path)["input_ids"]
-    return torch.from_numpy(np.stack(column.to_numpy()).astype(np.int64))
+    return _stack(pd.read_parquet(path)["input_ids"])
 
 
 def hold_out(stream: list[int], samples: int, seq_len: int) -> tuple[list[int], torch.Tensor]:
@@ -132,7 +140,7 @@ def user_windows(path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: 
             raise ValueError(
                 f"{path}: every input_ids row must have the same non-zero length, got {sorted(lengths)[:5]}"
             )
-        return read_windows(path)
+        return _stack(table["input_ids"])
     if "text" in table:
         return windows(token_stream(table["text"].tolist(), tokenizer), seq_len)
     raise ValueError(f"{path}: needs a column input_ids or text, has {list(table.columns)}")

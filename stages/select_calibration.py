@@ -4,6 +4,7 @@ KL divergence from the dense model on a held-out KL set (method §3)."""
 import pandas as pd
 
 from nirvana.calibration import candidate_pool, select, summary
+from nirvana.data import read_texts
 from nirvana.io import log, write_json, write_parquet
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
@@ -12,7 +13,7 @@ from nirvana.stage import run_stage
 
 def main(params: Params, model_dir: str, pool_path: str, out: str, table_out: str, metrics_out: str) -> None:
     c = params.calibration
-    pool, kl_windows = candidate_pool(c, load_tokenizer(model_dir), pd.read_parquet(pool_path)["text"].tolist())
+    pool, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(pool_path))
     model = load_model(model_dir) if c.candidates > 1 else None
     selected, table = select(model, pool, kl_windows, params, verbatim=c.path is not None)
     write_parquet(pd.DataFrame({"input_ids": selected.tolist()}), out)
