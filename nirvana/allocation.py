@@ -1,13 +1,26 @@
-"""Adaptive sparsity allocation (method §2): two global pools of units and the ratio gamma."""
+"""Sparsity allocation: NIRVANA's two global pools and gamma (method §2), and the baselines' own
+allocations: the same counts in every layer (uniform, Wanda-sp) and FLAP's one global threshold
+on standardised scores. For a given sparsity all three remove the same attention+MLP parameter
+count up to the granularity of one attention unit and one MLP block."""
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pandas as pd
 from transformers import PreTrainedModel
 
 from nirvana.models import get_adapter
+from nirvana.params import Params
+
+METHOD_MODES = {"wanda_sp": "uniform", "flap": "flap"}
+"""Each baseline's published allocation; every other method uses NIRVANA's two pools."""
+
+
+def allocation_mode(params: Params) -> str:
+    """`allocation.mode`, or when null the allocation the method was published with."""
+    return params.allocation.mode or METHOD_MODES.get(params.method, "nirvana")
 
 
 def pool_fractions(
@@ -26,11 +39,15 @@ def pool_fractions(
     return min(p_attn, 1.0), p_mlp
 
 
+def _removable_attention(attn: pd.DataFrame) -> pd.DataFrame:
+    """Attention rows lowest score first, without each layer's best unit (every layer keeps one)."""
+    ranked = attn.sort_values(["score", "layer", "unit"])
+    return ranked.drop(index=ranked.groupby("layer").tail(1).index)
+
+
 def _remove_attention(attn: pd.DataFrame, count: int) -> set[int]:
     """Row labels of the `count` lowest-scoring attention units; each layer keeps its best."""
-    ranked = attn.sort_values(["score", "layer", "unit"])
-    best = ranked.groupby("layer").tail(1).index
-    return set(ranked.drop(index=best).index[:count])
+    return set(_removable_attention(attn).index[:count])
 
 
 def _mlp_blocks(mlp: pd.DataFrame, multiple: int) -> list[tuple[float, int, int, list[int]]]:
@@ -60,29 +77,110 @@ def _remove_mlp(mlp: pd.DataFrame, count: int, multiple: int) -> set[int]:
     return set(removed)
 
 
-def allocate(
-    scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: int, mlp_params: int, mlp_multiple: int
-) -> pd.DataFrame:
-    """The score table plus a boolean `keep` column: the pruning plan."""
-    attn = scores[scores["module"] == "attn"]
-    mlp = scores[scores["module"] == "mlp"]
-    p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp))
-    removed = _remove_attention(attn, round(p_attn * len(attn)))
-    removed |= _remove_mlp(mlp, round(p_mlp * len(mlp)), mlp_multiple)
+def _plan(scores: pd.DataFrame, removed: set[int]) -> pd.DataFrame:
+    """The score table (extra columns included) plus a boolean `keep` column: the pruning plan."""
     plan = scores.copy()
     plan["keep"] = ~plan.index.isin(list(removed))
     return plan
 
 
-def allocate_for_model(
-    model: PreTrainedModel, scores: pd.DataFrame, sparsity: float, gamma: float, mlp_multiple: int
+def _budget(scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int) -> float:
+    """Attention+MLP parameters to remove: `sparsity` of all of them."""
+    n_attn = int((scores["module"] == "attn").sum())
+    return sparsity * (attn_params * n_attn + mlp_params * (len(scores) - n_attn))
+
+
+def allocate(
+    scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: int, mlp_params: int, mlp_multiple: int
 ) -> pd.DataFrame:
-    """`allocate` with the per-unit parameter counts read off the model's first layer."""
+    """NIRVANA's allocation: two global pools with p_mlp = gamma * p_attn. Returns the plan."""
+    attn = scores[scores["module"] == "attn"]
+    mlp = scores[scores["module"] == "mlp"]
+    p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp))
+    removed = _remove_attention(attn, round(p_attn * len(attn)))
+    removed |= _remove_mlp(mlp, round(p_mlp * len(mlp)), mlp_multiple)
+    return _plan(scores, removed)
+
+
+def uniform_counts(
+    sparsity: float, layers: int, attn_params: int, n_attn: int, mlp_params: int, n_mlp: int, mlp_multiple: int
+) -> tuple[int, int]:
+    """Units removed in every layer, (attention, MLP), for a layer of n_attn units and n_mlp channels.
+
+    Attention removes round(sparsity * n_attn) units (stepped towards feasibility only when the MLP
+    could not absorb the rest); the MLP removes what brings the total closest to the budget. That
+    MLP count leaves a multiple of `mlp_multiple` when rounding to one moves the total by at most one
+    MLP block (layers x change <= mlp_multiple), else it is exact: the budget comes first."""
+    budget = sparsity * layers * (attn_params * n_attn + mlp_params * n_mlp)
+    mlp_cap = max(n_mlp - mlp_multiple, 0)
+
+    def rest(attn: int) -> float:  # MLP channels per layer that would meet the budget
+        return (budget - layers * attn * attn_params) / (layers * mlp_params)
+
+    attn = min(round(sparsity * n_attn), n_attn - 1)
+    while attn > 0 and rest(attn) < 0:
+        attn -= 1
+    while attn < n_attn - 1 and rest(attn) > mlp_cap:
+        attn += 1
+    exact = min(max(round(rest(attn)), 0), mlp_cap)
+    aligned = min([0, *range(n_mlp % mlp_multiple, mlp_cap + 1, mlp_multiple)], key=lambda c: abs(c - rest(attn)))
+    return attn, aligned if layers * abs(aligned - exact) <= mlp_multiple else exact
+
+
+def allocate_uniform(
+    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int
+) -> pd.DataFrame:
+    """Wanda-sp's allocation: every layer removes the same number of attention units and of MLP
+    channels (`uniform_counts`), its lowest-scoring ones. Gamma does not apply."""
+    sizes = scores.groupby(["module", "layer"]).size()
+    layers, n_attn, n_mlp = len(sizes["attn"]), int(sizes["attn"].min()), int(sizes["mlp"].min())
+    attn, mlp = uniform_counts(sparsity, layers, attn_params, n_attn, mlp_params, n_mlp, mlp_multiple)
+    ranked = scores.sort_values(["score", "unit"])
+    rank = ranked.groupby(["layer", "module"]).cumcount().to_numpy()
+    return _plan(scores, set(ranked.index[rank < np.where(ranked["module"] == "attn", attn, mlp)]))
+
+
+def standardise(scores: pd.DataFrame) -> pd.Series:
+    """(score - mean) / std within each (layer, module), std with n - 1; a constant group scores 0."""
+    grouped = scores.groupby(["layer", "module"])["score"]
+    spread = grouped.transform("std")
+    z = (scores["score"] - grouped.transform("mean")) / spread.where(spread > 0)
+    return z.fillna(0.0)
+
+
+def allocate_flap(
+    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int
+) -> pd.DataFrame:
+    """FLAP's allocation: standardised scores, one global ranking of attention units and MLP blocks
+    (`mlp_multiple` channels, as in NIRVANA's allocation), removed lowest first up to the prefix whose
+    parameter count is closest to the budget. Each layer keeps its best attention unit and top block."""
+    z = scores.assign(score=standardise(scores))
+    attn = _removable_attention(z[z["module"] == "attn"])
+    items = [(float(row.score), 0, int(row.layer), int(row.unit), [label]) for label, row in attn.iterrows()]
+    blocks = _mlp_blocks(z[z["module"] == "mlp"], mlp_multiple)
+    items += [(score, 1, layer, position, chunk) for score, layer, position, chunk in blocks]
+    items.sort(key=lambda item: item[:4])
+    sizes = [attn_params if module == 0 else mlp_params * len(chunk) for _, module, _, _, chunk in items]
+    removed = np.concatenate([[0.0], np.cumsum(sizes, dtype=np.float64)])
+    cut = int(np.argmin(np.abs(removed - _budget(scores, sparsity, attn_params, mlp_params))))
+    return _plan(scores, {label for item in items[:cut] for label in item[4]})
+
+
+def allocate_for_model(
+    model: PreTrainedModel, scores: pd.DataFrame, sparsity: float, gamma: float, mlp_multiple: int, mode: str
+) -> pd.DataFrame:
+    """The plan under allocation `mode` (see `allocation_mode`), with the per-unit parameter counts
+    read off the model's first layer."""
     adapter = get_adapter(model.config)
     layer = adapter.layers(model)[0]
-    return allocate(
-        scores, sparsity, gamma, adapter.unit_params(layer, "attn"), adapter.unit_params(layer, "mlp"), mlp_multiple
-    )
+    attn_params, mlp_params = adapter.unit_params(layer, "attn"), adapter.unit_params(layer, "mlp")
+    if mode == "nirvana":
+        return allocate(scores, sparsity, gamma, attn_params, mlp_params, mlp_multiple)
+    if mode == "uniform":
+        return allocate_uniform(scores, sparsity, attn_params, mlp_params, mlp_multiple)
+    if mode == "flap":
+        return allocate_flap(scores, sparsity, attn_params, mlp_params, mlp_multiple)
+    raise ValueError(f"unknown allocation mode {mode!r}")
 
 
 def layer_widths(plan: pd.DataFrame) -> pd.DataFrame:

@@ -12,10 +12,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nirvana.allocation import allocate_for_model
+from nirvana.allocation import allocate_for_model, allocation_mode
+from nirvana.criteria import CRITERIA
 from nirvana.data import dataset_texts, hold_out, token_stream, user_windows, windows
 from nirvana.params import CalibrationParams, Params
-from nirvana.saliency import CRITERIA
 from nirvana.surgery import prune_model
 
 
@@ -65,7 +65,8 @@ def draw(pool: torch.Tensor, num_samples: int, seed: int) -> np.ndarray:
 def prune_with(model: PreTrainedModel, windows: torch.Tensor, params: Params, sparsity: float) -> PreTrainedModel:
     """A pruned copy of `model`, scored on `windows` with the configured criterion and allocation."""
     scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
-    plan = allocate_for_model(model, scores, sparsity, params.gamma, params.allocation.mlp_multiple)
+    a = params.allocation
+    plan = allocate_for_model(model, scores, sparsity, params.gamma, a.mlp_multiple, allocation_mode(params))
     pruned = copy.deepcopy(model)
     prune_model(pruned, plan)
     return pruned

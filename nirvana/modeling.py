@@ -60,10 +60,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
-    """A dense or pruned model folder written by this pipeline, on `device()`, in eval mode."""
+def load_model(path: str | Path, on: str | torch.device | None = None) -> PreTrainedModel:
+    """A dense or pruned model folder written by this pipeline, in eval mode, on `on` (default
+    `device()`; training passes "cpu" and lets accelerate place each process's copy)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.to(device()).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
+    return model.to(on or device()).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("nirvana",)
+METHODS = ("nirvana", "magnitude", "taylor", "wanda_sp", "flap", "random")
 
 
 class ParamError(ValueError):
@@ -81,10 +81,15 @@ class SaliencyParams:
 
 @dataclass(frozen=True)
 class AllocationParams:
+    MODES: typing.ClassVar[tuple[str, ...]] = ("nirvana", "uniform", "flap")
+
     mlp_multiple: int = 8
+    mode: str | None = None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
 
     def __post_init__(self) -> None:
         _check(self.mlp_multiple > 0, "allocation.mlp_multiple", self.mlp_multiple, "a positive integer")
+        modes = ", ".join(self.MODES)
+        _check(self.mode is None or self.mode in self.MODES, "allocation.mode", self.mode, f"null or one of {modes}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,51 @@ class EvaluateParams:
             "null or an integer > 1",
         )
         _check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
+
+
+USER_FINETUNE_DIR = Path("data/finetune")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    launch: str = "python"
+    steps: int = 100
+    dataset: str | None = None
+    seq_len: int = 128
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    save_steps: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "finetune.steps", self.steps, "an integer >= 0 (0 = pass the pruned model through)")
+        for key in ("batch_size", "grad_accum", "lora_r", "save_steps"):
+            _check(getattr(self, key) > 0, f"finetune.{key}", getattr(self, key), "a positive integer")
+        _check(self.seq_len > 1, "finetune.seq_len", self.seq_len, "an integer > 1")
+        _check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
+        _check(self.lora_alpha > 0, "finetune.lora_alpha", self.lora_alpha, "a number > 0")
+        _check(0 <= self.lora_dropout < 1, "finetune.lora_dropout", self.lora_dropout, "0 <= value < 1")
+        _check(self.warmup_steps >= 0, "finetune.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(
+            self.launch.split()[:1] in (["python"], ["accelerate"]),
+            "finetune.launch",
+            self.launch,
+            "'python' or an 'accelerate launch ...' command line",
+        )
+        if self.dataset is not None and Path(self.dataset).suffix in (".parquet", ".jsonl"):
+            path = Path(self.dataset)
+            _check(
+                USER_FINETUNE_DIR in path.parents and path.is_file(),
+                "finetune.dataset",
+                self.dataset,
+                f"an existing .parquet or .jsonl file under {USER_FINETUNE_DIR}/ (which DVC tracks), "
+                "or a Hugging Face dataset id",
+            )
 
 
 @dataclass(frozen=True)
@@ -136,6 +186,7 @@ class Params:
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     saliency: SaliencyParams = field(default_factory=SaliencyParams)
     allocation: AllocationParams = field(default_factory=AllocationParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
 

@@ -1,13 +1,22 @@
-"""NIRVANA saliency (method §1): S(w) = |w * df/dw| with f the NTK-derived output function."""
+"""NIRVANA saliency (method §1): S(w) = |w * df/dw| with f the NTK-derived output function.
+
+The gradient machinery is shared with the Taylor baseline (`nirvana.criteria`), which only
+swaps the scalar being differentiated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import torch
+from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from nirvana.models import MODULES, get_adapter
+
+Objective = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(logits, input_ids, windows in the whole set) -> this micro-batch's share of the scalar to differentiate."""
 
 
 def output_function(logits: torch.Tensor, total_samples: int) -> torch.Tensor:
@@ -17,8 +26,15 @@ def output_function(logits: torch.Tensor, total_samples: int) -> torch.Tensor:
     return logits.float().amax(dim=1).sum() / (total_samples * logits.shape[-1])
 
 
-def accumulate_gradients(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> None:
-    """Leave G = df/dw (summed over micro-batches) in `.grad` of the prunable parameters only."""
+def ntk_objective(logits: torch.Tensor, input_ids: torch.Tensor, total_samples: int) -> torch.Tensor:
+    """NIRVANA's objective: the output function, which ignores the tokens."""
+    return output_function(logits, total_samples)
+
+
+def accumulate_gradients(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int, objective: Objective = ntk_objective
+) -> None:
+    """Leave G = d(objective)/dw (summed over micro-batches) in `.grad` of the prunable parameters only."""
     adapter = get_adapter(model.config)
     model.requires_grad_(False)
     for layer in adapter.layers(model):
@@ -29,7 +45,7 @@ def accumulate_gradients(model: PreTrainedModel, windows: torch.Tensor, batch_si
     for start in tqdm(range(0, len(windows), batch_size), desc="saliency", unit="batch", leave=False):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        output_function(logits, len(windows)).backward()
+        objective(logits, batch, len(windows)).backward()
 
 
 def _weight_saliency(p: torch.nn.Parameter) -> torch.Tensor:
@@ -38,21 +54,34 @@ def _weight_saliency(p: torch.nn.Parameter) -> torch.Tensor:
     return (p.detach().float() * p.grad.float()).abs()
 
 
-def nirvana_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> pd.DataFrame:
-    """One row per unit: layer, module, unit, score (L1 sum of |w * G| over the unit)."""
+def score_table(model: PreTrainedModel, per_unit: Callable[[nn.Module, str], torch.Tensor]) -> pd.DataFrame:
+    """One row per unit (layer, module, unit, score), `per_unit(layer, module)` giving a module's unit scores."""
     adapter = get_adapter(model.config)
-    was_training = model.training
-    model.eval()
-    accumulate_gradients(model, windows, batch_size)
     rows = []
     for index, layer in enumerate(adapter.layers(model)):
         for module in MODULES:
-            scores = adapter.unit_scores(layer, module, _weight_saliency)
+            scores = per_unit(layer, module)
             rows += [(index, module, unit, float(s)) for unit, s in enumerate(scores.tolist())]
-    model.zero_grad(set_to_none=True)
-    model.requires_grad_(False)
-    model.train(was_training)
     return pd.DataFrame(rows, columns=["layer", "module", "unit", "score"])
 
 
-CRITERIA = {"nirvana": nirvana_scores}
+def gradient_scores(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int, objective: Objective
+) -> pd.DataFrame:
+    """L1 sum over each unit of |w * G|, G the gradient of `objective` over the whole set.
+
+    Leaves the model as it found it: no gradients, nothing trainable, same train/eval mode."""
+    adapter = get_adapter(model.config)
+    was_training = model.training
+    model.eval()
+    accumulate_gradients(model, windows, batch_size, objective)
+    table = score_table(model, lambda layer, module: adapter.unit_scores(layer, module, _weight_saliency))
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    model.train(was_training)
+    return table
+
+
+def nirvana_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> pd.DataFrame:
+    """One row per unit: layer, module, unit, score (L1 sum of |w * G| over the unit)."""
+    return gradient_scores(model, windows, batch_size, ntk_objective)

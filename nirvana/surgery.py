@@ -1,15 +1,17 @@
 """Physical removal of units, and loading pruned folders as ordinary Hugging Face models.
 
 A pruned model's per-layer widths live in `config.json` under `nirvana_units` (one
-`{"attn": kv_groups, "mlp": channels}` per layer). `import nirvana` wraps
-`PreTrainedModel.post_init` so that any model built from such a config shrinks its layers
-before the weights load; `AutoModelForCausalLM.from_pretrained` then just works.
+`{"attn": kv_groups, "mlp": channels}` per layer), and `nirvana_output_bias: true` when FLAP's
+bias compensation gave the output projections a bias. `import nirvana` wraps
+`PreTrainedModel.post_init` so that any model built from such a config shrinks its layers (and
+adds those biases) before the weights load; `AutoModelForCausalLM.from_pretrained` then just works.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from nirvana.io import atomic_path
 from nirvana.models import MODULES, get_adapter
 
 CONFIG_KEY = "nirvana_units"
+BIAS_KEY = "nirvana_output_bias"
 
 
 def layer_units(model: PreTrainedModel) -> list[dict[str, int]]:
@@ -39,13 +42,48 @@ def units_by_layer(plan: pd.DataFrame, keep: bool) -> dict[int, dict[str, torch.
     return out
 
 
+def _removed_input_mean(plan: pd.DataFrame, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input columns of the output projection that the plan removes in one layer and module, and
+    their calibration means (float64), from the plan's `input_mean` lists (one per unit)."""
+    rows = plan[(plan["layer"] == layer) & (plan["module"] == module) & ~plan["keep"]].sort_values("unit")
+    if rows.empty:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    means = [torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in rows["input_mean"]]
+    size = len(means[0])
+    units = torch.tensor(rows["unit"].tolist(), dtype=torch.long)
+    return (units[:, None] * size + torch.arange(size)).flatten(), torch.cat(means)
+
+
+def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:
+    """FLAP's bias compensation, if the plan carries `input_mean`: add W[:, removed] @ mean[removed] to
+    the bias of every output projection (created if missing), so a removed column still contributes its
+    calibration average. Must run before the columns go. Returns whether it did anything."""
+    if "input_mean" not in plan.columns:
+        return False
+    adapter = get_adapter(model.config)
+    with torch.no_grad():
+        for index, layer in enumerate(adapter.layers(model)):
+            adapter.add_output_bias(layer)
+            for module in MODULES:
+                proj = adapter.output_projection(layer, module)
+                columns, mean = _removed_input_mean(plan, index, module)
+                assert proj.bias is not None
+                w = proj.weight.detach()
+                shift = w[:, columns.to(w.device)].double() @ mean.to(w.device)
+                proj.bias.add_(shift.to(proj.bias.dtype))
+    setattr(model.config, BIAS_KEY, True)
+    return True
+
+
 def prune_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
-    """Remove every unit whose plan row says keep=False, and record the widths in the config."""
+    """Remove every unit whose plan row says keep=False (after bias compensation, if the plan asks for
+    it), and record the widths in the config."""
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
     kept = units_by_layer(plan, keep=True)
     if sorted(kept) != list(range(len(layers))):
         raise ValueError(f"plan covers layers {sorted(kept)}, model has {len(layers)}")
+    compensate_bias(model, plan)
     for index, layer in enumerate(layers):
         adapter.prune_layer(layer, kept[index])
     setattr(model.config, CONFIG_KEY, layer_units(model))
@@ -54,6 +92,7 @@ def prune_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
 def zero_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
     """Zero the units the plan removes, keeping dense shapes (the reference for pruning)."""
     adapter = get_adapter(model.config)
+    compensate_bias(model, plan)
     dropped = units_by_layer(plan, keep=False)
     for index, layer in enumerate(adapter.layers(model)):
         adapter.zero_units(layer, dropped[index])
@@ -70,15 +109,21 @@ _original_post_init = PreTrainedModel.post_init
 
 
 def _post_init(self: PreTrainedModel) -> None:
-    """Shrink a model built from a pruned config to its recorded widths, then carry on."""
+    """Shrink a model built from a pruned config to its recorded widths and give it the output biases
+    bias compensation added, then carry on."""
     units = getattr(self.config, CONFIG_KEY, None)
+    output_bias = getattr(self.config, BIAS_KEY, False)
     layers = getattr(self, "layers", None)
-    if units and isinstance(layers, nn.ModuleList):
-        if len(units) != len(layers):
-            raise ValueError(f"config {CONFIG_KEY} lists {len(units)} layers, the model has {len(layers)}")
+    if (units or output_bias) and isinstance(layers, nn.ModuleList):
         adapter = get_adapter(self.config)
-        for layer, counts in zip(layers, units, strict=True):
-            adapter.resize_layer(layer, counts)
+        if units:
+            if len(units) != len(layers):
+                raise ValueError(f"config {CONFIG_KEY} lists {len(units)} layers, the model has {len(layers)}")
+            for layer, counts in zip(layers, units, strict=True):
+                adapter.resize_layer(layer, counts)
+        if output_bias:
+            for layer in layers:
+                adapter.add_output_bias(layer)
     _original_post_init(self)
 
 

@@ -1,8 +1,9 @@
-"""Stage allocate_sparsity: which units to keep, from two global pools and gamma (method §2)."""
+"""Stage allocate_sparsity: which units to keep, from two global pools and gamma (method §2) or a
+baseline's allocation (`allocation.mode`, by default the method's own)."""
 
 import pandas as pd
 
-from nirvana.allocation import allocate_for_model, layer_widths
+from nirvana.allocation import allocate_for_model, allocation_mode, layer_widths
 from nirvana.io import log, write_csv, write_parquet
 from nirvana.modeling import skeleton
 from nirvana.params import Params
@@ -10,15 +11,22 @@ from nirvana.stage import run_stage
 
 
 def main(params: Params, model_dir: str, scores: str, plan_out: str, widths_out: str) -> None:
+    mode = allocation_mode(params)
     plan = allocate_for_model(
-        skeleton(model_dir), pd.read_parquet(scores), params.sparsity, params.gamma, params.allocation.mlp_multiple
+        skeleton(model_dir),
+        pd.read_parquet(scores),
+        params.sparsity,
+        params.gamma,
+        params.allocation.mlp_multiple,
+        mode,
     )
     write_parquet(plan, plan_out)
     widths = layer_widths(plan)
     write_csv(widths, widths_out)
     log.info(
-        "wrote %s: keeps %d/%d attention units, %d/%d MLP channels",
+        "wrote %s (%s allocation): keeps %d/%d attention units, %d/%d MLP channels",
         plan_out,
+        mode,
         widths.attn_kept.sum(),
         widths.attn_dense.sum(),
         widths.mlp_kept.sum(),

@@ -1,5 +1,5 @@
-"""Stage compare: dense and pruned side by side: size, peak memory, measured and ideal speedup,
-and one row per model of quality metrics for the plots."""
+"""Stage compare: dense and pruned side by side: size, peak memory, measured and ideal speedup
+(the fine-tuned model has the pruned shapes), and one row per model of quality metrics for the plots."""
 
 import json
 from pathlib import Path
@@ -14,13 +14,20 @@ from nirvana.stage import run_stage
 
 
 def main(
-    params: Params, dense_dir: str, pruned_dir: str, dense_metrics: str, pruned_metrics: str, out: str, plot_out: str
+    params: Params,
+    dense_dir: str,
+    pruned_dir: str,
+    dense_metrics: str,
+    pruned_metrics: str,
+    finetuned_metrics: str,
+    out: str,
+    plot_out: str,
 ) -> None:
     report = efficiency_report(load_model(dense_dir), load_model(pruned_dir), dense_dir, pruned_dir, params.efficiency)
     write_json(report, out)
     rows = [
         {"model": name, **json.loads(Path(path).read_text())}
-        for name, path in (("dense", dense_metrics), ("pruned", pruned_metrics))
+        for name, path in (("dense", dense_metrics), ("pruned", pruned_metrics), ("finetuned", finetuned_metrics))
     ]
     write_csv(pd.DataFrame(rows), plot_out)
     speedups = {k: v for k, v in report.items() if k.startswith("speedup_")}

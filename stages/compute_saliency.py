@@ -1,10 +1,11 @@
-"""Stage compute_saliency: one score per attention unit and MLP channel (method §1)."""
+"""Stage compute_saliency: one score per attention unit and MLP channel, with the `method` criterion
+(NIRVANA's of method §1 or a baseline's)."""
 
+from nirvana.criteria import CRITERIA
 from nirvana.data import read_windows
 from nirvana.io import log, write_parquet
 from nirvana.modeling import load_model
 from nirvana.params import Params
-from nirvana.saliency import CRITERIA
 from nirvana.stage import run_stage
 
 

@@ -58,7 +58,7 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-WORDS = [f"w{i}" for i in range(63)]
+WORDS = [f"w{i}" for i in range(62)]
 
 
 def tiny_model_dir(path, kind: str = "gqa"):
@@ -66,11 +66,11 @@ def tiny_model_dir(path, kind: str = "gqa"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0} | {w: i + 1 for i, w in enumerate(WORDS)}
+    vocab = {"<unk>": 0} | {w: i + 1 for i, w in enumerate(WORDS)} | {"</s>": 63}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tiny_llama(kind).save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
     return path
 
 

@@ -1,10 +1,22 @@
-"""Allocation: the requested share, p_mlp = gamma * p_attn, guards, exact and stable counts."""
+"""Allocation: the requested share, p_mlp = gamma * p_attn, guards, exact and stable counts; the uniform
+and FLAP modes; and which mode a null `allocation.mode` means."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from nirvana.allocation import allocate, layer_widths, pool_fractions
+from nirvana.allocation import (
+    METHOD_MODES,
+    allocate,
+    allocate_flap,
+    allocate_uniform,
+    allocation_mode,
+    layer_widths,
+    pool_fractions,
+    standardise,
+    uniform_counts,
+)
+from nirvana.params import METHODS, AllocationParams, Params
 
 LAYERS, HEADS, CHANNELS = 6, 4, 64
 A, M = 1000, 30  # parameters per attention unit and per MLP channel
@@ -99,3 +111,117 @@ def test_ties_break_by_index_and_the_count_is_exact() -> None:
     assert (~attn.keep).sum() == round(p_a * LAYERS * HEADS)
     gone = attn[~attn.keep]
     assert gone.layer.min() == 0 and (gone.sort_values(["layer", "unit"]).index == gone.index).all()
+
+
+# SmolLM2-135M's shape: 30 layers of 3 KV-group units (9 query heads of 64) and 1536 channels, hidden 576.
+SMOL = dict(layers=30, heads=3, channels=1536, attn=512 * 576, mlp=3 * 576)
+
+
+def smol_scores(seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = [
+        (layer, module, unit)
+        for layer in range(SMOL["layers"])
+        for module, n in (("attn", SMOL["heads"]), ("mlp", SMOL["channels"]))
+        for unit in range(n)
+    ]
+    df = pd.DataFrame(rows, columns=["layer", "module", "unit"])
+    df["score"] = rng.gamma(2.0, size=len(df)) * (1 + df.layer)  # deeper layers score higher, as in LLMs
+    return df
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("mode", ["nirvana", "uniform", "flap"])
+def test_every_mode_meets_the_budget_on_the_smollm2_shape(mode: str, sparsity: float) -> None:
+    df = smol_scores(seed=5)
+    a, m, multiple = SMOL["attn"], SMOL["mlp"], 8
+    if mode == "nirvana":
+        plan = allocate(df, sparsity, 3.0, a, m, multiple)
+    else:
+        plan = (allocate_uniform if mode == "uniform" else allocate_flap)(df, sparsity, a, m, multiple)
+    gone = plan[~plan.keep]
+    removed = a * (gone.module == "attn").sum() + m * (gone.module == "mlp").sum()
+    budget = sparsity * SMOL["layers"] * (a * SMOL["heads"] + m * SMOL["channels"])
+    assert abs(removed - budget) <= a / 2 + multiple * m
+    widths = layer_widths(plan)
+    assert (widths.attn_kept >= 1).all() and (widths.mlp_kept >= multiple).all()
+
+
+def test_uniform_counts_by_hand() -> None:
+    # SmolLM2 at 0.2: round(0.2 * 3) = 1 unit a layer; the MLP takes the rest, 238.9 -> 239 channels;
+    # the aligned 240 would move the total by 30 channels, more than one block of 8: budget first.
+    assert uniform_counts(0.2, 30, SMOL["attn"], 3, SMOL["mlp"], 1536, 8) == (1, 239)
+    # 2 layers, 2 units of 768, 40 channels of 72 at 0.2: no unit (round(0.4)); 12.27 channels a layer,
+    # the aligned 16 (24 kept) moves the total by 2 x 4 = 8 channels, one block: aligned.
+    assert uniform_counts(0.2, 2, 768, 2, 72, 40, 8) == (0, 16)
+    # Attention alone would overshoot the whole budget (1 unit of 1000 > 0.3 x 3000): it removes none and
+    # the MLP takes all 900; unless the MLP cannot (624 > 7 of 8 channels): then the unit goes after all.
+    assert uniform_counts(0.3, 1, 1000, 2, 10, 100, 1) == (0, 90)
+    assert uniform_counts(0.3, 1, 1000, 2, 10, 8, 1) == (1, 0)
+
+
+def test_uniform_removes_the_same_lowest_units_in_every_layer() -> None:
+    df = scores(seed=6)
+    df.loc[df.layer == 0, "score"] *= 100  # a layer that scores high everywhere still loses its share
+    plan = allocate_uniform(df, 0.3, A, M, mlp_multiple=1)
+    attn_count, mlp_count = uniform_counts(0.3, LAYERS, A, HEADS, M, CHANNELS, 1)
+    widths = layer_widths(plan)
+    assert (widths.attn_kept == HEADS - attn_count).all() and (widths.mlp_kept == CHANNELS - mlp_count).all()
+    for _, part in plan.groupby(["layer", "module"]):
+        assert part[~part.keep].score.max() < part[part.keep].score.min()
+    pd.testing.assert_frame_equal(plan, allocate_uniform(df, 0.3, A, M, mlp_multiple=1))
+
+
+def test_standardise_per_layer_and_module() -> None:
+    df = scores(seed=7)
+    df.loc[(df.layer == 2) & (df.module == "attn"), "score"] = 5.0  # a constant group
+    z = standardise(df)
+    for (layer, module), part in z.groupby([df.layer, df.module]):
+        if (layer, module) == (2, "attn"):
+            assert (part == 0).all()
+        else:
+            assert part.mean() == pytest.approx(0, abs=1e-12) and part.std() == pytest.approx(1)
+    raw = df.score[(df.layer == 1) & (df.module == "mlp")]
+    assert z[raw.index[0]] == pytest.approx((raw.iloc[0] - raw.mean()) / raw.std(ddof=1))
+
+
+def test_flap_threshold_is_global_on_standardised_scores_and_closest_to_the_budget() -> None:
+    df = scores(seed=8)
+    plan = allocate_flap(df, 0.3, A, M, mlp_multiple=1)
+    # Rescaling one layer changes no standardised score, hence no decision.
+    rescaled = df.assign(score=np.where(df.layer == 3, df.score * 1000 + 7, df.score))
+    pd.testing.assert_series_equal(allocate_flap(rescaled, 0.3, A, M, mlp_multiple=1).keep, plan.keep)
+    z = standardise(df)
+    best = z.groupby([df.layer, df.module]).transform("max") == z  # each layer keeps its best unit
+    assert z[~plan.keep].max() <= z[plan.keep & ~best].min()
+    gone = plan[~plan.keep]
+    removed = A * (gone.module == "attn").sum() + M * (gone.module == "mlp").sum()
+    budget = 0.3 * (A * LAYERS * HEADS + M * LAYERS * CHANNELS)
+    assert abs(removed - budget) <= A / 2
+    # The next unit up the ranking would have taken the total further from the budget.
+    next_up = z[plan.keep & ~best].idxmin()
+    size = A if df.module[next_up] == "attn" else M
+    assert abs(removed + size - budget) >= abs(removed - budget)
+
+
+def test_flap_keeps_one_unit_and_a_block_per_layer_at_extreme_sparsity() -> None:
+    widths = layer_widths(allocate_flap(scores(seed=9), 0.95, A, M, mlp_multiple=8))
+    assert (widths.attn_kept >= 1).all() and (widths.mlp_kept >= 8).all() and (widths.mlp_kept % 8 == 0).all()
+
+
+@pytest.mark.parametrize(
+    "method,mode,expected",
+    [
+        ("nirvana", None, "nirvana"),
+        ("magnitude", None, "nirvana"),
+        ("taylor", None, "nirvana"),
+        ("random", None, "nirvana"),
+        ("wanda_sp", None, "uniform"),
+        ("flap", None, "flap"),
+        ("flap", "uniform", "uniform"),
+        ("nirvana", "flap", "flap"),
+    ],
+)
+def test_a_null_mode_means_the_methods_own_allocation(method: str, mode: str | None, expected: str) -> None:
+    assert allocation_mode(Params(method=method, allocation=AllocationParams(mode=mode))) == expected
+    assert set(METHODS) >= set(METHOD_MODES) and set(AllocationParams.MODES) >= set(METHOD_MODES.values())

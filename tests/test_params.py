@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nirvana.params import METHODS, ParamError, load_params
-from nirvana.saliency import CRITERIA
+from nirvana.criteria import CRITERIA
+from nirvana.params import METHODS, AllocationParams, ParamError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,8 @@ def test_the_committed_params_are_valid() -> None:
         ({"calibration__num_samples": 0}, r"calibration.num_samples = 0 is invalid"),
         ({"calibration__seq_len": "128"}, r"calibration.seq_len = '128' has the wrong type"),
         ({"saliency__batch_size": 2.5}, r"saliency.batch_size = 2.5 has the wrong type"),
+        ({"allocation__mode": "global"}, r"allocation.mode = 'global' is invalid; expected null or one of nirvana, "),
+        ({"allocation__mode": 1}, r"allocation.mode = 1 has the wrong type"),
         ({"evaluate__windows": []}, r"evaluate.windows = \[\] is invalid"),
         ({"calibration__num_sample": 8}, r"unknown key calibration.num_sample; did you mean calibration.num_samples\?"),
         ({"sparsty": 0.3}, r"unknown key sparsty; did you mean sparsity\?"),
@@ -51,3 +53,10 @@ def test_the_committed_params_are_valid() -> None:
 def test_bad_values_name_the_key(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(ParamError, match=message):
         load_params(write(tmp_path, **changes))
+
+
+def test_every_method_and_allocation_mode_is_accepted(tmp_path: Path) -> None:
+    for method in METHODS:
+        for mode in (None, *AllocationParams.MODES):
+            params = load_params(write(tmp_path, method=method, allocation__mode=mode))
+            assert (params.method, params.allocation.mode) == (method, mode)

@@ -28,6 +28,7 @@ SMALL = {
         "kl_batch_size": 8,
         "select_at_sparsity": 0.2,
     },
+    "finetune": {"steps": 4, "seq_len": 32, "batch_size": 2, "save_steps": 2},
     "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8, "tasks": ["piqa"], "limit": 8},
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
 }
@@ -48,7 +49,16 @@ def stages_run(log: str) -> set[str]:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git+DVC checkout of the pipeline with small sizes, reproduced once."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", ".dvcignore", "stages", "nirvana", ".dvc/config", "data/calibration", "data/tasks"):
+    for name in (
+        "dvc.yaml",
+        ".dvcignore",
+        "stages",
+        "nirvana",
+        ".dvc/config",
+        "data/calibration",
+        "data/finetune",
+        "data/tasks",
+    ):
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
@@ -62,9 +72,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "pipeline")
     log = sh(repo, "dvc", "repro")
-    assert {"prepare_model", "compute_saliency", "prune", "evaluate@dense", "evaluate@pruned", "compare"} <= stages_run(
-        log
-    )
+    expected = {"prepare_model", "compute_saliency", "prune", "finetune", "compare"}
+    assert expected | {"evaluate@dense", "evaluate@pruned", "evaluate@finetuned"} <= stages_run(log)
     return repo
 
 
@@ -82,6 +91,11 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.2, abs=0.005)
     assert pruned["params_total"] == prune["pruned"]["params_total"] < dense["params_total"]
+    finetuned = json.loads((repo / "metrics/finetuned.json").read_text())
+    assert finetuned["params_total"] == pruned["params_total"] and finetuned["ppl_wiki_64"] != pruned["ppl_wiki_64"]
+    finetune = json.loads((repo / "metrics/finetune.json").read_text())
+    assert finetune["steps"] == 4 and finetune["world_size"] == 1 and finetune["loss_last"] > 0
+    assert not any((repo / "checkpoints/finetune").iterdir())
     calibration = json.loads((repo / "metrics/calibration.json").read_text())
     table = pd.read_parquet(repo / "outputs/calibration_candidates.parquet")
     assert table.kl.nunique() == 2 and calibration["kl_selected"] == table.kl.min() < calibration["kl_worst"]
@@ -109,7 +123,8 @@ def test_second_repro_does_nothing_and_a_sparsity_change_reruns_only_downstream(
     log = sh(repo, "dvc", "exp", "run", "-S", "sparsity=0.4")
     # The search reruns (it depends on sparsity) but is pinned at 0.2: same windows, same bytes,
     # so the cached saliency and the dense evaluation are reused.
-    assert stages_run(log) == {"select_calibration", "allocate_sparsity", "prune", "evaluate@pruned", "compare"}
+    downstream = {"allocate_sparsity", "prune", "finetune", "evaluate@pruned", "evaluate@finetuned", "compare"}
+    assert stages_run(log) == {"select_calibration"} | downstream
     assert (repo / "outputs/calibration.parquet").read_bytes() == selected
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.4, abs=0.005)

@@ -48,6 +48,7 @@ def test_plots_page_draws_every_chart(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "plots").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copy(ROOT / "params.yaml", repo)  # dvc.yaml interpolates ${finetune.launch}
     for csv in (ROOT / "plots").glob("*.csv"):
         shutil.copy(csv, repo / "plots")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

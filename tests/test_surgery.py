@@ -1,14 +1,16 @@
-"""Pruning removes exactly what masking zeroes, and pruned folders reload as HF models."""
+"""Pruning removes exactly what masking zeroes, FLAP's bias compensation holds the calibration mean, and
+pruned folders reload as HF models."""
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from conftest import random_plan, tiny_llama
 from nirvana.models import get_adapter
-from nirvana.surgery import CONFIG_KEY, layer_units, prune_model, zero_model
+from nirvana.surgery import BIAS_KEY, CONFIG_KEY, layer_units, prune_model, zero_model
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
 
@@ -65,3 +67,59 @@ def test_load_rejects_a_config_with_the_wrong_layer_count(tmp_path) -> None:
 def test_unsupported_architecture_names_the_supported_ones() -> None:
     with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama"):
         get_adapter(GPT2Config())
+
+
+CALIBRATION = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(2))
+
+
+def flap_plan(model: torch.nn.Module, sparsity: float = 0.4) -> pd.DataFrame:
+    from nirvana.allocation import allocate_for_model
+    from nirvana.criteria import flap_scores
+
+    return allocate_for_model(model, flap_scores(model, CALIBRATION, 3), sparsity, 3.0, 1, "flap")
+
+
+def test_compensated_projections_equal_the_dense_ones_at_the_calibration_mean(kind: str) -> None:
+    dense = tiny_llama(kind)
+    plan = flap_plan(dense)
+    pruned = copy.deepcopy(dense)
+    prune_model(pruned, plan)
+    c = dense.config
+    group = c.head_dim * c.num_attention_heads // c.num_key_value_heads
+    gen = torch.Generator().manual_seed(3)
+    for i in range(c.num_hidden_layers):
+        for module, name, size in (("attn", "self_attn.o_proj", group), ("mlp", "mlp.down_proj", 1)):
+            rows = plan[(plan.layer == i) & (plan.module == module)].sort_values("unit")
+            assert not rows.keep.all(), "the plan must remove something here"
+            x = torch.randn(5, len(rows) * size, generator=gen)
+            kept = torch.tensor([u * size + j for u in rows.unit[rows.keep] for j in range(size)])
+            at_mean = x.clone()
+            for unit, mean in zip(rows.unit[~rows.keep], rows.input_mean[~rows.keep], strict=True):
+                at_mean[:, unit * size : (unit + 1) * size] = torch.tensor(list(mean), dtype=torch.float32)
+            full, small = dense.model.layers[i].get_submodule(name), pruned.model.layers[i].get_submodule(name)
+            with torch.no_grad():
+                torch.testing.assert_close(small(at_mean[:, kept]), full(at_mean), atol=1e-5, rtol=0)
+                assert not torch.allclose(small(x[:, kept]), full(x), atol=1e-3)  # elsewhere it differs
+
+
+def test_a_flap_pruned_model_reloads_with_its_biases(kind: str, tmp_path) -> None:
+    model = tiny_llama(kind)
+    plan = flap_plan(model)
+    zeroed = copy.deepcopy(model)
+    zero_model(zeroed, plan)
+    prune_model(model, plan)
+    torch.testing.assert_close(logits(model), logits(zeroed), atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert getattr(loaded.config, BIAS_KEY) is True and layer_units(loaded) == layer_units(model)
+    for before, after in zip(model.model.layers, loaded.model.layers, strict=True):
+        assert torch.equal(before.mlp.down_proj.bias, after.mlp.down_proj.bias)
+        assert torch.count_nonzero(after.self_attn.o_proj.bias) > 0
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_plans_without_input_means_add_no_bias() -> None:
+    model = tiny_llama("gqa")
+    prune_model(model, random_plan(model, seed=5))
+    assert all(layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in model.model.layers)
+    assert not hasattr(model.config, BIAS_KEY)

@@ -52,6 +52,40 @@ class Adapter:
     def prunable_params(self, layer: nn.Module) -> list[nn.Parameter]:
         return [self.param(layer, s.param) for m in MODULES for s in self.slices(m)]
 
+    def linear(self, layer: nn.Module, name: str) -> nn.Linear:
+        """The Linear layer owning parameter `name` (e.g. "self_attn.q_proj.weight")."""
+        owner, _ = _owner(layer, name)
+        assert isinstance(owner, nn.Linear), f"{name} is not a Linear parameter"
+        return owner
+
+    def linears(self, layer: nn.Module) -> list[nn.Linear]:
+        """The distinct Linear layers owning prunable slices, in slice order (their inputs are what
+        activation-aware criteria measure)."""
+        out: list[nn.Linear] = []
+        for s in (s for m in MODULES for s in self.slices(m)):
+            linear = self.linear(layer, s.param)
+            if all(linear is not seen for seen in out):
+                out.append(linear)
+        return out
+
+    def output_slice(self, module: str) -> Slice:
+        """The module's one slice along input columns: its units' share of the output projection."""
+        (out,) = [s for s in self.slices(module) if s.dim == 1]
+        return out
+
+    def output_projection(self, layer: nn.Module, module: str) -> nn.Linear:
+        """The Linear that maps the module's units back to the residual stream (o_proj, down_proj)."""
+        return self.linear(layer, self.output_slice(module).param)
+
+    def add_output_bias(self, layer: nn.Module) -> None:
+        """Give each output projection a zero bias if it has none: where FLAP's bias compensation goes,
+        and what a model rebuilt from a compensated config needs before its weights load."""
+        for module in MODULES:
+            proj = self.output_projection(layer, module)
+            if proj.bias is None:
+                w = proj.weight
+                proj.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
+
     def unit_count(self, layer: nn.Module, module: str) -> int:
         s = self.slices(module)[0]
         return self.param(layer, s.param).shape[s.dim] // s.size

@@ -1,0 +1,196 @@
+"""Recovery fine-tuning (method §4): LoRA with peft on every prunable projection, trained by
+transformers' Trainer, so `accelerate launch` runs the same code on DDP, FSDP or DeepSpeed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from nirvana.data import token_stream, windows
+from nirvana.models import MODULES, get_adapter
+from nirvana.params import FinetuneParams
+
+IGNORE = -100  # label of tokens left out of the loss
+PROMPT = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
+
+
+def target_modules(model: PreTrainedModel) -> list[str]:
+    """Names of the Linear layers whose weights hold prunable units: all seven projections on Llama."""
+    adapter = get_adapter(model.config)
+    names = {s.param.rsplit(".", 2)[-2] for m in MODULES for s in adapter.slices(m) if s.param.endswith(".weight")}
+    return sorted(names)
+
+
+def add_lora(model: PreTrainedModel, f: FinetuneParams) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters; only they train."""
+    config = LoraConfig(
+        r=f.lora_r,
+        lora_alpha=f.lora_alpha,
+        lora_dropout=f.lora_dropout,
+        target_modules=target_modules(model),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    assert isinstance(peft_model, PeftModel)
+    return peft_model
+
+
+def read_rows(dataset: str | None, default: str | Path) -> pd.DataFrame:
+    """The fine-tuning table: the built-in corpus, a local parquet/JSONL, or a Hugging Face dataset."""
+    if dataset is None:
+        return pd.read_parquet(default)
+    if dataset.endswith(".parquet"):
+        return pd.read_parquet(dataset)
+    if dataset.endswith(".jsonl"):
+        return pd.read_json(dataset, lines=True)
+    return datasets.load_dataset(dataset, split="train").to_pandas()
+
+
+def instruction_example(row: dict, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list[int]]:
+    """Alpaca fields as one sequence whose prompt tokens are masked out of the loss."""
+    context = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
+    prompt = tokenizer(PROMPT.format(instruction=row["instruction"], context=context))["input_ids"]
+    answer = tokenizer(str(row["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + answer)[:seq_len]
+    labels = ([IGNORE] * len(prompt) + answer)[:seq_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_examples(rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> datasets.Dataset:
+    """Instruction rows (instruction, input, output) or plain text (a `text` column, causal LM loss
+    on windows of `seq_len` tokens)."""
+    if {"instruction", "output"} <= set(rows.columns):
+        examples = [instruction_example(r, tokenizer, seq_len) for r in rows.to_dict("records")]
+        examples = [e for e in examples if any(label != IGNORE for label in e["labels"])]
+    elif "text" in rows.columns:
+        ids = windows(token_stream(rows["text"].dropna().tolist(), tokenizer), seq_len).tolist()
+        examples = [{"input_ids": w, "labels": w} for w in ids]
+    else:
+        raise ValueError(f"fine-tuning data needs columns instruction+output or text, has {list(rows.columns)}")
+    if not examples:
+        raise ValueError("fine-tuning data gave no example with a token to learn from")
+    return datasets.Dataset.from_list(examples)
+
+
+def checkpoint_key(model_dir: str | Path, f: FinetuneParams, data: str | Path | None) -> str:
+    """Hash of everything a run's result depends on, so a checkpoint resumes only the same run."""
+    digest = hashlib.sha256(json.dumps(f.__dict__, sort_keys=True, default=str).encode())
+    files = sorted(Path(model_dir).iterdir()) + ([Path(data)] if data and Path(data).is_file() else [])
+    for path in files:
+        with path.open("rb") as handle:
+            digest.update(path.name.encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimiser steps this process took (each DDP rank has its own)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.steps += 1
+
+
+def training_args(f: FinetuneParams, checkpoints: Path) -> TrainingArguments:
+    """Method §4 defaults; bf16 where the GPU supports it, fp32 on the CPU."""
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=f.steps,
+        per_device_train_batch_size=f.batch_size,
+        gradient_accumulation_steps=f.grad_accum,
+        learning_rate=f.lr,
+        warmup_steps=f.warmup_steps,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        logging_steps=max(1, f.steps // 20),
+        save_strategy="steps",
+        save_steps=f.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        seed=f.seed,
+        data_seed=f.seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: datasets.Dataset,
+    f: FinetuneParams,
+    checkpoints: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[PreTrainedModel, dict]:
+    """Train LoRA adapters (resuming from the newest checkpoint in `checkpoints` if any) and
+    return the merged model with a summary. Every process returns; only rank 0 should save."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_seed(f.seed)  # LoRA's initial A matrices are random
+    peft_model = add_lora(model, f)
+    counter = StepCounter()
+    trainer = Trainer(
+        model=peft_model,
+        args=training_args(f, checkpoints),
+        train_dataset=examples,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
+        callbacks=[counter, *callbacks],
+    )
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    steps = trainer.accelerator.gather(torch.tensor([counter.steps])).tolist()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+        "world_size": trainer.accelerator.num_processes,
+        "distributed": trainer.accelerator.distributed_type.value,
+        "steps_per_process": steps,
+        "examples": len(examples),
+        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "loss_first": round(losses[0], 4) if losses else None,
+        "loss_last": round(losses[-1], 4) if losses else None,
+        "train_loss": round(result.training_loss, 4),
+    }
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, PreTrainedModel)
+    return merged, summary
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a plain single-process run."""
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    """Barrier: no rank leaves before rank 0 has written the outputs."""
+    PartialState().wait_for_everyone()
+
+
+def remove_checkpoints(checkpoints: Path) -> None:
+    """Drop a finished run's checkpoints (they only serve to resume an interrupted one)."""
+    shutil.rmtree(checkpoints, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""Stage finetune: recover quality with LoRA (method §4), merge the adapters, save a pruned-model
+folder. Runs unchanged under `accelerate launch` (params: finetune.launch); steps 0 copies."""
+
+import shutil
+from pathlib import Path
+
+from nirvana.finetune import (
+    build_examples,
+    checkpoint_key,
+    is_main_process,
+    read_rows,
+    remove_checkpoints,
+    train,
+    wait_for_everyone,
+)
+from nirvana.io import atomic_path, log, write_json
+from nirvana.modeling import load_model, load_tokenizer
+from nirvana.params import Params
+from nirvana.stage import run_stage
+from nirvana.surgery import save_model
+
+CHECKPOINTS = Path("checkpoints/finetune")  # outside every DVC output; removed on success
+
+
+def main(params: Params, model_dir: str, corpus: str, out_dir: str, metrics_out: str) -> None:
+    f = params.finetune
+    if f.steps == 0:
+        if is_main_process():
+            with atomic_path(out_dir) as tmp:
+                shutil.copytree(model_dir, tmp)
+            write_json({"steps": 0}, metrics_out)
+            log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
+        return
+    tokenizer = load_tokenizer(model_dir)
+    examples = build_examples(read_rows(f.dataset, corpus), tokenizer, f.seq_len)
+    checkpoints = CHECKPOINTS / checkpoint_key(model_dir, f, f.dataset or corpus)
+    merged, summary = train(load_model(model_dir, on="cpu"), tokenizer, examples, f, checkpoints)
+    if is_main_process():
+        save_model(merged, load_tokenizer(model_dir), out_dir)
+        write_json(summary, metrics_out)
+        remove_checkpoints(checkpoints)
+        log.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in summary.items()))
+    wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run_stage("finetune", main)

@@ -1,0 +1,207 @@
+"""Every criterion equals its formula computed independently, covers every unit once, leaves the model
+alone, and every method x allocation mode removes the same parameter budget."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_llama
+from nirvana.allocation import allocate_for_model
+from nirvana.criteria import (
+    CRITERIA,
+    flap_scores,
+    magnitude_scores,
+    random_scores,
+    taylor_scores,
+    wanda_sp_scores,
+)
+from nirvana.evaluation import param_counts
+from nirvana.params import AllocationParams
+from nirvana.surgery import prune_model
+
+WINDOWS = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(7))
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LINEARS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+PerWeight = Callable[[int, str, str], torch.Tensor]
+"""(layer, linear name, "weight" or "bias") -> a score per element of that parameter."""
+
+
+def expected_units(model: LlamaForCausalLM, per_weight: PerWeight) -> dict[tuple[int, str, int], float]:
+    """Per-element scores summed over hand-listed unit members (rows of q/k/v/gate/up and their biases,
+    columns of o_proj/down_proj), in float64."""
+    c = model.config
+    d, n_rep = c.head_dim, c.num_attention_heads // c.num_key_value_heads
+    out = {}
+    for index in range(c.num_hidden_layers):
+
+        def s(name: str, kind: str = "weight", i: int = index) -> torch.Tensor:
+            return per_weight(i, name, kind).double()
+
+        for g in range(c.num_key_value_heads):
+            q, kv = slice(g * n_rep * d, (g + 1) * n_rep * d), slice(g * d, (g + 1) * d)
+            total = s("self_attn.q_proj")[q].sum() + s("self_attn.o_proj")[:, q].sum()
+            total += s("self_attn.k_proj")[kv].sum() + s("self_attn.v_proj")[kv].sum()
+            if c.attention_bias:
+                total += s("self_attn.q_proj", "bias")[q].sum()
+                total += s("self_attn.k_proj", "bias")[kv].sum() + s("self_attn.v_proj", "bias")[kv].sum()
+            out[(index, "attn", g)] = total.item()
+        for ch in range(c.intermediate_size):
+            total = s("mlp.gate_proj")[ch].sum() + s("mlp.up_proj")[ch].sum() + s("mlp.down_proj")[:, ch].sum()
+            if c.mlp_bias:
+                total += s("mlp.gate_proj", "bias")[ch] + s("mlp.up_proj", "bias")[ch]
+            out[(index, "mlp", ch)] = total.item()
+    return out
+
+
+def param(model: LlamaForCausalLM, layer: int, name: str, kind: str) -> torch.Tensor:
+    return getattr(model.model.layers[layer].get_submodule(name), kind).detach().double()
+
+
+def assert_scores(table: pd.DataFrame, expected: dict[tuple[int, str, int], float], rtol: float = 1e-5) -> None:
+    got = {(r.layer, r.module, r.unit): r.score for r in table.itertuples()}
+    assert got.keys() == expected.keys() and len(table) == len(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=rtol, abs=1e-9), key
+
+
+@torch.no_grad()
+def linear_inputs(model: LlamaForCausalLM, windows: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    """Every token's input to every projection (tokens x columns, float64), from one full-batch forward.
+
+    q/k/v and gate/up inputs are the two RMSNorm outputs; the down_proj input is recomputed by hand
+    as act(gate x) * up x; the o_proj input (attention itself) is taken with a hook."""
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+
+        def keep(name: str, output: bool, i: int = i) -> Callable:
+            def hook(module: nn.Module, args: tuple, out: torch.Tensor | None = None) -> None:
+                seen[(i, name)] = (out if output else args[0]).flatten(0, -2).double()
+
+            return hook
+
+        hooks.append(layer.input_layernorm.register_forward_hook(keep("attn_in", True)))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(keep("mlp_in", True)))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(keep("o_in", False)))
+    model(input_ids=windows)
+    for hook in hooks:
+        hook.remove()
+    inputs = {}
+    for i, layer in enumerate(model.model.layers):
+        m, x = layer.mlp, seen[(i, "mlp_in")]
+        gate = x @ m.gate_proj.weight.double().T + (0 if m.gate_proj.bias is None else m.gate_proj.bias.double())
+        up = x @ m.up_proj.weight.double().T + (0 if m.up_proj.bias is None else m.up_proj.bias.double())
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            inputs[(i, name)] = seen[(i, "attn_in")]
+        inputs[(i, "mlp.gate_proj")] = inputs[(i, "mlp.up_proj")] = x
+        inputs[(i, "self_attn.o_proj")] = seen[(i, "o_in")]
+        inputs[(i, "mlp.down_proj")] = torch.nn.functional.silu(gate) * up
+    return inputs
+
+
+def test_magnitude_is_the_sum_of_absolute_weights(kind: str) -> None:
+    model = tiny_llama(kind)
+    expected = expected_units(model, lambda i, name, kind_: param(model, i, name, kind_).abs())
+    assert_scores(magnitude_scores(model, WINDOWS, 2), expected)
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_taylor_matches_the_autograd_gradient_of_the_mean_lm_loss(kind: str, batch_size: int) -> None:
+    model = tiny_llama(kind)
+    names = [(i, n, k) for i in range(2) for n in LINEARS for k in ("weight", "bias")]
+    params = {key: getattr(model.model.layers[key[0]].get_submodule(key[1]), key[2]) for key in names}
+    params = {key: p for key, p in params.items() if p is not None}
+    loss = model(input_ids=WINDOWS, labels=WINDOWS).loss  # HF's mean next-token cross-entropy, full batch
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    expected = expected_units(model, lambda i, n, k: (params[(i, n, k)].detach() * grads[(i, n, k)]).abs())
+    assert_scores(taylor_scores(model, WINDOWS, batch_size), expected)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_wanda_sp_weights_every_slice_by_its_input_column_norm(kind: str, batch_size: int) -> None:
+    model = tiny_llama(kind)
+    inputs = linear_inputs(model, WINDOWS)
+
+    def per_weight(i: int, name: str, kind_: str) -> torch.Tensor:
+        if kind_ == "bias":  # the weight of a constant-1 input: its norm is sqrt(tokens)
+            return param(model, i, name, "bias").abs() * WINDOWS.numel() ** 0.5
+        return param(model, i, name, "weight").abs() * inputs[(i, name)].norm(dim=0)[None, :]
+
+    assert_scores(wanda_sp_scores(model, WINDOWS, batch_size), expected_units(model, per_weight))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_flap_is_input_variance_times_squared_column_norm(kind: str, batch_size: int) -> None:
+    model = tiny_llama(kind)
+    inputs = linear_inputs(model, WINDOWS)
+    table = flap_scores(model, WINDOWS, batch_size)
+    c = model.config
+    group = c.head_dim * c.num_attention_heads // c.num_key_value_heads
+    expected, means = {}, {}
+    for i in range(2):
+        for module, name, size in (("attn", "self_attn.o_proj", group), ("mlp", "mlp.down_proj", 1)):
+            x = inputs[(i, name)]
+            column = x.var(dim=0, unbiased=False) * param(model, i, name, "weight").pow(2).sum(dim=0)
+            for unit in range(x.shape[1] // size):
+                expected[(i, module, unit)] = column[unit * size : (unit + 1) * size].sum().item()
+                means[(i, module, unit)] = x[:, unit * size : (unit + 1) * size].mean(dim=0)
+    assert_scores(table, expected)
+    for r in table.itertuples():
+        torch.testing.assert_close(torch.tensor(r.input_mean, dtype=torch.float64), means[(r.layer, r.module, r.unit)])
+
+
+def test_random_is_seeded_and_ignores_the_data() -> None:
+    model = tiny_llama("gqa")
+    first = random_scores(model, WINDOWS, 2)
+    other_data = random_scores(model, torch.zeros_like(WINDOWS), 5)
+    pd.testing.assert_frame_equal(first, other_data)
+    assert first.score.between(0, 1).all() and first.score.nunique() == len(first)
+
+
+@pytest.mark.parametrize("method", sorted(CRITERIA))
+def test_every_criterion_scores_each_unit_once_and_leaves_the_model_alone(method: str) -> None:
+    model = tiny_llama("gqa_bias").train().requires_grad_(False)  # as load_model leaves nothing trainable
+    before = copy.deepcopy(model.state_dict())
+    table = CRITERIA[method](model, WINDOWS, 2)
+    units = [(i, m, u) for i in range(2) for m, n in (("attn", 3), ("mlp", 40)) for u in range(n)]
+    assert sorted(zip(table.layer, table.module, table.unit, strict=True)) == sorted(units)
+    assert torch.isfinite(torch.tensor(table.score.values)).all() and (table.score >= 0).all()
+    assert table.score.dtype == "float64" and table.score.nunique() > len(table) // 2
+    assert model.training
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.4])
+def test_every_method_and_mode_removes_the_same_budget(kind: str, sparsity: float) -> None:
+    """Half an attention unit (attention counts are whole) plus one MLP block of tolerance, measured
+    on the pruned models themselves."""
+    model = tiny_llama(kind, intermediate_size=64)
+    c, multiple = model.config, 8
+    group = c.head_dim * c.num_attention_heads // c.num_key_value_heads
+    attn_unit = (2 * group + 2 * c.head_dim) * c.hidden_size + c.attention_bias * (group + 2 * c.head_dim)
+    mlp_unit = 3 * c.hidden_size + 2 * c.mlp_bias
+    dense = param_counts(model)["params_attn_mlp"]
+    tolerance = attn_unit / 2 + multiple * mlp_unit
+    removed, plans = {}, set()
+    for method, criterion in CRITERIA.items():
+        scores = criterion(model, WINDOWS, 2)
+        for mode in AllocationParams.MODES:
+            plan = allocate_for_model(model, scores, sparsity, 3.0, multiple, mode)
+            pruned = copy.deepcopy(model)
+            prune_model(pruned, plan)
+            removed[(method, mode)] = dense - param_counts(pruned)["params_attn_mlp"]
+            plans.add(tuple(plan.keep))
+    for key, count in removed.items():
+        assert abs(count - sparsity * dense) <= tolerance, (key, count, sparsity * dense, tolerance)
+    assert len(plans) > len(CRITERIA), len(plans)  # the criteria and modes really choose differently
