@@ -1,4 +1,4 @@
-"""`nirvana` command line: look inside models the pipeline wrote, and tabulate experiments."""
+"""`nirvana` command line: look inside models the pipeline wrote, sweep methods, tabulate experiments."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 
 from nirvana.evaluation import param_counts
 from nirvana.modeling import load_model, load_tokenizer
+from nirvana.params import METHODS
 from nirvana.report import report
 from nirvana.surgery import layer_units
+from nirvana.sweep import sweep
 
 
 def info(path: str) -> None:
@@ -38,11 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("prompt")
     p_gen.add_argument("--max-new-tokens", type=int, default=40)
     sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
+    p_sweep = sub.add_parser("sweep", help="one DVC experiment per method and sparsity, up to evaluate@pruned")
+    p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)
+    p_sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` settings")
+    p_sweep.add_argument("--queue", action="store_true", help="only queue them; run with `dvc queue start -j N`")
     args = parser.parse_args(argv)
     if args.command == "info":
         info(args.model)
     elif args.command == "generate":
         generate(args.model, args.prompt, args.max_new_tokens)
+    elif args.command == "sweep":
+        sweep(args.methods, args.sparsities, args.set, args.queue)
     else:
         print(report(), end="")
 

@@ -91,13 +91,12 @@ def build_examples(rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, seq_l
     return datasets.Dataset.from_list(examples)
 
 
-def checkpoint_key(model_dir: str | Path, f: FinetuneParams, data: str | Path | None) -> str:
+def checkpoint_key(model_digest: str, f: FinetuneParams, data: str | Path | None) -> str:
     """Hash of everything a run's result depends on, so a checkpoint resumes only the same run."""
-    digest = hashlib.sha256(json.dumps(f.__dict__, sort_keys=True, default=str).encode())
-    files = sorted(Path(model_dir).iterdir()) + ([Path(data)] if data and Path(data).is_file() else [])
-    for path in files:
-        with path.open("rb") as handle:
-            digest.update(path.name.encode() + hashlib.file_digest(handle, "sha256").digest())
+    digest = hashlib.sha256(json.dumps(f.__dict__, sort_keys=True, default=str).encode() + model_digest.encode())
+    if data and Path(data).is_file():
+        with Path(data).open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()[:16]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -56,3 +57,12 @@ def write_json(data: dict, path: str | Path) -> None:
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def folder_digest(path: str | Path) -> str:
+    """SHA-256 over a folder's files (names and bytes), shortened: which model a metric is about."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        with file.open("rb") as handle:
+            digest.update(file.relative_to(path).as_posix().encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]

@@ -6,28 +6,52 @@ import json
 import subprocess
 import sys
 
+from nirvana.allocation import METHOD_MODES
+
 
 def _files(data: dict, kind: str) -> dict:
     return {path: (content or {}).get("data", {}) for path, content in (data.get(kind) or {}).items()}
 
 
 def _row(name: str, data: dict, model: str) -> dict:
+    """One model of one run: `dense`, `pruned` or `finetuned` (the pruned model after LoRA)."""
     params = _files(data, "params").get("params.yaml", {})
     metrics = _files(data, "metrics")
     quality = metrics.get(f"metrics/{model}.json", {})
-    pruned = model == "pruned"
-    row = {
-        "experiment": name,
-        "method": params.get("method", "") if pruned else "dense",
-        "sparsity": params.get("sparsity", "") if pruned else 0,
-        "gamma": params.get("gamma", "") if pruned else "",
-        "params": quality.get("params_total", ""),
-    }
+    if model == "dense":
+        row = {"experiment": name, "method": "dense", "allocation": "", "sparsity": 0, "realised": 0}
+    else:
+        method = params.get("method", "")
+        prune = metrics.get("metrics/prune.json", {})
+        row = {
+            "experiment": name,
+            "method": method + (" + LoRA" if model == "finetuned" else ""),
+            "allocation": (params.get("allocation") or {}).get("mode") or METHOD_MODES.get(method, "nirvana"),
+            "sparsity": params.get("sparsity", ""),
+            "realised": prune.get("sparsity_realised", ""),
+        }
+    row["params"] = quality.get("params_total", "")
     row |= {k: v for k, v in quality.items() if k.startswith(("ppl_", "acc_"))}
-    if pruned:
-        efficiency = metrics.get("metrics/efficiency.json", {})
+    efficiency = metrics.get("metrics/efficiency.json", {})
+    if model != "dense" and efficiency.get("pruned_digest") == metrics.get("metrics/pruned.json", {}).get(
+        "model_digest"
+    ):
         row |= {k: v for k, v in efficiency.items() if k.startswith("speedup_")}
     return row
+
+
+def _run_rows(name: str, data: dict) -> list[dict]:
+    """The pruned model of a run, and its fine-tuned version when the run trained one. A sweep that
+    stops at evaluate@pruned leaves older fine-tuning and speed metrics behind: their model digests
+    then differ from the pruned model's, and they are left out."""
+    metrics = _files(data, "metrics")
+    rows = [_row(name, data, "pruned")]
+    finetune = metrics.get("metrics/finetune.json", {})
+    if finetune.get("steps") and finetune.get("base_digest") == metrics.get("metrics/pruned.json", {}).get(
+        "model_digest"
+    ):
+        rows.append(_row(name, data, "finetuned"))
+    return rows
 
 
 def experiment_rows(exp_show: list[dict]) -> list[dict]:
@@ -35,10 +59,10 @@ def experiment_rows(exp_show: list[dict]) -> list[dict]:
     commits = [c for c in exp_show if c.get("rev") != "workspace"] or exp_show
     rows = [_row("dense", commits[0]["data"], "dense")]
     for commit in commits:
-        rows.append(_row(commit.get("name") or commit["rev"][:7], commit["data"], "pruned"))
+        rows += _run_rows(commit.get("name") or commit["rev"][:7], commit["data"])
         for experiment in commit.get("experiments") or []:
             for rev in experiment.get("revs", []):
-                rows.append(_row(rev.get("name") or rev["rev"][:7], rev["data"], "pruned"))
+                rows += _run_rows(rev.get("name") or rev["rev"][:7], rev["data"])
     return rows
 
 

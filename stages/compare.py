@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from nirvana.efficiency import efficiency_report
-from nirvana.io import log, write_csv, write_json
+from nirvana.io import folder_digest, log, write_csv, write_json
 from nirvana.modeling import load_model
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -24,6 +24,7 @@ def main(
     plot_out: str,
 ) -> None:
     report = efficiency_report(load_model(dense_dir), load_model(pruned_dir), dense_dir, pruned_dir, params.efficiency)
+    report["pruned_digest"] = folder_digest(pruned_dir)  # which pruned model these speedups are about
     write_json(report, out)
     rows = [
         {"model": name, **json.loads(Path(path).read_text())}

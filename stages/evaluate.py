@@ -2,7 +2,7 @@
 
 from nirvana.data import EVAL_SETS, read_texts, token_stream, windows
 from nirvana.evaluation import param_counts, perplexity
-from nirvana.io import log, write_json
+from nirvana.io import folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -13,7 +13,7 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, inf
     e = params.evaluate
     check_tasks(e.tasks)  # an unknown task stops here, before any model work
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    metrics: dict = param_counts(model)
+    metrics: dict = param_counts(model) | {"model_digest": folder_digest(model_dir)}
     for name in EVAL_SETS:
         stream = token_stream(read_texts(f"{corpora_dir}/{name}.parquet"), tokenizer)[: e.max_tokens]
         for seq_len in e.windows:

@@ -13,7 +13,7 @@ from nirvana.finetune import (
     train,
     wait_for_everyone,
 )
-from nirvana.io import atomic_path, log, write_json
+from nirvana.io import atomic_path, folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -28,16 +28,17 @@ def main(params: Params, model_dir: str, corpus: str, out_dir: str, metrics_out:
         if is_main_process():
             with atomic_path(out_dir) as tmp:
                 shutil.copytree(model_dir, tmp)
-            write_json({"steps": 0}, metrics_out)
+            write_json({"steps": 0, "base_digest": folder_digest(model_dir)}, metrics_out)
             log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
         return
     tokenizer = load_tokenizer(model_dir)
     examples = build_examples(read_rows(f.dataset, corpus), tokenizer, f.seq_len)
-    checkpoints = CHECKPOINTS / checkpoint_key(model_dir, f, f.dataset or corpus)
+    base = folder_digest(model_dir)
+    checkpoints = CHECKPOINTS / checkpoint_key(base, f, f.dataset or corpus)
     merged, summary = train(load_model(model_dir, on="cpu"), tokenizer, examples, f, checkpoints)
     if is_main_process():
         save_model(merged, load_tokenizer(model_dir), out_dir)
-        write_json(summary, metrics_out)
+        write_json(summary | {"base_digest": base}, metrics_out)
         remove_checkpoints(checkpoints)
         log.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in summary.items()))
     wait_for_everyone()

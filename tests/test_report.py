@@ -1,34 +1,63 @@
-"""`nirvana report`: one Markdown row per experiment from `dvc exp show --json`."""
+"""`nirvana report`: Markdown rows per experiment (pruned, and fine-tuned if trained) from `dvc exp show --json`."""
+
+import pytest
 
 from nirvana.report import experiment_rows, markdown
+from nirvana.sweep import sweep_commands
 
 
-def commit(name: str, sparsity: float, ppl: float, speedup: float, experiments: list | None = None) -> dict:
+def run(method: str, sparsity: float, ppl: float, digest: str, finetuned_digest: str, speed_digest: str) -> dict:
+    """One commit's `data` as `dvc exp show --json` gives it; digests say which model a file measured."""
+    quality = {"params_total": 800_000, "ppl_wiki_128": ppl, "acc_piqa": 0.55, "acc_average": 0.55}
     data = {
-        "params": {"params.yaml": {"data": {"method": "nirvana", "sparsity": sparsity, "gamma": 3.0}}},
+        "params": {"params.yaml": {"data": {"method": method, "sparsity": sparsity, "allocation": {"mode": None}}}},
         "metrics": {
             "metrics/dense.json": {
                 "data": {"params_total": 1_000_000, "ppl_wiki_128": 20.0, "acc_piqa": 0.6, "acc_average": 0.6}
             },
-            "metrics/pruned.json": {
-                "data": {"params_total": 800_000, "ppl_wiki_128": ppl, "acc_piqa": 0.55, "acc_average": 0.55}
-            },
+            "metrics/prune.json": {"data": {"sparsity_realised": sparsity - 0.001}},
+            "metrics/pruned.json": {"data": quality | {"model_digest": digest}},
+            "metrics/finetuned.json": {"data": quality | {"ppl_wiki_128": ppl - 5}},
+            "metrics/finetune.json": {"data": {"steps": 100, "base_digest": finetuned_digest}},
             "metrics/efficiency.json": {
-                "data": {"speedup_prefill_bs1": speedup, "speedup_ideal": 1.3, "dense": {"prefill_bs1_ms": 5.0}}
+                "data": {"speedup_prefill_bs1": 1.5, "speedup_ideal": 1.3, "pruned_digest": speed_digest}
             },
         },
     }
-    return {"rev": "a" * 40, "name": name, "data": data, "experiments": experiments}
+    return data
 
 
-def test_rows_cover_dense_commits_and_experiments() -> None:
-    experiment = {"revs": [{"rev": "b" * 40, "name": "exp-1", "data": commit("x", 0.4, 90.0, 1.5)["data"]}]}
-    exp_show = [{"rev": "workspace", "data": {}}, commit("main", 0.2, 30.0, 1.1, [experiment])]
-    rows = experiment_rows(exp_show)
-    assert [r["experiment"] for r in rows] == ["dense", "main", "exp-1"]
+def test_rows_cover_dense_commits_experiments_and_fine_tuned_models() -> None:
+    sweep = {"revs": [{"rev": "b" * 40, "name": "exp-1", "data": run("flap", 0.4, 90.0, "new", "old", "old")}]}
+    main = {"rev": "a" * 40, "name": "main", "data": run("nirvana", 0.2, 30.0, "d", "d", "d"), "experiments": [sweep]}
+    rows = experiment_rows([{"rev": "workspace", "data": {}}, main])
+    assert [(r["experiment"], r["method"]) for r in rows] == [
+        ("dense", "dense"),
+        ("main", "nirvana"),
+        ("main", "nirvana + LoRA"),
+        ("exp-1", "flap"),
+    ]
     assert rows[0]["ppl_wiki_128"] == 20.0 and "speedup_ideal" not in rows[0]
-    assert rows[2]["sparsity"] == 0.4 and rows[2]["ppl_wiki_128"] == 90.0 and rows[2]["speedup_prefill_bs1"] == 1.5
+    assert rows[1]["speedup_prefill_bs1"] == 1.5 and rows[2]["ppl_wiki_128"] == 25.0
+    # the sweep stopped at evaluate@pruned: no stale speedups, no stale fine-tuned row
+    assert rows[3]["allocation"] == "flap" and rows[3]["realised"] == 0.399 and "speedup_ideal" not in rows[3]
     table = markdown(rows).splitlines()
-    assert table[0].startswith("| experiment | method | sparsity | gamma | params | ppl_wiki_128 | acc_piqa")
-    assert table[2] == "| dense | dense | 0 |  | 1.0 M | 20 | 0.6 | 0.6 |  |  |"
-    assert table[4].startswith("| exp-1 | nirvana | 0.4 | 3 | 0.8 M | 90 | 0.55 | 0.55 | 1.5 | 1.3 |")
+    assert table[0].startswith("| experiment | method | allocation | sparsity | realised | params | ppl_wiki_128 |")
+    assert table[2] == "| dense | dense |  | 0 | 0 | 1.0 M | 20 | 0.6 | 0.6 |  |  |"
+    assert table[5].startswith("| exp-1 | flap | flap | 0.4 | 0.399 | 0.8 M | 90 | 0.55 | 0.55 |  |")
+
+
+def test_sweep_commands_cover_every_pair_and_refuse_bad_input_up_front() -> None:
+    commands = sweep_commands(["flap", "random"], [0.1, 0.4], ["evaluate.limit=50"], queue=True)
+    assert len(commands) == 4 and commands[0][2:] == [
+        "dvc", "exp", "run", "--queue", "evaluate@pruned",
+        "-S", "method=flap", "-S", "sparsity=0.1", "-S", "evaluate.limit=50",
+    ]  # fmt: skip
+    assert commands[3][-5:] == ["method=random", "-S", "sparsity=0.4", "-S", "evaluate.limit=50"]
+    for methods, sparsities, settings, match in (
+        (["flapp"], [0.2], [], "unknown method.*flapp"),
+        (["flap"], [1.0], [], "sparsity 1.0 is invalid"),
+        (["flap"], [0.2], ["evaluate.limit"], "'evaluate.limit' is not KEY=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sweep_commands(methods, sparsities, settings, queue=False)
