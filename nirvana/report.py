@@ -30,6 +30,7 @@ def _row(name: str, data: dict, model: str) -> dict:
             "sparsity": params.get("sparsity", ""),
             "realised": prune.get("sparsity_realised", ""),
         }
+    row["zero-shot limit"] = (params.get("evaluate") or {}).get("limit", "")
     row["params"] = quality.get("params_total", "")
     row |= {k: v for k, v in quality.items() if k.startswith(("ppl_", "acc_"))}
     efficiency = metrics.get("metrics/efficiency.json", {})
@@ -55,15 +56,18 @@ def _run_rows(name: str, data: dict) -> list[dict]:
 
 
 def experiment_rows(exp_show: list[dict]) -> list[dict]:
-    """Rows from `dvc exp show --json`: the dense model once, then each commit and experiment."""
+    """Rows from `dvc exp show --json`: the dense model once per distinct evaluation (a sweep at
+    other `evaluate` settings measures it again), then each commit and experiment."""
     commits = [c for c in exp_show if c.get("rev") != "workspace"] or exp_show
-    rows = [_row("dense", commits[0]["data"], "dense")]
+    runs = [(c.get("name") or c["rev"][:7], c["data"]) for c in commits]
     for commit in commits:
-        rows += _run_rows(commit.get("name") or commit["rev"][:7], commit["data"])
         for experiment in commit.get("experiments") or []:
-            for rev in experiment.get("revs", []):
-                rows += _run_rows(rev.get("name") or rev["rev"][:7], rev["data"])
-    return rows
+            runs += [(rev.get("name") or rev["rev"][:7], rev["data"]) for rev in experiment.get("revs", [])]
+    dense: dict[str, dict] = {}
+    for name, data in runs:
+        row = _row(name, data, "dense")
+        dense.setdefault(json.dumps({k: v for k, v in row.items() if k != "experiment"}, sort_keys=True), row)
+    return list(dense.values()) + [row for name, data in runs for row in _run_rows(name, data)]
 
 
 def _cell(value: object) -> str:

@@ -7,7 +7,10 @@ import sys
 
 from nirvana.params import METHODS
 
-TARGET = "evaluate@pruned"  # the comparison is without fine-tuning; speed is measured per run by `compare`
+# The comparison is without fine-tuning, and speed is `compare`'s job; evaluate@dense is a target so
+# that sweep settings such as evaluate.limit measure the dense model the same way (once: DVC's run
+# cache restores it for the other runs).
+TARGETS = ["evaluate@dense", "evaluate@pruned"]
 
 
 def sweep_commands(methods: list[str], sparsities: list[float], settings: list[str], queue: bool) -> list[list[str]]:
@@ -21,7 +24,7 @@ def sweep_commands(methods: list[str], sparsities: list[float], settings: list[s
     malformed = [s for s in settings if "=" not in s]
     if malformed:
         raise ValueError(f"sweep: --set {malformed[0]!r} is not KEY=VALUE")
-    dvc = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if queue else []), TARGET]
+    dvc = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if queue else []), *TARGETS]
     extra = [arg for setting in settings for arg in ("-S", setting)]
     return [
         [*dvc, "-S", f"method={method}", "-S", f"sparsity={sparsity}", *extra]
