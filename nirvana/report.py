@@ -46,6 +46,8 @@ def _run_rows(name: str, data: dict) -> list[dict]:
     stops at evaluate@pruned leaves older fine-tuning and speed metrics behind: their model digests
     then differ from the pruned model's, and they are left out."""
     metrics = _files(data, "metrics")
+    if "metrics/pruned.json" not in metrics:  # still running, queued or failed
+        return []
     rows = [_row(name, data, "pruned")]
     finetune = metrics.get("metrics/finetune.json", {})
     if finetune.get("steps") and finetune.get("base_digest") == metrics.get("metrics/pruned.json", {}).get(
@@ -65,6 +67,8 @@ def experiment_rows(exp_show: list[dict]) -> list[dict]:
             runs += [(rev.get("name") or rev["rev"][:7], rev["data"]) for rev in experiment.get("revs", [])]
     dense: dict[str, dict] = {}
     for name, data in runs:
+        if "metrics/dense.json" not in _files(data, "metrics"):
+            continue
         row = _row(name, data, "dense")
         dense.setdefault(json.dumps({k: v for k, v in row.items() if k != "experiment"}, sort_keys=True), row)
     return list(dense.values()) + [row for name, data in runs for row in _run_rows(name, data)]

@@ -37,7 +37,8 @@ def run(method: str, sparsity: float, ppl: float, digest: str, finetuned_digest:
 
 
 def test_rows_cover_dense_commits_experiments_and_fine_tuned_models() -> None:
-    sweep = {"revs": [{"rev": "b" * 40, "name": "exp-1", "data": run("flap", 0.4, 90.0, "new", "old", "old")}]}
+    running = {"rev": "c" * 40, "name": "exp-2", "data": {"params": {}, "metrics": {}}}
+    sweep = {"revs": [{"rev": "b" * 40, "name": "exp-1", "data": run("flap", 0.4, 90.0, "new", "old", "old")}, running]}
     main = {"rev": "a" * 40, "name": "main", "data": run("nirvana", 0.2, 30.0, "d", "d", "d"), "experiments": [sweep]}
     rows = experiment_rows([{"rev": "workspace", "data": {}}, main])
     assert [(r["experiment"], r["method"]) for r in rows] == [
