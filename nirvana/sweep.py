@@ -8,8 +8,8 @@ import sys
 from nirvana.params import METHODS
 
 # The comparison is without fine-tuning, and speed is `compare`'s job; evaluate@dense is a target so
-# that sweep settings such as evaluate.limit measure the dense model the same way (once: DVC's run
-# cache restores it for the other runs).
+# that sweep settings such as evaluate.limit measure the dense model the same way (once: DVC then
+# finds it unchanged for the other runs).
 TARGETS = ["evaluate@dense", "evaluate@pruned"]
 
 
