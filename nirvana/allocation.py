@@ -18,9 +18,14 @@ METHOD_MODES = {"wanda_sp": "uniform", "flap": "flap"}
 """Each baseline's published allocation; every other method uses NIRVANA's two pools."""
 
 
+def resolve_mode(method: str, mode: str | None) -> str:
+    """`mode`, or when null the allocation `method` was published with."""
+    return mode or METHOD_MODES.get(method, "nirvana")
+
+
 def allocation_mode(params: Params) -> str:
-    """`allocation.mode`, or when null the allocation the method was published with."""
-    return params.allocation.mode or METHOD_MODES.get(params.method, "nirvana")
+    """The allocation a run uses (`resolve_mode` of its method and `allocation.mode`)."""
+    return resolve_mode(params.method, params.allocation.mode)
 
 
 def pool_fractions(

@@ -104,13 +104,14 @@ def _wanda_weight(stats: dict[nn.Linear, ColumnStats]) -> Callable[[nn.Parameter
     """Per weight |W_ij| * ||X_j||, X the owning Linear's input. A bias is the weight of a constant-1
     input, whose norm over T tokens is sqrt(T)."""
 
+    norms: dict[torch.Tensor, torch.Tensor | float] = {}
+    for linear, s in stats.items():
+        norms[linear.weight] = s.norm()[None, :]
+        if linear.bias is not None:
+            norms[linear.bias] = s.count**0.5
+
     def per_weight(p: nn.Parameter) -> torch.Tensor:
-        for linear, s in stats.items():
-            if p is linear.weight:
-                return p.detach().double().cpu().abs() * s.norm()[None, :]
-            if p is linear.bias:
-                return p.detach().double().cpu().abs() * s.count**0.5
-        raise KeyError("parameter belongs to no recorded Linear")
+        return p.detach().double().cpu().abs() * norms[p]
 
     return per_weight
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from nirvana.allocation import METHOD_MODES
+from nirvana.allocation import resolve_mode
 
 
 def _files(data: dict, kind: str) -> dict:
@@ -26,7 +26,7 @@ def _row(name: str, data: dict, model: str) -> dict:
         row = {
             "experiment": name,
             "method": method + (" + LoRA" if model == "finetuned" else ""),
-            "allocation": (params.get("allocation") or {}).get("mode") or METHOD_MODES.get(method, "nirvana"),
+            "allocation": resolve_mode(method, (params.get("allocation") or {}).get("mode")),
             "sparsity": params.get("sparsity", ""),
             "realised": prune.get("sparsity_realised", ""),
         }

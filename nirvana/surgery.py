@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.io import atomic_path
 from nirvana.models import MODULES, get_adapter
+from nirvana.models.base import unit_rows
 
 CONFIG_KEY = "nirvana_units"
 BIAS_KEY = "nirvana_output_bias"
@@ -49,9 +50,8 @@ def _removed_input_mean(plan: pd.DataFrame, layer: int, module: str) -> tuple[to
     if rows.empty:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     means = [torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in rows["input_mean"]]
-    size = len(means[0])
     units = torch.tensor(rows["unit"].tolist(), dtype=torch.long)
-    return (units[:, None] * size + torch.arange(size)).flatten(), torch.cat(means)
+    return unit_rows(units, len(means[0])), torch.cat(means)
 
 
 def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:

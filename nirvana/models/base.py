@@ -26,7 +26,7 @@ def _owner(layer: nn.Module, name: str) -> tuple[nn.Module, str]:
     return layer.get_submodule(owner), attr
 
 
-def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
+def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """Indices along a slice's dim covered by `units`."""
     return (units[:, None] * size + torch.arange(size)).flatten()
 
@@ -61,12 +61,7 @@ class Adapter:
     def linears(self, layer: nn.Module) -> list[nn.Linear]:
         """The distinct Linear layers owning prunable slices, in slice order (their inputs are what
         activation-aware criteria measure)."""
-        out: list[nn.Linear] = []
-        for s in (s for m in MODULES for s in self.slices(m)):
-            linear = self.linear(layer, s.param)
-            if all(linear is not seen for seen in out):
-                out.append(linear)
-        return out
+        return list(dict.fromkeys(self.linear(layer, s.param) for m in MODULES for s in self.slices(m)))
 
     def output_slice(self, module: str) -> Slice:
         """The module's one slice along input columns: its units' share of the output projection."""
@@ -115,7 +110,7 @@ class Adapter:
             for s in self.slices(module):
                 owner, attr = _owner(layer, s.param)
                 p = getattr(owner, attr)
-                index = _rows(units.to(torch.long), s.size).to(p.device)
+                index = unit_rows(units.to(torch.long), s.size).to(p.device)
                 new = nn.Parameter(p.detach().index_select(s.dim, index).clone(), p.requires_grad)
                 setattr(owner, attr, new)
                 if isinstance(owner, nn.Linear):
@@ -127,7 +122,7 @@ class Adapter:
             for module, units in drop.items():
                 for s in self.slices(module):
                     p = self.param(layer, s.param)
-                    p.index_fill_(s.dim, _rows(units.to(torch.long), s.size).to(p.device), 0.0)
+                    p.index_fill_(s.dim, unit_rows(units.to(torch.long), s.size).to(p.device), 0.0)
 
     def resize_layer(self, layer: nn.Module, counts: dict[str, int]) -> None:
         """Shrink a freshly built layer to `counts` units per module, before weights load."""
