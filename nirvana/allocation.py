@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedModel
 
-from nirvana.models import get_adapter
+from nirvana.models import get_adapter, pool
 from nirvana.params import Params
 
 METHOD_MODES = {"wanda_sp": "uniform", "flap": "flap"}
@@ -45,9 +45,10 @@ def pool_fractions(
 
 
 def _removable_attention(attn: pd.DataFrame) -> pd.DataFrame:
-    """Attention rows lowest score first, without each layer's best unit (every layer keeps one)."""
-    ranked = attn.sort_values(["score", "layer", "unit"])
-    return ranked.drop(index=ranked.groupby("layer").tail(1).index)
+    """Attention rows lowest score first, without each attention module's best unit (every
+    layer keeps one unit of self-attention, and of cross-attention where there is one)."""
+    ranked = attn.sort_values(["score", "layer", "module", "unit"])
+    return ranked.drop(index=ranked.groupby(["layer", "module"]).tail(1).index)
 
 
 def _remove_attention(attn: pd.DataFrame, count: int) -> set[int]:
@@ -91,7 +92,7 @@ def _plan(scores: pd.DataFrame, removed: set[int]) -> pd.DataFrame:
 
 def _budget(scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int) -> float:
     """Attention+MLP parameters to remove: `sparsity` of all of them."""
-    n_attn = int((scores["module"] == "attn").sum())
+    n_attn = int((scores["module"] != "mlp").sum())
     return sparsity * (attn_params * n_attn + mlp_params * (len(scores) - n_attn))
 
 
@@ -99,7 +100,7 @@ def allocate(
     scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: int, mlp_params: int, mlp_multiple: int
 ) -> pd.DataFrame:
     """NIRVANA's allocation: two global pools with p_mlp = gamma * p_attn. Returns the plan."""
-    attn = scores[scores["module"] == "attn"]
+    attn = scores[scores["module"] != "mlp"]
     mlp = scores[scores["module"] == "mlp"]
     p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp))
     removed = _remove_attention(attn, round(p_attn * len(attn)))
@@ -108,19 +109,28 @@ def allocate(
 
 
 def uniform_counts(
-    sparsity: float, layers: int, attn_params: int, n_attn: int, mlp_params: int, n_mlp: int, mlp_multiple: int
+    sparsity: float,
+    layers: int,
+    attn_params: int,
+    n_attn: int,
+    mlp_params: int,
+    n_mlp: int,
+    mlp_multiple: int,
+    attn_modules: int | None = None,
 ) -> tuple[int, int]:
-    """Units removed in every layer, (attention, MLP), for a layer of n_attn units and n_mlp channels.
+    """Units removed in every layer, (attention, MLP), for a layer of n_attn units and n_mlp channels
+    (per attention module: `attn_modules` of them in all, default one per layer).
 
     Attention removes round(sparsity * n_attn) units (stepped towards feasibility only when the MLP
     could not absorb the rest); the MLP removes what brings the total closest to the budget. That
     MLP count leaves a multiple of `mlp_multiple` when rounding to one moves the total by at most one
     MLP block (layers x change <= mlp_multiple), else it is exact: the budget comes first."""
-    budget = sparsity * layers * (attn_params * n_attn + mlp_params * n_mlp)
+    attn_modules = layers if attn_modules is None else attn_modules
+    budget = sparsity * (attn_modules * attn_params * n_attn + layers * mlp_params * n_mlp)
     mlp_cap = max(n_mlp - mlp_multiple, 0)
 
     def rest(attn: int) -> float:  # MLP channels per layer that would meet the budget
-        return (budget - layers * attn * attn_params) / (layers * mlp_params)
+        return (budget - attn_modules * attn * attn_params) / (layers * mlp_params)
 
     attn = min(round(sparsity * n_attn), n_attn - 1)
     while attn > 0 and rest(attn) < 0:
@@ -136,13 +146,23 @@ def allocate_uniform(
     scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int
 ) -> pd.DataFrame:
     """Wanda-sp's allocation: every layer removes the same number of attention units and of MLP
-    channels (`uniform_counts`), its lowest-scoring ones. Gamma does not apply."""
-    sizes = scores.groupby(["module", "layer"]).size()
-    layers, n_attn, n_mlp = len(sizes["attn"]), int(sizes["attn"].min()), int(sizes["mlp"].min())
-    attn, mlp = uniform_counts(sparsity, layers, attn_params, n_attn, mlp_params, n_mlp, mlp_multiple)
+    channels (`uniform_counts`), its lowest-scoring ones (each attention module alike). Gamma does not apply."""
+    sizes = scores.groupby(["layer", "module"]).size()
+    is_mlp = sizes.index.get_level_values("module") == "mlp"
+    attn_sizes, mlp_sizes = sizes[~is_mlp], sizes[is_mlp]
+    attn, mlp = uniform_counts(
+        sparsity,
+        len(mlp_sizes),
+        attn_params,
+        int(attn_sizes.min()),
+        mlp_params,
+        int(mlp_sizes.min()),
+        mlp_multiple,
+        attn_modules=len(attn_sizes),
+    )
     ranked = scores.sort_values(["score", "unit"])
     rank = ranked.groupby(["layer", "module"]).cumcount().to_numpy()
-    return _plan(scores, set(ranked.index[rank < np.where(ranked["module"] == "attn", attn, mlp)]))
+    return _plan(scores, set(ranked.index[rank < np.where(ranked["module"] == "mlp", mlp, attn)]))
 
 
 def standardise(scores: pd.DataFrame) -> pd.Series:
@@ -160,7 +180,7 @@ def allocate_flap(
     (`mlp_multiple` channels, as in NIRVANA's allocation), removed lowest first up to the prefix whose
     parameter count is closest to the budget. Each layer keeps its best attention unit and top block."""
     z = scores.assign(score=standardise(scores))
-    attn = _removable_attention(z[z["module"] == "attn"])
+    attn = _removable_attention(z[z["module"] != "mlp"])
     items = [(float(row.score), 0, int(row.layer), int(row.unit), [label]) for label, row in attn.iterrows()]
     blocks = _mlp_blocks(z[z["module"] == "mlp"], mlp_multiple)
     items += [(score, 1, layer, position, chunk) for score, layer, position, chunk in blocks]
@@ -171,14 +191,25 @@ def allocate_flap(
     return _plan(scores, {label for item in items[:cut] for label in item[4]})
 
 
+def unit_sizes(model: PreTrainedModel) -> tuple[int, int]:
+    """Parameters of one attention unit and of one MLP channel, which must be the same in every layer
+    and attention module (the pools count units, method §2)."""
+    adapter = get_adapter(model.config)
+    sizes: dict[str, set[int]] = {"attn": set(), "mlp": set()}
+    for layer in adapter.layers(model):
+        for module in adapter.modules(layer):
+            sizes[pool(module)].add(adapter.unit_params(layer, module))
+    if len(sizes["attn"]) != 1 or len(sizes["mlp"]) != 1:
+        raise ValueError(f"units differ in size across layers ({sizes}); allocation needs one size per pool")
+    return sizes["attn"].pop(), sizes["mlp"].pop()
+
+
 def allocate_for_model(
     model: PreTrainedModel, scores: pd.DataFrame, sparsity: float, gamma: float, mlp_multiple: int, mode: str
 ) -> pd.DataFrame:
     """The plan under allocation `mode` (see `allocation_mode`), with the per-unit parameter counts
     read off the model's first layer."""
-    adapter = get_adapter(model.config)
-    layer = adapter.layers(model)[0]
-    attn_params, mlp_params = adapter.unit_params(layer, "attn"), adapter.unit_params(layer, "mlp")
+    attn_params, mlp_params = unit_sizes(model)
     if mode == "nirvana":
         return allocate(scores, sparsity, gamma, attn_params, mlp_params, mlp_multiple)
     if mode == "uniform":
@@ -189,14 +220,11 @@ def allocate_for_model(
 
 
 def layer_widths(plan: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: kept and dense attention units and MLP channels (the plotted widths)."""
-    counts = plan.groupby(["layer", "module"])["keep"].agg(["sum", "size"]).unstack("module")
-    return pd.DataFrame(
-        {
-            "layer": counts.index.astype(int),
-            "attn_kept": counts[("sum", "attn")].astype(int).values,
-            "attn_dense": counts[("size", "attn")].astype(int).values,
-            "mlp_kept": counts[("sum", "mlp")].astype(int).values,
-            "mlp_dense": counts[("size", "mlp")].astype(int).values,
-        }
-    )
+    """Per layer: kept and dense units of every module (attention units, MLP channels, and
+    cross-attention units on encoder-decoder models; 0 where a layer has no such module)."""
+    counts = plan.groupby(["layer", "module"])["keep"].agg(["sum", "size"]).unstack("module", fill_value=0)
+    out = pd.DataFrame({"layer": counts.index.astype(int)})
+    for module in sorted(plan["module"].unique(), key=lambda m: (m == "mlp", m)):
+        out[f"{module}_kept"] = counts[("sum", module)].astype(int).values
+        out[f"{module}_dense"] = counts[("size", module)].astype(int).values
+    return out

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from nirvana.allocation import allocate_for_model, allocation_mode
 from nirvana.criteria import CRITERIA
 from nirvana.data import dataset_texts, hold_out, token_stream, user_windows, windows
+from nirvana.forward import model_inputs
 from nirvana.params import CalibrationParams, Params
 from nirvana.surgery import prune_model
 
@@ -37,7 +38,7 @@ def log_probs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) ->
     """Float32 log-probabilities over the vocabulary, one chunk of windows at a time (on the CPU)."""
     device = next(model.parameters()).device
     for start in range(0, len(windows), batch_size):
-        logits = model(input_ids=windows[start : start + batch_size].to(device), use_cache=False).logits
+        logits = model(**model_inputs(model, windows[start : start + batch_size].to(device)), use_cache=False).logits
         yield torch.log_softmax(logits.float(), dim=-1).cpu()
 
 

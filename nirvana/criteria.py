@@ -16,7 +16,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from nirvana.models import MODULES, get_adapter
+from nirvana.forward import IGNORE, model_inputs
+from nirvana.models import get_adapter
 from nirvana.saliency import gradient_scores, nirvana_scores, score_table
 
 Criterion = Callable[[PreTrainedModel, torch.Tensor, int], pd.DataFrame]
@@ -32,10 +33,10 @@ def magnitude_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: 
     return score_table(model, lambda layer, module: adapter.unit_scores(layer, module, lambda p: p.detach().abs()))
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, total_samples: int) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, total_samples: int) -> torch.Tensor:
     """This micro-batch's share of the mean next-token cross-entropy over the whole calibration set."""
-    predicted = total_samples * (input_ids.shape[1] - 1)
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+    predicted = total_samples * int((labels[0] != IGNORE).sum())
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return nll / predicted
 
 
@@ -95,7 +96,7 @@ def input_statistics(
     device = next(model.parameters()).device
     with _recording(linears) as stats:
         for start in tqdm(range(0, len(windows), batch_size), desc="activations", unit="batch", leave=False):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            model(**model_inputs(model, windows[start : start + batch_size].to(device)), use_cache=False)
     model.train(was_training)
     return stats
 
@@ -130,11 +131,11 @@ def flap_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) 
     each unit's columns; `input_mean` keeps the unit's column means for bias compensation."""
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
-    projections = [adapter.output_projection(layer, module) for layer in layers for module in MODULES]
+    projections = [adapter.output_projection(layer, m) for layer in layers for m in adapter.modules(layer)]
     stats = input_statistics(model, windows, batch_size, projections)
     rows = []
     for index, layer in enumerate(layers):
-        for module in MODULES:
+        for module in adapter.modules(layer):
             proj, n = adapter.output_projection(layer, module), adapter.unit_count(layer, module)
             s = stats[proj]
             fluctuation = s.variance() * proj.weight.detach().double().cpu().pow(2).sum(dim=0)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from transformers import PreTrainedModel
 
+from nirvana.forward import is_seq2seq, model_inputs
 from nirvana.models import get_adapter
 from nirvana.params import EfficiencyParams
 
@@ -24,11 +25,14 @@ def weights_bytes(model_dir: str | Path) -> int:
 
 def forward_flops(model: PreTrainedModel, seq_len: int) -> int:
     """Multiply-add FLOPs (x2) of one forward pass over `seq_len` tokens: every linear layer,
-    the LM head included, plus attention scores and their weighted sum (QK^T and AV)."""
+    the LM head included, plus attention scores and their weighted sum (QK^T and AV). An
+    encoder-decoder model reads half the window in each stack (`nirvana.forward`)."""
+    seq_len = seq_len // 2 if is_seq2seq(model) else seq_len
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     adapter = get_adapter(model.config)
-    q_slice = adapter.slices("attn")[0]  # the query rows: units x (query heads x head_dim)
-    query_width = sum(adapter.unit_count(layer, "attn") * q_slice.size for layer in adapter.layers(model))
+    query_width = sum(
+        adapter.query_width(layer, m) for layer in adapter.layers(model) for m in adapter.modules(layer) if m != "mlp"
+    )
     return 2 * seq_len * linear + 2 * 2 * seq_len * seq_len * query_width
 
 
@@ -40,11 +44,11 @@ def peak_forward_bytes(model: PreTrainedModel, input_ids: torch.Tensor) -> int:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        model(input_ids=input_ids, use_cache=False)
+        model(**model_inputs(model, input_ids), use_cache=False)
         return weights + torch.cuda.max_memory_allocated() - before
     # On the CPU: replay the profiler's allocations and frees (each op's own net bytes) in order.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(input_ids=input_ids, use_cache=False)
+        model(**model_inputs(model, input_ids), use_cache=False)
     level = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         level += event.self_cpu_memory_usage
@@ -77,7 +81,7 @@ def interleaved_timings(
 
 
 def _prefill(model: PreTrainedModel, ids: torch.Tensor) -> object:
-    return model(input_ids=ids, use_cache=False)
+    return model(**model_inputs(model, ids), use_cache=False)
 
 
 def _generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> object:

@@ -9,20 +9,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from nirvana.forward import IGNORE, logits_and_labels
 from nirvana.models import get_adapter
 
 
 @torch.no_grad()
 def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int, desc: str = "ppl") -> float:
-    """exp(mean next-token NLL) over all positions of non-overlapping windows."""
+    """exp(mean next-token NLL) over every predicted position of non-overlapping windows (for an
+    encoder-decoder model: the prefix-LM loss of each window's second half, `nirvana.forward`)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch"):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        total_tokens += targets.numel()
+        logits, targets = logits_and_labels(model, batch)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((targets != IGNORE).sum())
     return math.exp(total_nll / total_tokens)
 
 

@@ -26,7 +26,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from nirvana.data import token_stream, windows
-from nirvana.models import MODULES, get_adapter
+from nirvana.forward import is_seq2seq, split
+from nirvana.models import get_adapter
 from nirvana.params import FinetuneParams
 
 IGNORE = -100  # label of tokens left out of the loss
@@ -36,7 +37,8 @@ PROMPT = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
 def target_modules(model: PreTrainedModel) -> list[str]:
     """Names of the Linear layers whose weights hold prunable units: all seven projections on Llama."""
     adapter = get_adapter(model.config)
-    names = {s.param.rsplit(".", 2)[-2] for m in MODULES for s in adapter.slices(m) if s.param.endswith(".weight")}
+    slices = [s for layer in adapter.layers(model) for s in adapter.all_slices(layer)]
+    names = {s.param.rsplit(".", 2)[-2] for s in slices if s.param.endswith(".weight")}
     return sorted(names)
 
 
@@ -47,7 +49,7 @@ def add_lora(model: PreTrainedModel, f: FinetuneParams) -> PeftModel:
         lora_alpha=f.lora_alpha,
         lora_dropout=f.lora_dropout,
         target_modules=target_modules(model),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     assert isinstance(peft_model, PeftModel)
@@ -65,25 +67,33 @@ def read_rows(dataset: str | None, default: str | Path) -> pd.DataFrame:
     return datasets.load_dataset(dataset, split="train").to_pandas()
 
 
-def instruction_example(row: dict, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list[int]]:
-    """Alpaca fields as one sequence whose prompt tokens are masked out of the loss."""
+def instruction_example(
+    row: dict, tokenizer: PreTrainedTokenizerBase, seq_len: int, seq2seq: bool = False
+) -> dict[str, list[int]]:
+    """Alpaca fields as one sequence whose prompt tokens are masked out of the loss; for an
+    encoder-decoder model the prompt is the encoder input and the answer the decoder's target."""
     context = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
     prompt = tokenizer(PROMPT.format(instruction=row["instruction"], context=context))["input_ids"]
     answer = tokenizer(str(row["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if seq2seq:
+        return {"input_ids": prompt[:seq_len], "labels": answer[:seq_len]}
     ids = (prompt + answer)[:seq_len]
     labels = ([IGNORE] * len(prompt) + answer)[:seq_len]
     return {"input_ids": ids, "labels": labels}
 
 
-def build_examples(rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> datasets.Dataset:
+def build_examples(
+    rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, seq_len: int, seq2seq: bool = False
+) -> datasets.Dataset:
     """Instruction rows (instruction, input, output) or plain text (a `text` column, causal LM loss
-    on windows of `seq_len` tokens)."""
+    on windows of `seq_len` tokens, or for an encoder-decoder model the prefix-LM split of `nirvana.forward`)."""
     if {"instruction", "output"} <= set(rows.columns):
-        examples = [instruction_example(r, tokenizer, seq_len) for r in rows.to_dict("records")]
+        examples = [instruction_example(r, tokenizer, seq_len, seq2seq) for r in rows.to_dict("records")]
         examples = [e for e in examples if any(label != IGNORE for label in e["labels"])]
     elif "text" in rows.columns:
-        ids = windows(token_stream(rows["text"].dropna().tolist(), tokenizer), seq_len).tolist()
-        examples = [{"input_ids": w, "labels": w} for w in ids]
+        ids = windows(token_stream(rows["text"].dropna().tolist(), tokenizer), seq_len)
+        source, target = split(ids) if seq2seq else (ids, ids)
+        examples = [{"input_ids": s, "labels": t} for s, t in zip(source.tolist(), target.tolist(), strict=True)]
     else:
         raise ValueError(f"fine-tuning data needs columns instruction+output or text, has {list(rows.columns)}")
     if not examples:

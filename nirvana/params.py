@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from nirvana.models.base import GRANULARITIES
+
 METHODS = ("nirvana", "magnitude", "taylor", "wanda_sp", "flap", "random")
 
 
@@ -77,6 +79,15 @@ class SaliencyParams:
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "saliency.batch_size", self.batch_size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    granularity: str = "group"  # an attention unit: a whole KV group, or one query head per group
+
+    def __post_init__(self) -> None:
+        allowed = f"one of {', '.join(GRANULARITIES)}"
+        _check(self.granularity in GRANULARITIES, "attention.granularity", self.granularity, allowed)
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     saliency: SaliencyParams = field(default_factory=SaliencyParams)
+    attention: AttentionParams = field(default_factory=AttentionParams)
     allocation: AllocationParams = field(default_factory=AllocationParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)

@@ -13,10 +13,12 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from nirvana.models import MODULES, get_adapter
+from nirvana.forward import logits_and_labels
+from nirvana.models import get_adapter
 
 Objective = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""(logits, input_ids, windows in the whole set) -> this micro-batch's share of the scalar to differentiate."""
+"""(logits, labels, windows in the whole set) -> this micro-batch's share of the scalar to differentiate
+(labels as `nirvana.forward.labels` gives them)."""
 
 
 def output_function(logits: torch.Tensor, total_samples: int) -> torch.Tensor:
@@ -26,7 +28,7 @@ def output_function(logits: torch.Tensor, total_samples: int) -> torch.Tensor:
     return logits.float().amax(dim=1).sum() / (total_samples * logits.shape[-1])
 
 
-def ntk_objective(logits: torch.Tensor, input_ids: torch.Tensor, total_samples: int) -> torch.Tensor:
+def ntk_objective(logits: torch.Tensor, labels: torch.Tensor, total_samples: int) -> torch.Tensor:
     """NIRVANA's objective: the output function, which ignores the tokens."""
     return output_function(logits, total_samples)
 
@@ -44,8 +46,8 @@ def accumulate_gradients(
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(windows), batch_size), desc="saliency", unit="batch", leave=False):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        objective(logits, batch, len(windows)).backward()
+        logits, labels = logits_and_labels(model, batch)
+        objective(logits, labels, len(windows)).backward()
 
 
 def _weight_saliency(p: torch.nn.Parameter) -> torch.Tensor:
@@ -59,7 +61,7 @@ def score_table(model: PreTrainedModel, per_unit: Callable[[nn.Module, str], tor
     adapter = get_adapter(model.config)
     rows = []
     for index, layer in enumerate(adapter.layers(model)):
-        for module in MODULES:
+        for module in adapter.modules(layer):
             scores = per_unit(layer, module)
             rows += [(index, module, unit, float(s)) for unit, s in enumerate(scores.tolist())]
     return pd.DataFrame(rows, columns=["layer", "module", "unit", "score"])

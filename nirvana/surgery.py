@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.io import atomic_path
-from nirvana.models import MODULES, get_adapter
+from nirvana.models import get_adapter
 from nirvana.models.base import unit_rows
 
 CONFIG_KEY = "nirvana_units"
@@ -28,7 +27,7 @@ BIAS_KEY = "nirvana_output_bias"
 def layer_units(model: PreTrainedModel) -> list[dict[str, int]]:
     """Current unit count per layer and module."""
     adapter = get_adapter(model.config)
-    return [{m: adapter.unit_count(layer, m) for m in MODULES} for layer in adapter.layers(model)]
+    return [{m: adapter.unit_count(layer, m) for m in adapter.modules(layer)} for layer in adapter.layers(model)]
 
 
 def units_by_layer(plan: pd.DataFrame, keep: bool) -> dict[int, dict[str, torch.Tensor]]:
@@ -37,7 +36,7 @@ def units_by_layer(plan: pd.DataFrame, keep: bool) -> dict[int, dict[str, torch.
     out: dict[int, dict[str, torch.Tensor]] = {}
     for layer in sorted(plan["layer"].unique()):
         out[int(layer)] = {}
-        for module in MODULES:
+        for module in plan.loc[plan["layer"] == layer, "module"].unique():
             units = rows[(rows["layer"] == layer) & (rows["module"] == module)]["unit"]
             out[int(layer)][module] = torch.tensor(sorted(units.tolist()), dtype=torch.long)
     return out
@@ -64,7 +63,7 @@ def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:
     with torch.no_grad():
         for index, layer in enumerate(adapter.layers(model)):
             adapter.add_output_bias(layer)
-            for module in MODULES:
+            for module in adapter.modules(layer):
                 proj = adapter.output_projection(layer, module)
                 columns, mean = _removed_input_mean(plan, index, module)
                 assert proj.bias is not None
@@ -84,6 +83,7 @@ def prune_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
     if sorted(kept) != list(range(len(layers))):
         raise ValueError(f"plan covers layers {sorted(kept)}, model has {len(layers)}")
     compensate_bias(model, plan)
+    adapter.before_prune(model)
     for index, layer in enumerate(layers):
         adapter.prune_layer(layer, kept[index])
     setattr(model.config, CONFIG_KEY, layer_units(model))
@@ -113,17 +113,18 @@ def _post_init(self: PreTrainedModel) -> None:
     bias compensation added, then carry on."""
     units = getattr(self.config, CONFIG_KEY, None)
     output_bias = getattr(self.config, BIAS_KEY, False)
-    layers = getattr(self, "layers", None)
-    if (units or output_bias) and isinstance(layers, nn.ModuleList):
+    if units or output_bias:
         adapter = get_adapter(self.config)
-        if units:
-            if len(units) != len(layers):
-                raise ValueError(f"config {CONFIG_KEY} lists {len(units)} layers, the model has {len(layers)}")
-            for layer, counts in zip(layers, units, strict=True):
-                adapter.resize_layer(layer, counts)
-        if output_bias:
-            for layer in layers:
-                adapter.add_output_bias(layer)
+        layers = adapter.find_layers(self)
+        if layers is not None:
+            if units:
+                if len(units) != len(layers):
+                    raise ValueError(f"config {CONFIG_KEY} lists {len(units)} layers, the model has {len(layers)}")
+                for layer, counts in zip(layers, units, strict=True):
+                    adapter.resize_layer(layer, counts)
+            if output_bias:
+                for layer in layers:
+                    adapter.add_output_bias(layer)
     _original_post_init(self)
 
 

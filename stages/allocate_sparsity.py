@@ -13,7 +13,7 @@ from nirvana.stage import run_stage
 def main(params: Params, model_dir: str, scores: str, plan_out: str, widths_out: str) -> None:
     mode = allocation_mode(params)
     plan = allocate_for_model(
-        skeleton(model_dir),
+        skeleton(model_dir, params.attention.granularity),
         pd.read_parquet(scores),
         params.sparsity,
         params.gamma,

@@ -11,7 +11,7 @@ from nirvana.stage import run_stage
 
 def main(params: Params, model_dir: str, calibration: str, out: str) -> None:
     windows = read_windows(calibration)
-    model = load_model(model_dir)
+    model = load_model(model_dir, granularity=params.attention.granularity)
     scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
     write_parquet(scores, out)
     log.info("wrote %s: %d units scored with %s", out, len(scores), params.method)

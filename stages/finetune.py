@@ -13,6 +13,7 @@ from nirvana.finetune import (
     train,
     wait_for_everyone,
 )
+from nirvana.forward import is_seq2seq
 from nirvana.io import atomic_path, folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
@@ -31,11 +32,11 @@ def main(params: Params, model_dir: str, corpus: str, out_dir: str, metrics_out:
             write_json({"steps": 0, "base_digest": folder_digest(model_dir)}, metrics_out)
             log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
         return
-    tokenizer = load_tokenizer(model_dir)
-    examples = build_examples(read_rows(f.dataset, corpus), tokenizer, f.seq_len)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, on="cpu")
+    examples = build_examples(read_rows(f.dataset, corpus), tokenizer, f.seq_len, is_seq2seq(model))
     base = folder_digest(model_dir)
     checkpoints = CHECKPOINTS / checkpoint_key(base, f, f.dataset or corpus)
-    merged, summary = train(load_model(model_dir, on="cpu"), tokenizer, examples, f, checkpoints)
+    merged, summary = train(model, tokenizer, examples, f, checkpoints)
     if is_main_process():
         save_model(merged, load_tokenizer(model_dir), out_dir)
         write_json(summary | {"base_digest": base}, metrics_out)

@@ -11,7 +11,7 @@ from nirvana.surgery import prune_model, save_model
 
 
 def main(params: Params, model_dir: str, plan: str, out_dir: str, metrics_out: str) -> None:
-    model = load_model(model_dir)
+    model = load_model(model_dir, granularity=params.attention.granularity)
     dense = param_counts(model)
     prune_model(model, pd.read_parquet(plan))
     pruned = param_counts(model)

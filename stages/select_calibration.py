@@ -14,7 +14,7 @@ from nirvana.stage import run_stage
 def main(params: Params, model_dir: str, pool_path: str, out: str, table_out: str, metrics_out: str) -> None:
     c = params.calibration
     pool, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(pool_path))
-    model = load_model(model_dir) if c.candidates > 1 else None
+    model = load_model(model_dir, granularity=params.attention.granularity) if c.candidates > 1 else None
     selected, table = select(model, pool, kl_windows, params, verbatim=c.path is not None)
     write_parquet(pd.DataFrame({"input_ids": selected.tolist()}), out)
     write_parquet(table, table_out)

@@ -39,13 +39,13 @@ def tiny_llama(kind: str = "gqa", seed: int = 0, dtype: torch.dtype = torch.floa
 
 def random_plan(model: LlamaForCausalLM, seed: int = 0, drop: float = 0.4) -> pd.DataFrame:
     """A plan that drops a random share of units, always keeping one unit per layer and module."""
-    from nirvana.models import MODULES, get_adapter
+    from nirvana.models import get_adapter
 
     adapter = get_adapter(model.config)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for index, layer in enumerate(adapter.layers(model)):
-        for module in MODULES:
+        for module in adapter.modules(layer):
             n = adapter.unit_count(layer, module)
             keep = torch.rand(n, generator=gen) > drop
             keep[torch.randint(n, (1,), generator=gen)] = True

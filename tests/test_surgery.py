@@ -65,7 +65,7 @@ def test_load_rejects_a_config_with_the_wrong_layer_count(tmp_path) -> None:
 
 
 def test_unsupported_architecture_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama"):
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: gemma3_text, llama, mistral, qwen2"):
         get_adapter(GPT2Config())
 
 

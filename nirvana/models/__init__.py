@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from nirvana.models.base import MODULES, Adapter, Slice
-from nirvana.models.llama import LlamaAdapter
+from nirvana.models.base import GRANULARITIES, GRANULARITY_KEY, MODULES, Adapter, Slice, pool
+from nirvana.models.llama import LlamaAdapter, Qwen2Adapter
+from nirvana.models.t5 import T5Adapter
 
-ADAPTERS: dict[str, type[Adapter]] = {"llama": LlamaAdapter}
+ADAPTERS: dict[str, type[Adapter]] = {
+    "llama": LlamaAdapter,
+    "mistral": LlamaAdapter,  # the same layout; sliding-window attention needs nothing of ours
+    "qwen2": Qwen2Adapter,
+    "gemma3_text": LlamaAdapter,  # q_norm/k_norm act per head over head_dim, shared by every head
+    "t5": T5Adapter,
+}
 
-__all__ = ["ADAPTERS", "MODULES", "Adapter", "Slice", "get_adapter"]
+__all__ = ["ADAPTERS", "GRANULARITIES", "GRANULARITY_KEY", "MODULES", "Adapter", "Slice", "get_adapter", "pool"]
 
 
 def get_adapter(config: PretrainedConfig) -> Adapter:
