@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, T5Config, T5ForConditionalGeneration
 
 import nirvana  # noqa: F401  (registers pruned-model loading)
 
@@ -61,17 +61,46 @@ def kind(request: pytest.FixtureRequest) -> str:
 WORDS = [f"w{i}" for i in range(62)]
 
 
-def tiny_model_dir(path, kind: str = "gqa"):
-    """A saved tiny Llama with a word-level tokenizer over its 64-token vocabulary."""
+def save_tokenizer(path) -> None:
+    """A word-level tokenizer over the tiny models' 64-token vocabulary (<unk> 0, </s> 63)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0} | {w: i + 1 for i, w in enumerate(WORDS)} | {"</s>": 63}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tiny_llama(kind).save_pretrained(path)
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+
+
+def tiny_model_dir(path, kind: str = "gqa"):
+    """A saved tiny Llama with a word-level tokenizer over its 64-token vocabulary."""
+    tiny_llama(kind).save_pretrained(path)
+    save_tokenizer(path)
     return path
+
+
+def tiny_t5(feed_forward: str, seed: int = 0) -> PreTrainedModel:
+    """A random T5 (3 encoder, 2 decoder blocks) with distinct weights everywhere."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        d_ff=24,
+        num_layers=3,
+        num_decoder_layers=2,  # generate() sizes its cache by num_layers: fewer decoder blocks only
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj=feed_forward,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.0,
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
 
 
 def random_text(words: int, seed: int) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from conftest import random_plan
+from conftest import random_plan, tiny_t5
 from nirvana.models import GRANULARITY_KEY, get_adapter
 from nirvana.surgery import layer_units, prune_model, zero_model
 
@@ -105,32 +105,6 @@ def test_qwen2_biases_follow_their_rows() -> None:
 def test_unknown_granularity_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"attention.granularity 'head' is not one of group, query_head"):
         get_adapter(tiny("llama", "head").config)
-
-
-def tiny_t5(feed_forward: str, seed: int = 0) -> PreTrainedModel:
-    """A random T5 (3 encoder, 2 decoder blocks) with distinct weights everywhere."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=3,
-        num_decoder_layers=2,  # generate() sizes its cache by num_layers: fewer decoder blocks only
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj=feed_forward,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        dropout_rate=0.0,
-    )
-    model = T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model
 
 
 def t5_logits(model: torch.nn.Module) -> torch.Tensor:

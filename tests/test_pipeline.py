@@ -45,10 +45,8 @@ def stages_run(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git+DVC checkout of the pipeline with small sizes, reproduced once."""
-    repo = tmp_path_factory.mktemp("pipeline")
+def checkout(repo: Path, overrides: dict) -> Path:
+    """A fresh git+DVC checkout of the pipeline in `repo`, params.yaml updated by `overrides`."""
     for name in (
         "dvc.yaml",
         ".dvcignore",
@@ -63,14 +61,21 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, values in SMALL.items():
-        params[key] |= values
+    for key, values in overrides.items():
+        params[key] = params[key] | values if isinstance(values, dict) else values
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "config", "user.name", "nirvana tests")  # dvc exp run commits too
     sh(repo, "git", "config", "user.email", "tests@nirvana.invalid")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "pipeline")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline with small sizes on the embedded SmolLM2, reproduced once."""
+    repo = checkout(tmp_path_factory.mktemp("pipeline"), SMALL)
     log = sh(repo, "dvc", "repro")
     expected = {"prepare_model", "compute_saliency", "prune", "finetune", "compare"}
     assert expected | {"evaluate@dense", "evaluate@pruned", "evaluate@finetuned"} <= stages_run(log)
