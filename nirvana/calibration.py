@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.allocation import allocate_for_model, allocation_mode
 from nirvana.criteria import CRITERIA
-from nirvana.data import dataset_texts, hold_out, token_stream, user_windows, windows
+from nirvana.data import bos_id, dataset_texts, hold_out, token_stream, user_windows, windows
 from nirvana.forward import model_inputs
 from nirvana.params import CalibrationParams, Params
 from nirvana.surgery import prune_model
@@ -25,12 +25,13 @@ def candidate_pool(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows candidates are drawn from (the built-in pool, a user file or a dataset), and
     the held-out KL set: the built-in pool's tail, never drawn from."""
-    stream, kl_windows = hold_out(token_stream(pool_texts, tokenizer), c.kl_samples, c.kl_seq_len)
+    bos = bos_id(tokenizer)
+    stream, kl_windows = hold_out(token_stream(pool_texts, tokenizer), c.kl_samples, c.kl_seq_len, bos)
     if c.path:
         return user_windows(c.path, tokenizer, c.seq_len), kl_windows
     if c.source:
         stream = token_stream(dataset_texts(c.source), tokenizer)
-    return windows(stream, c.seq_len), kl_windows
+    return windows(stream, c.seq_len, bos), kl_windows
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from nirvana.data import token_stream, windows
+from nirvana.data import bos_id, token_stream, windows
 from nirvana.forward import is_seq2seq, split
 from nirvana.models import get_adapter
 from nirvana.params import FinetuneParams
@@ -91,7 +91,7 @@ def build_examples(
         examples = [instruction_example(r, tokenizer, seq_len, seq2seq) for r in rows.to_dict("records")]
         examples = [e for e in examples if any(label != IGNORE for label in e["labels"])]
     elif "text" in rows.columns:
-        ids = windows(token_stream(rows["text"].dropna().tolist(), tokenizer), seq_len)
+        ids = windows(token_stream(rows["text"].dropna().tolist(), tokenizer), seq_len, bos_id(tokenizer))
         source, target = split(ids) if seq2seq else (ids, ids)
         examples = [{"input_ids": s, "labels": t} for s, t in zip(source.tolist(), target.tolist(), strict=True)]
     else:

@@ -1,6 +1,6 @@
 """Stage evaluate: perplexity on the held-out sets, zero-shot accuracy, and model size."""
 
-from nirvana.data import EVAL_SETS, read_texts, token_stream, windows
+from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
 from nirvana.evaluation import param_counts, perplexity
 from nirvana.io import folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
@@ -17,7 +17,8 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, inf
     for name in EVAL_SETS:
         stream = token_stream(read_texts(f"{corpora_dir}/{name}.parquet"), tokenizer)[: e.max_tokens]
         for seq_len in e.windows:
-            ppl = perplexity(model, windows(stream, seq_len), e.batch_size, desc=f"{name}@{seq_len}")
+            cut = windows(stream, seq_len, bos_id(tokenizer))
+            ppl = perplexity(model, cut, e.batch_size, desc=f"{name}@{seq_len}")
             metrics[f"ppl_{name}_{seq_len}"] = round(ppl, 4)
             log.info("%s perplexity at %d-token windows: %.3f", name, seq_len, ppl)
     accuracies, info = zero_shot(model, tokenizer, e.tasks, e.limit, e.batch_size)

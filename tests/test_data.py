@@ -1,9 +1,11 @@
 """The offline corpora: no calibration text in the evaluation sets, and reproducible windows."""
 
 import pytest
+from transformers import AutoTokenizer
 
+from conftest import save_tokenizer
 from nirvana.calibration import draw
-from nirvana.data import build_corpora, drop_overlapping, ngrams, windows
+from nirvana.data import bos_id, build_corpora, drop_overlapping, ngrams, windows
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,16 @@ def test_windows_are_non_overlapping_and_draws_reproducible() -> None:
     first, again = draw(w, 5, seed=3), draw(w, 5, seed=3)
     assert (first == again).all() and not (first == draw(w, 5, seed=4)).all()
     assert len(set(first.tolist())) == 5 and list(first) == sorted(first)
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tmp_path) -> None:
+    stream = list(range(10, 1010))
+    w = windows(stream, 64, bos=2)
+    assert w.shape == (15, 64) and (w[:, 0] == 2).all()
+    assert w[0, 1:].tolist() == stream[:63] and w[1, 1] == stream[63]  # no stream token is skipped
+
+    save_tokenizer(tmp_path)
+    assert bos_id(AutoTokenizer.from_pretrained(tmp_path)) is None  # adds none: windows stay plain cuts
 
 
 def test_too_many_samples_fail_clearly() -> None:
