@@ -20,9 +20,19 @@ class ParamError(ValueError):
     """A parameter in params.yaml is missing, unknown, mistyped or out of range."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class ModelParams:
     name_or_path: str = "smollm2-135m"
+    dtype: str = "float32"  # what every stage loads and computes in; unit scores sum in float32 regardless
+    device_map: str | None = None  # null = one device (the first GPU, else the CPU); "auto" = accelerate shards
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _check(self.device_map in (None, "auto"), "model.device_map", self.device_map, "null or auto")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class CalibrationParams:
 @dataclass(frozen=True)
 class SaliencyParams:
     batch_size: int = 4
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "saliency.batch_size", self.batch_size, "a positive integer")
@@ -95,10 +106,12 @@ class AllocationParams:
     MODES: typing.ClassVar[tuple[str, ...]] = ("nirvana", "uniform", "flap")
 
     mlp_multiple: int = 8
+    attn_multiple: int = 1  # kept attention units per layer are a multiple of this (where the layer has more)
     mode: str | None = None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
 
     def __post_init__(self) -> None:
         _check(self.mlp_multiple > 0, "allocation.mlp_multiple", self.mlp_multiple, "a positive integer")
+        _check(self.attn_multiple > 0, "allocation.attn_multiple", self.attn_multiple, "a positive integer")
         modes = ", ".join(self.MODES)
         _check(self.mode is None or self.mode in self.MODES, "allocation.mode", self.mode, f"null or one of {modes}")
 
