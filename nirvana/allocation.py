@@ -51,32 +51,41 @@ def _removable_attention(attn: pd.DataFrame) -> pd.DataFrame:
     return ranked.drop(index=ranked.groupby(["layer", "module"]).tail(1).index)
 
 
-def _remove_attention(attn: pd.DataFrame, count: int) -> set[int]:
-    """Row labels of the `count` lowest-scoring attention units; each layer keeps its best."""
+def _remove_attention(attn: pd.DataFrame, count: int, multiple: int = 1) -> set[int]:
+    """Row labels of the `count` lowest-scoring attention units (each layer keeps its best), or with
+    `multiple` > 1 about that many in blocks, so kept units per layer stay a multiple of it."""
+    if multiple > 1:
+        return _remove_blocks(attn, count, multiple)
     return set(_removable_attention(attn).index[:count])
 
 
-def _mlp_blocks(mlp: pd.DataFrame, multiple: int) -> list[tuple[float, int, int, list[int]]]:
-    """Per layer, channels in score order cut into removable blocks so that what stays is a
-    multiple of `multiple`. A layer's top block is never offered (each layer keeps some).
-    Each block is (its highest score, layer, position, row labels)."""
+Block = tuple[float, int, str, int, list[int]]
+"""(its highest score, layer, module, position within the module, row labels)"""
+
+
+def _blocks(units: pd.DataFrame, multiple: int) -> list[Block]:
+    """Per layer and module, units in score order cut into removable blocks so that what stays is a
+    multiple of `multiple`. A module's top block is never offered (each layer keeps some); a module
+    of at most `multiple` units offers none."""
     blocks = []
-    for layer, group in mlp.groupby("layer"):
+    for (layer, module), group in units.groupby(["layer", "module"]):
         labels = group.sort_values(["score", "unit"]).index.tolist()
+        if len(labels) <= multiple:
+            continue
         cuts = list(range(len(labels) % multiple, len(labels), multiple))
         if cuts[0] != 0:
             cuts.insert(0, 0)
         for position, (lo, hi) in enumerate(itertools.pairwise(cuts)):
             chunk = labels[lo:hi]
-            blocks.append((float(mlp.at[chunk[-1], "score"]), int(layer), position, chunk))
+            blocks.append((float(units.at[chunk[-1], "score"]), int(layer), str(module), position, chunk))
     return blocks
 
 
-def _remove_mlp(mlp: pd.DataFrame, count: int, multiple: int) -> set[int]:
-    """Row labels of about `count` lowest-scoring MLP channels, whole blocks at a time, lowest
-    block first, stopping where the total is closest to `count`."""
+def _remove_blocks(units: pd.DataFrame, count: int, multiple: int) -> set[int]:
+    """Row labels of about `count` lowest-scoring units, whole blocks at a time, lowest block first,
+    stopping where the total is closest to `count`."""
     removed: list[int] = []
-    for *_, chunk in sorted(_mlp_blocks(mlp, multiple), key=lambda b: b[:3]):
+    for *_, chunk in sorted(_blocks(units, multiple), key=lambda b: b[:4]):
         if abs(len(removed) + len(chunk) - count) >= abs(len(removed) - count):
             break
         removed += chunk
@@ -97,14 +106,20 @@ def _budget(scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params:
 
 
 def allocate(
-    scores: pd.DataFrame, sparsity: float, gamma: float, attn_params: int, mlp_params: int, mlp_multiple: int
+    scores: pd.DataFrame,
+    sparsity: float,
+    gamma: float,
+    attn_params: int,
+    mlp_params: int,
+    mlp_multiple: int,
+    attn_multiple: int = 1,
 ) -> pd.DataFrame:
     """NIRVANA's allocation: two global pools with p_mlp = gamma * p_attn. Returns the plan."""
     attn = scores[scores["module"] != "mlp"]
     mlp = scores[scores["module"] == "mlp"]
     p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp))
-    removed = _remove_attention(attn, round(p_attn * len(attn)))
-    removed |= _remove_mlp(mlp, round(p_mlp * len(mlp)), mlp_multiple)
+    removed = _remove_attention(attn, round(p_attn * len(attn)), attn_multiple)
+    removed |= _remove_blocks(mlp, round(p_mlp * len(mlp)), mlp_multiple)
     return _plan(scores, removed)
 
 
@@ -117,6 +132,7 @@ def uniform_counts(
     n_mlp: int,
     mlp_multiple: int,
     attn_modules: int | None = None,
+    attn_multiple: int = 1,
 ) -> tuple[int, int]:
     """Units removed in every layer, (attention, MLP), for a layer of n_attn units and n_mlp channels
     (per attention module: `attn_modules` of them in all, default one per layer).
@@ -132,18 +148,22 @@ def uniform_counts(
     def rest(attn: int) -> float:  # MLP channels per layer that would meet the budget
         return (budget - attn_modules * attn * attn_params) / (layers * mlp_params)
 
-    attn = min(round(sparsity * n_attn), n_attn - 1)
-    while attn > 0 and rest(attn) < 0:
-        attn -= 1
-    while attn < n_attn - 1 and rest(attn) > mlp_cap:
-        attn += 1
+    # removable counts that keep a multiple of attn_multiple (all of them if the module is that small)
+    valid = [a for a in range(n_attn) if (n_attn - a) % attn_multiple == 0] if n_attn > attn_multiple else [0]
+    start = min(round(sparsity * n_attn), n_attn - 1)
+    i = min(range(len(valid)), key=lambda k: abs(valid[k] - start))
+    while i > 0 and rest(valid[i]) < 0:
+        i -= 1
+    while i < len(valid) - 1 and rest(valid[i]) > mlp_cap:
+        i += 1
+    attn = valid[i]
     exact = min(max(round(rest(attn)), 0), mlp_cap)
     aligned = min([0, *range(n_mlp % mlp_multiple, mlp_cap + 1, mlp_multiple)], key=lambda c: abs(c - rest(attn)))
     return attn, aligned if layers * abs(aligned - exact) <= mlp_multiple else exact
 
 
 def allocate_uniform(
-    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int
+    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int, attn_multiple: int = 1
 ) -> pd.DataFrame:
     """Wanda-sp's allocation: every layer removes the same number of attention units and of MLP
     channels (`uniform_counts`), its lowest-scoring ones (each attention module alike). Gamma does not apply."""
@@ -159,6 +179,7 @@ def allocate_uniform(
         int(mlp_sizes.min()),
         mlp_multiple,
         attn_modules=len(attn_sizes),
+        attn_multiple=attn_multiple,
     )
     ranked = scores.sort_values(["score", "unit"])
     rank = ranked.groupby(["layer", "module"]).cumcount().to_numpy()
@@ -174,18 +195,22 @@ def standardise(scores: pd.DataFrame) -> pd.Series:
 
 
 def allocate_flap(
-    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int
+    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int, attn_multiple: int = 1
 ) -> pd.DataFrame:
     """FLAP's allocation: standardised scores, one global ranking of attention units and MLP blocks
     (`mlp_multiple` channels, as in NIRVANA's allocation), removed lowest first up to the prefix whose
     parameter count is closest to the budget. Each layer keeps its best attention unit and top block."""
     z = scores.assign(score=standardise(scores))
-    attn = _removable_attention(z[z["module"] != "mlp"])
-    items = [(float(row.score), 0, int(row.layer), int(row.unit), [label]) for label, row in attn.iterrows()]
-    blocks = _mlp_blocks(z[z["module"] == "mlp"], mlp_multiple)
-    items += [(score, 1, layer, position, chunk) for score, layer, position, chunk in blocks]
+    if attn_multiple > 1:
+        blocks = _blocks(z[z["module"] != "mlp"], attn_multiple)
+        items = [(score, 0, layer, position, chunk) for score, layer, _, position, chunk in blocks]
+    else:
+        attn = _removable_attention(z[z["module"] != "mlp"])
+        items = [(float(row.score), 0, int(row.layer), int(row.unit), [label]) for label, row in attn.iterrows()]
+    blocks = _blocks(z[z["module"] == "mlp"], mlp_multiple)
+    items += [(score, 1, layer, position, chunk) for score, layer, _, position, chunk in blocks]
     items.sort(key=lambda item: item[:4])
-    sizes = [attn_params if module == 0 else mlp_params * len(chunk) for _, module, _, _, chunk in items]
+    sizes = [(attn_params if module == 0 else mlp_params) * len(chunk) for _, module, _, _, chunk in items]
     removed = np.concatenate([[0.0], np.cumsum(sizes, dtype=np.float64)])
     cut = int(np.argmin(np.abs(removed - _budget(scores, sparsity, attn_params, mlp_params))))
     return _plan(scores, {label for item in items[:cut] for label in item[4]})
@@ -205,17 +230,23 @@ def unit_sizes(model: PreTrainedModel) -> tuple[int, int]:
 
 
 def allocate_for_model(
-    model: PreTrainedModel, scores: pd.DataFrame, sparsity: float, gamma: float, mlp_multiple: int, mode: str
+    model: PreTrainedModel,
+    scores: pd.DataFrame,
+    sparsity: float,
+    gamma: float,
+    mlp_multiple: int,
+    mode: str,
+    attn_multiple: int = 1,
 ) -> pd.DataFrame:
     """The plan under allocation `mode` (see `allocation_mode`), with the per-unit parameter counts
-    read off the model's first layer."""
+    read off the model (`unit_sizes`)."""
     attn_params, mlp_params = unit_sizes(model)
     if mode == "nirvana":
-        return allocate(scores, sparsity, gamma, attn_params, mlp_params, mlp_multiple)
+        return allocate(scores, sparsity, gamma, attn_params, mlp_params, mlp_multiple, attn_multiple)
     if mode == "uniform":
-        return allocate_uniform(scores, sparsity, attn_params, mlp_params, mlp_multiple)
+        return allocate_uniform(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple)
     if mode == "flap":
-        return allocate_flap(scores, sparsity, attn_params, mlp_params, mlp_multiple)
+        return allocate_flap(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple)
     raise ValueError(f"unknown allocation mode {mode!r}")
 
 

@@ -17,6 +17,7 @@ from nirvana.criteria import CRITERIA
 from nirvana.data import bos_id, dataset_texts, hold_out, token_stream, user_windows, windows
 from nirvana.forward import model_inputs
 from nirvana.params import CalibrationParams, Params
+from nirvana.saliency import enable_checkpointing
 from nirvana.surgery import prune_model
 
 
@@ -68,7 +69,8 @@ def prune_with(model: PreTrainedModel, windows: torch.Tensor, params: Params, sp
     """A pruned copy of `model`, scored on `windows` with the configured criterion and allocation."""
     scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
     a = params.allocation
-    plan = allocate_for_model(model, scores, sparsity, params.gamma, a.mlp_multiple, allocation_mode(params))
+    mode = allocation_mode(params)
+    plan = allocate_for_model(model, scores, sparsity, params.gamma, a.mlp_multiple, mode, a.attn_multiple)
     pruned = copy.deepcopy(model)
     prune_model(pruned, plan)
     return pruned
@@ -86,6 +88,8 @@ def search(
     c = params.calibration
     sparsity = params.sparsity if c.select_at_sparsity is None else c.select_at_sparsity
     reference = list(log_probs(model, kl_windows, c.kl_batch_size))  # the dense model's work, once
+    if params.saliency.gradient_checkpointing:
+        enable_checkpointing(model)
     rows = []
     for candidate in tqdm(range(c.candidates), desc="candidates", unit="set"):
         seed = c.seed + candidate

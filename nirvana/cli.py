@@ -1,12 +1,15 @@
-"""`nirvana` command line: look inside models the pipeline wrote, sweep methods, tabulate experiments."""
+"""`nirvana` command line: look inside models the pipeline wrote, check their weights against their model
+cards, sweep methods, tabulate experiments."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
+from nirvana.card import verify_folder
 from nirvana.evaluation import param_counts
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import METHODS
@@ -30,6 +33,15 @@ def generate(path: str, prompt: str, max_new_tokens: int) -> None:
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
+def verify(path: str) -> None:
+    """Recompute a model folder's tensor hashes and check them against its card (README.md);
+    exit 1 naming every missing, extra or changed file and tensor."""
+    ok, message = verify_folder(path)
+    if not ok:
+        sys.exit(message)
+    print(message)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nirvana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("model")
     p_gen.add_argument("prompt")
     p_gen.add_argument("--max-new-tokens", type=int, default=40)
+    p_verify = sub.add_parser("verify", help="check a pruned folder's weights against the hashes in its model card")
+    p_verify.add_argument("model")
     sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
     p_sweep = sub.add_parser("sweep", help="one DVC experiment per method and sparsity, up to evaluate@pruned")
     p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -50,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         info(args.model)
     elif args.command == "generate":
         generate(args.model, args.prompt, args.max_new_tokens)
+    elif args.command == "verify":
+        verify(args.model)
     elif args.command == "sweep":
         sweep(args.methods, args.sparsities, args.set, args.queue)
     else:

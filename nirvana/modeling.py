@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from nirvana.models import GRANULARITY_KEY
+from nirvana.params import ModelParams
 
 
 def _installed(package: str, version: str, module: str) -> Path:
@@ -86,12 +87,16 @@ def _from_gguf(embedded: EmbeddedModel) -> tuple[PreTrainedModel, PreTrainedToke
     return model, tokenizer
 
 
-def load_base(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model named in params: an embedded alias, a Hugging Face id, or a local HF folder."""
-    if name_or_path in EMBEDDED:
-        return _from_gguf(EMBEDDED[name_or_path])
-    model = auto_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(name_or_path)
+def load_base(m: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model named in params: an embedded alias, a Hugging Face id, or a local HF folder, in
+    `model.dtype` on the CPU (prepare_model only converts and saves it)."""
+    if m.name_or_path in EMBEDDED:
+        model, tokenizer = _from_gguf(EMBEDDED[m.name_or_path])
+        return model.to(getattr(torch, m.dtype)), tokenizer
+    remote = m.trust_remote_code
+    config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=remote)
+    model = auto_class(config).from_pretrained(m.name_or_path, dtype=getattr(torch, m.dtype), trust_remote_code=remote)
+    return model, AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=remote)
 
 
 def auto_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]:
@@ -105,15 +110,29 @@ def device() -> torch.device:
 
 
 def load_model(
-    path: str | Path, on: str | torch.device | None = None, granularity: str | None = None
+    path: str | Path,
+    m: ModelParams | None = None,
+    on: str | torch.device | None = None,
+    granularity: str | None = None,
 ) -> PreTrainedModel:
-    """A dense or pruned model folder written by this pipeline, in eval mode, on `on` (default
-    `device()`; training passes "cpu" and lets accelerate place each process's copy). `granularity`
-    sets the attention unit of a dense model (`attention.granularity`); a pruned one keeps its own."""
-    model = auto_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), dtype=torch.float32)
+    """A dense or pruned model folder written by this pipeline, in eval mode and `model.dtype`, on `on`
+    (default `device()`; training passes "cpu" and lets accelerate place each process's copy), or
+    sharded layer by layer across the GPUs with `model.device_map: auto`. `granularity` sets the
+    attention unit of a dense model (`attention.granularity`); a pruned one keeps its own."""
+    m = m or ModelParams()
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=m.trust_remote_code)
+    sharded = m.device_map is not None and on is None
+    model = auto_class(config).from_pretrained(
+        str(path),
+        dtype=getattr(torch, m.dtype),
+        device_map=m.device_map if sharded else None,
+        trust_remote_code=m.trust_remote_code,
+    )
     if granularity is not None:
         setattr(model.config, GRANULARITY_KEY, granularity)
-    return model.to(on or device()).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
+    if not sharded:
+        model = model.to(on or device())  # type: ignore[arg-type]  # transformers types .to() oddly
+    return model.eval()
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class CalibrationParams:
     def __post_init__(self) -> None:
         for key in ("num_samples", "candidates", "kl_samples", "kl_batch_size"):
             _check(getattr(self, key) > 0, f"calibration.{key}", getattr(self, key), "a positive integer")
+        _check(self.seed >= 0, "calibration.seed", self.seed, "an integer >= 0")
         for key in ("seq_len", "kl_seq_len"):
             _check(getattr(self, key) > 1, f"calibration.{key}", getattr(self, key), "an integer > 1")
         at = self.select_at_sparsity
@@ -137,6 +139,12 @@ class EvaluateParams:
             "null or an integer > 1",
         )
         _check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
+        _check(
+            self.max_tokens is None or self.max_tokens >= max(self.windows),
+            "evaluate.max_tokens",
+            self.max_tokens,
+            f"null or at least the longest of evaluate.windows ({max(self.windows)}), which it must fill",
+        )
 
 
 USER_FINETUNE_DIR = Path("data/finetune")
@@ -163,10 +171,11 @@ class FinetuneParams:
         for key in ("batch_size", "grad_accum", "lora_r", "save_steps"):
             _check(getattr(self, key) > 0, f"finetune.{key}", getattr(self, key), "a positive integer")
         _check(self.seq_len > 1, "finetune.seq_len", self.seq_len, "an integer > 1")
-        _check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
+        _check(0 < self.lr < math.inf, "finetune.lr", self.lr, "a number > 0 (and finite)")
         _check(self.lora_alpha > 0, "finetune.lora_alpha", self.lora_alpha, "a number > 0")
         _check(0 <= self.lora_dropout < 1, "finetune.lora_dropout", self.lora_dropout, "0 <= value < 1")
         _check(self.warmup_steps >= 0, "finetune.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.seed >= 0, "finetune.seed", self.seed, "an integer >= 0")
         _check(
             self.launch.split()[:1] in (["python"], ["accelerate"]),
             "finetune.launch",
@@ -218,7 +227,7 @@ class Params:
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         _check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number with 0 <= sparsity < 1")
-        _check(self.gamma > 0, "gamma", self.gamma, "a number > 0")
+        _check(0 < self.gamma < math.inf, "gamma", self.gamma, "a number > 0 (and finite)")
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -242,6 +251,22 @@ def _accepts(hint: object, value: object) -> bool:
     return isinstance(value, hint)  # type: ignore[arg-type]
 
 
+def _name(hint: object) -> str:
+    """A type hint as params.yaml users read it: int, float | None, list[int]."""
+    return hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
+
+
+def _yaml_hint(value: object) -> str:
+    """Why a number can arrive as a string: quotes, or YAML 1.1 reading `1e-4` (no dot) as text."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (a number in quotes, or 1e-4 without a dot, is a string in YAML: write 1.0e-4)"
+
+
 def _build(cls: type, raw: object, prefix: str) -> object:
     """Build dataclass `cls` from a mapping, naming the exact key on any mismatch."""
     if not isinstance(raw, dict):
@@ -257,7 +282,9 @@ def _build(cls: type, raw: object, prefix: str) -> object:
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
         elif not _accepts(hints[key], value):
-            raise ParamError(f"params: {prefix}{key} = {value!r} has the wrong type; expected {hints[key]}")
+            raise ParamError(
+                f"params: {prefix}{key} = {value!r} has the wrong type; expected {_name(hints[key])}{_yaml_hint(value)}"
+            )
         else:
             kwargs[key] = value
     return cls(**kwargs)
@@ -265,7 +292,13 @@ def _build(cls: type, raw: object, prefix: str) -> object:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamError naming the offending key."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"params: {path} not found (run the stage from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamError(f"params: {path} is not valid YAML: {err}") from err
     params = _build(Params, raw, "")
     assert isinstance(params, Params)
     return params

@@ -9,6 +9,7 @@ adds those biases) before the weights load; `AutoModelForCausalLM.from_pretraine
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,19 @@ def zero_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
         adapter.zero_units(layer, dropped[index])
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """Write an HF folder (safetensors + tokenizer) atomically."""
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    card: Callable[[Path], str] | None = None,
+) -> None:
+    """Write an HF folder (safetensors + tokenizer) atomically. `card(folder)` gives its README.md from
+    the written files (it hashes the weights), so the card is in place before the folder appears."""
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card(tmp))
 
 
 _original_post_init = PreTrainedModel.post_init

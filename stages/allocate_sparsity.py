@@ -19,6 +19,7 @@ def main(params: Params, model_dir: str, scores: str, plan_out: str, widths_out:
         params.gamma,
         params.allocation.mlp_multiple,
         mode,
+        params.allocation.attn_multiple,
     )
     write_parquet(plan, plan_out)
     widths = layer_widths(plan)

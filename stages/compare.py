@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from nirvana.checks import check_model
 from nirvana.efficiency import efficiency_report
 from nirvana.io import folder_digest, log, write_csv, write_json
 from nirvana.modeling import load_model
@@ -23,7 +24,16 @@ def main(
     out: str,
     plot_out: str,
 ) -> None:
-    report = efficiency_report(load_model(dense_dir), load_model(pruned_dir), dense_dir, pruned_dir, params.efficiency)
+    run = ("efficiency.prompt_len + efficiency.new_tokens", params.efficiency.prompt_len + params.efficiency.new_tokens)
+    for folder in (dense_dir, pruned_dir):
+        check_model(folder, [run], tokenizer=False)
+    report = efficiency_report(
+        load_model(dense_dir, params.model),
+        load_model(pruned_dir, params.model),
+        dense_dir,
+        pruned_dir,
+        params.efficiency,
+    )
     report["pruned_digest"] = folder_digest(pruned_dir)  # which pruned model these speedups are about
     write_json(report, out)
     rows = [

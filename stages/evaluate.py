@@ -1,18 +1,20 @@
 """Stage evaluate: perplexity on the held-out sets, zero-shot accuracy, and model size."""
 
+from nirvana.checks import check_model, check_zero_shot
 from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
 from nirvana.evaluation import param_counts, perplexity
 from nirvana.io import folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
-from nirvana.zeroshot import check_tasks, zero_shot
+from nirvana.zeroshot import zero_shot
 
 
 def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, info_out: str) -> None:
     e = params.evaluate
-    check_tasks(e.tasks)  # an unknown task stops here, before any model work
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    check_zero_shot(e.tasks)  # an unknown task stops here, before any model work
+    check_model(model_dir, [(f"evaluate.windows[{i}]", w) for i, w in enumerate(e.windows)])
+    model, tokenizer = load_model(model_dir, params.model), load_tokenizer(model_dir)
     metrics: dict = param_counts(model) | {"model_digest": folder_digest(model_dir)}
     for name in EVAL_SETS:
         stream = token_stream(read_texts(f"{corpora_dir}/{name}.parquet"), tokenizer)[: e.max_tokens]

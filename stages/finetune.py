@@ -1,9 +1,13 @@
 """Stage finetune: recover quality with LoRA (method §4), merge the adapters, save a pruned-model
-folder. Runs unchanged under `accelerate launch` (params: finetune.launch); steps 0 copies."""
+folder with its model card. Runs unchanged under `accelerate launch` (params: finetune.launch);
+steps 0 copies the pruned folder and writes a fresh card for the copy (same weights, steps 0)."""
 
 import shutil
+from functools import partial
 from pathlib import Path
 
+from nirvana.card import CARD, finetune_record, model_card
+from nirvana.checks import check_finetune
 from nirvana.finetune import (
     build_examples,
     checkpoint_key,
@@ -25,20 +29,24 @@ CHECKPOINTS = Path("checkpoints/finetune")  # outside every DVC output; removed 
 
 def main(params: Params, model_dir: str, corpus: str, out_dir: str, metrics_out: str) -> None:
     f = params.finetune
+    check_finetune(f, model_dir)
     if f.steps == 0:
         if is_main_process():
+            record = finetune_record(model_dir, f, {"steps": 0}, None)
             with atomic_path(out_dir) as tmp:
                 shutil.copytree(model_dir, tmp)
+                (tmp / CARD).write_text(model_card(record, tmp))
             write_json({"steps": 0, "base_digest": folder_digest(model_dir)}, metrics_out)
             log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
         return
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, on="cpu")
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, params.model, on="cpu")
     examples = build_examples(read_rows(f.dataset, corpus), tokenizer, f.seq_len, is_seq2seq(model))
     base = folder_digest(model_dir)
     checkpoints = CHECKPOINTS / checkpoint_key(base, f, f.dataset or corpus)
     merged, summary = train(model, tokenizer, examples, f, checkpoints)
     if is_main_process():
-        save_model(merged, load_tokenizer(model_dir), out_dir)
+        card = partial(model_card, finetune_record(model_dir, f, summary | {"base_digest": base}, merged))
+        save_model(merged, load_tokenizer(model_dir), out_dir, card=card)
         write_json(summary | {"base_digest": base}, metrics_out)
         remove_checkpoints(checkpoints)
         log.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in summary.items()))

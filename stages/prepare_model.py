@@ -10,7 +10,7 @@ from nirvana.surgery import save_model
 
 def main(params: Params, out_dir: str) -> None:
     log.info("loading %s", params.model.name_or_path)
-    model, tokenizer = load_base(params.model.name_or_path)
+    model, tokenizer = load_base(params.model)
     get_adapter(model.config)  # an unsupported architecture fails here, not three stages later
     save_model(model, tokenizer, out_dir)
     log.info("wrote %s (%s, %d layers)", out_dir, model.config.model_type, model.config.num_hidden_layers)

@@ -1,7 +1,11 @@
-"""Stage prune: physically remove the planned units and save a loadable HF folder."""
+"""Stage prune: physically remove the planned units and save a loadable HF folder with its model card."""
+
+from functools import partial
 
 import pandas as pd
 
+from nirvana.card import calibration_record, model_card, prune_record
+from nirvana.checks import check_model
 from nirvana.evaluation import param_counts
 from nirvana.io import log, write_json
 from nirvana.modeling import load_model, load_tokenizer
@@ -9,25 +13,28 @@ from nirvana.params import Params
 from nirvana.stage import run_stage
 from nirvana.surgery import prune_model, save_model
 
+# select_calibration's outputs, read for the model card (deps of this stage in dvc.yaml)
+CALIBRATION = ("metrics/calibration.json", "outputs/calibration_candidates.parquet")
+
 
 def main(params: Params, model_dir: str, plan: str, out_dir: str, metrics_out: str) -> None:
-    model = load_model(model_dir, granularity=params.attention.granularity)
+    check_model(model_dir)
+    model = load_model(model_dir, params.model, granularity=params.attention.granularity)
     dense = param_counts(model)
     prune_model(model, pd.read_parquet(plan))
     pruned = param_counts(model)
-    save_model(model, load_tokenizer(model_dir), out_dir)
     removed = 1 - pruned["params_attn_mlp"] / dense["params_attn_mlp"]
-    write_json(
-        {
-            "dense": dense,
-            "pruned": pruned,
-            "sparsity_requested": params.sparsity,
-            "sparsity_realised": round(removed, 6),
-        },
-        metrics_out,
-    )
+    metrics = {
+        "dense": dense,
+        "pruned": pruned,
+        "sparsity_requested": params.sparsity,
+        "sparsity_realised": round(removed, 6),
+    }
+    record = prune_record(params, model_dir, model, metrics, calibration_record(*CALIBRATION))
+    save_model(model, load_tokenizer(model_dir), out_dir, card=partial(model_card, record))
+    write_json(metrics, metrics_out)
     log.info(
-        "wrote %s: %d -> %d parameters, attention+MLP sparsity %.4f (requested %.4f)",
+        "wrote %s (with its model card): %d -> %d parameters, attention+MLP sparsity %.4f (requested %.4f)",
         out_dir,
         dense["params_total"],
         pruned["params_total"],

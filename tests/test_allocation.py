@@ -225,3 +225,23 @@ def test_flap_keeps_one_unit_and_a_block_per_layer_at_extreme_sparsity() -> None
 def test_a_null_mode_means_the_methods_own_allocation(method: str, mode: str | None, expected: str) -> None:
     assert allocation_mode(Params(method=method, allocation=AllocationParams(mode=mode))) == expected
     assert set(METHODS) >= set(METHOD_MODES) and set(AllocationParams.MODES) >= set(METHOD_MODES.values())
+
+
+@pytest.mark.parametrize("mode", ["nirvana", "uniform", "flap"])
+def test_attention_widths_round_to_attn_multiple(mode: str) -> None:
+    """With 8 attention units a layer and attn_multiple 4, every layer keeps 4 or 8 and the removed
+    parameters land within one attention block (plus one MLP channel) of the budget; uniform moves a
+    block in every layer at once, so within half of that."""
+    df = pd.concat([scores(seed=11), scores(seed=12).query("module == 'attn'").assign(unit=lambda d: d.unit + HEADS)])
+    df = df.sort_values(["layer", "module", "unit"]).reset_index(drop=True)
+    allocate_mode = {
+        "nirvana": lambda: allocate(df, 0.3, 3.0, A, M, mlp_multiple=1, attn_multiple=4),
+        "uniform": lambda: allocate_uniform(df, 0.3, A, M, mlp_multiple=1, attn_multiple=4),
+        "flap": lambda: allocate_flap(df, 0.3, A, M, mlp_multiple=1, attn_multiple=4),
+    }
+    plan = allocate_mode[mode]()
+    widths = layer_widths(plan)
+    assert set(widths.attn_kept) <= {4, 8} and (widths.attn_dense == 8).all()
+    budget = 0.3 * (A * LAYERS * 8 + M * LAYERS * CHANNELS)
+    tolerance = LAYERS * 4 * A / 2 if mode == "uniform" else 4 * A + M
+    assert abs(removed_params(plan) - budget) <= tolerance

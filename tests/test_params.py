@@ -53,6 +53,22 @@ def test_the_committed_params_are_valid() -> None:
         ({"evaluate__windows": []}, r"evaluate.windows = \[\] is invalid"),
         ({"calibration__num_sample": 8}, r"unknown key calibration.num_sample; did you mean calibration.num_samples\?"),
         ({"sparsty": 0.3}, r"unknown key sparsty; did you mean sparsity\?"),
+        ({"finetune__lora": 4}, r"unknown key finetune.lora; did you mean finetune.lora_r\?"),
+        ({"saliency__batch_size": True}, r"saliency.batch_size = True has the wrong type; expected int$"),
+        ({"sparsity": False}, r"sparsity = False has the wrong type; expected float"),
+        (
+            {"evaluate__windows": [128, True]},
+            r"evaluate.windows = \[128, True\] has the wrong type; expected list\[int\]",
+        ),
+        ({"calibration": 8}, r"params: calibration must be a mapping, got 8"),
+        ({"gamma": float("inf")}, r"gamma = inf is invalid; expected a number > 0"),
+        ({"sparsity": float("nan")}, r"sparsity = nan is invalid"),
+        ({"attention__granularity": "head"}, r"attention.granularity = 'head' is invalid; expected one of group, "),
+        ({"calibration__seed": -1}, r"calibration.seed = -1 is invalid; expected an integer >= 0"),
+        ({"finetune__seed": -1}, r"finetune.seed = -1 is invalid; expected an integer >= 0"),
+        ({"calibration__kl_seq_len": 1}, r"calibration.kl_seq_len = 1 is invalid; expected an integer > 1"),
+        ({"evaluate__max_tokens": 256}, r"evaluate.max_tokens = 256 is invalid; expected null or at least the longest"),
+        ({"finetune__lr": "1e-4"}, r"YAML: write 1.0e-4\)$"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, changes: dict, message: str) -> None:
@@ -65,3 +81,11 @@ def test_every_method_and_allocation_mode_is_accepted(tmp_path: Path) -> None:
         for mode in (None, *AllocationParams.MODES):
             params = load_params(write(tmp_path, method=method, allocation__mode=mode))
             assert (params.method, params.allocation.mode) == (method, mode)
+
+
+def test_a_missing_or_broken_params_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ParamError, match=r"params: .*params.yaml not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("sparsity: [0.2\n")
+    with pytest.raises(ParamError, match=r"params: .*params.yaml is not valid YAML"):
+        load_params(tmp_path / "params.yaml")

@@ -4,8 +4,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from conftest import tiny_llama
-from nirvana.saliency import nirvana_scores
+from conftest import tiny_llama, tiny_t5
+from nirvana.forward import logits_and_labels
+from nirvana.models import get_adapter
+from nirvana.saliency import enable_checkpointing, nirvana_scores, ntk_objective
 
 WINDOWS = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(5))
 
@@ -92,3 +94,48 @@ def test_leaves_no_gradients_behind() -> None:
     model = tiny_llama("gqa")
     nirvana_scores(model, WINDOWS, batch_size=2)
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def naive_scores(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """The release's way: every parameter trainable, the whole set in one forward and one backward."""
+    adapter = get_adapter(model.config)
+    model.requires_grad_(True)
+    logits, labels = logits_and_labels(model, windows)
+    ntk_objective(logits, labels, len(windows)).backward()
+    per_weight = lambda p: (p.detach() * p.grad).abs()  # noqa: E731
+    scores = [
+        adapter.unit_scores(layer, m, per_weight) for layer in adapter.layers(model) for m in adapter.modules(layer)
+    ]
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    return torch.cat(scores)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lean_scores_equal_the_naive_full_batch_backward(checkpointing: bool) -> None:
+    model = tiny_llama("gqa_bias")
+    expected = naive_scores(model, WINDOWS)
+    if checkpointing:
+        enable_checkpointing(model)
+    lean = nirvana_scores(model, WINDOWS, batch_size=2)
+    torch.testing.assert_close(torch.tensor(lean.score.values, dtype=torch.float32), expected, rtol=1e-5, atol=0)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_t5_checkpointed_scores_stay_in_eval_mode() -> None:
+    """T5 has dropout: checkpointing must not switch it on (scores would then vary run to run)."""
+    model = tiny_t5("relu")
+    model.config.dropout_rate = 0.5
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    plain = nirvana_scores(model, WINDOWS, batch_size=2)
+    enable_checkpointing(model)
+    checkpointed = nirvana_scores(model, WINDOWS, batch_size=2)
+    torch.testing.assert_close(
+        torch.tensor(checkpointed.score.values), torch.tensor(plain.score.values), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(plain.score.values, dtype=torch.float32), naive_scores(model, WINDOWS), rtol=1e-5, atol=0
+    )

@@ -47,6 +47,11 @@ def unit_rows(units: torch.Tensor, size: int, groups: int = 1, count: int = 0) -
     return (torch.arange(groups)[:, None] * count * size + rows).flatten()
 
 
+def slice_sums(per_weight: torch.Tensor, s: Slice, n: int) -> torch.Tensor:
+    """Per-unit sums (float32, on the CPU) of a parameter's per-weight scores over slice `s` of n units."""
+    return per_weight.float().movedim(s.dim, 0).reshape(s.groups, n, -1).sum(dim=(0, 2)).cpu()
+
+
 class Adapter:
     """Names the prunable units of one layer; subclasses give `layers` and `slices`.
 
@@ -143,8 +148,7 @@ class Adapter:
         n = self.unit_count(layer, module)
         total = torch.zeros(n, dtype=torch.float32)
         for s in self.slices(module, layer):
-            scores = per_weight(self.param(layer, s.param)).float().cpu()
-            total += scores.movedim(s.dim, 0).reshape(s.groups, n, -1).sum(dim=(0, 2))
+            total += slice_sums(per_weight(self.param(layer, s.param)), s, n)
         return total
 
     def _rows(self, layer: nn.Module, s: Slice, units: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,340 @@
+"""Model cards (README.md, Hugging Face format) for the folders the prune and finetune stages write.
+
+The YAML front matter holds the provenance a reader needs to trust a pruned model: the base model and
+its folder digest, the pruning settings, the calibration selection, per-layer widths, parameter counts,
+the fine-tuning summary, the code's git commit and dvc.lock's digest, and the SHA-256 of every stored
+tensor and safetensors file, which `nirvana verify` recomputes. The Markdown below it is for people.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import PreTrainedModel
+
+from nirvana.allocation import allocation_mode
+from nirvana.io import folder_digest
+from nirvana.params import FinetuneParams, Params
+from nirvana.surgery import layer_units
+
+CARD = "README.md"
+LOCK_NOTE = (
+    "dvc.lock as it was when this stage ran: it pins the inputs of the previous run "
+    "(DVC rewrites it after the stage), not necessarily those of this one"
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_MODIFIED = 20  # modified paths listed in the card; the rest are counted
+
+
+class _Line(dict):
+    """A mapping the front matter writes on one line (one per tensor)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Line, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
+
+
+# --- hashes of what the folder stores -------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, streamed (weight files can be many GB)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's bytes as safetensors stores them (row-major, little-endian)."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+
+
+def file_tensors(path: Path, name: str) -> dict[str, dict[str, Any]]:
+    """dtype, shape and SHA-256 of each tensor in one safetensors file, read with safetensors (no pickle)."""
+    out: dict[str, dict[str, Any]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in sorted(f.keys()):
+            piece = f.get_slice(key)
+            sha = tensor_sha256(f.get_tensor(key))
+            out[key] = _Line(file=name, dtype=piece.get_dtype(), shape=list(piece.get_shape()), sha256=sha)
+    return out
+
+
+def weight_hashes(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """SHA-256 of every safetensors file and every tensor in `folder`; and the files that safetensors
+    could not read (name -> error), so that `verify` reports a corrupt header instead of crashing."""
+    folder = Path(folder)
+    files, tensors, unreadable = {}, {}, {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        name = path.relative_to(folder).as_posix()
+        files[name] = sha256_file(path)
+        try:
+            tensors.update(file_tensors(path, name))
+        except Exception as err:  # a truncated or corrupt file: safetensors raises its own error types
+            unreadable[name] = f"{type(err).__name__}: {err}"
+    return {"files": files, "tensors": tensors}, unreadable
+
+
+# --- where the code and the pipeline state stood -------------------------------------------------
+
+
+def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, Any]:
+    """The commit of the code and the tracked files that differ from it (`dirty`); None with a reason
+    outside a git repository. Untracked files are ignored: a stage's own temporary output is one."""
+    head = _git(Path(cwd), "rev-parse", "HEAD")
+    if head is None or head.returncode != 0:
+        reason = "git is not installed" if head is None else (head.stderr.strip().splitlines() or ["git failed"])[0]
+        return {"commit": None, "dirty": None, "note": f"no git commit: {reason}"}
+    status = _git(Path(cwd), "status", "--porcelain", "--untracked-files=no")
+    modified = [line[3:] for line in status.stdout.splitlines()] if status and status.returncode == 0 else []
+    listed = modified[:MAX_MODIFIED] + (
+        [f"... and {len(modified) - MAX_MODIFIED} more"] * (len(modified) > MAX_MODIFIED)
+    )
+    return {"commit": head.stdout.strip(), "dirty": bool(modified), "modified": listed}
+
+
+def lock_state(path: str | Path = "dvc.lock") -> dict[str, Any]:
+    """SHA-256 of dvc.lock as the stage found it (it describes the previous run), or why there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return {"sha256": None, "note": f"no {path.name} when this stage ran (first run, or not run by DVC)"}
+    return {"sha256": sha256_file(path), "note": LOCK_NOTE}
+
+
+# --- what the stages know ------------------------------------------------------------------------
+
+
+def calibration_record(metrics: str | Path, candidates: str | Path) -> dict[str, Any] | None:
+    """select_calibration's summary (KL of the winner, median, worst) and the winner's candidate and
+    seed, from its outputs; None when the stage has not run (a pruned folder made outside DVC)."""
+    metrics, candidates = Path(metrics), Path(candidates)
+    if not metrics.is_file():
+        return None
+    record: dict[str, Any] = json.loads(metrics.read_text())
+    if candidates.is_file():
+        table = pd.read_parquet(candidates, columns=["candidate", "seed", "selected"])
+        winner = table[table["selected"]].iloc[0]
+        record |= {"selected_candidate": int(winner["candidate"]), "seed": int(winner["seed"])}
+    return record
+
+
+def prune_record(
+    params: Params, base_dir: str | Path, model: PreTrainedModel, metrics: dict, calibration: dict | None
+) -> dict[str, Any]:
+    """The provenance of a freshly pruned model; `metrics` are the prune stage's (counts, sparsity)."""
+    return {
+        "stage": "prune",
+        "base_model": {"name_or_path": params.model.name_or_path, "digest": folder_digest(base_dir)},
+        "architecture": model.config.model_type,
+        "encoder_decoder": bool(getattr(model.config, "is_encoder_decoder", False)),
+        "method": params.method,
+        "sparsity": {"requested": params.sparsity, "realised": metrics["sparsity_realised"]},
+        "gamma": params.gamma,
+        "allocation_mode": allocation_mode(params),
+        "attention_granularity": params.attention.granularity,
+        "calibration": calibration,
+        "params": {"dense": metrics["dense"], "pruned": metrics["pruned"]},
+        "layers": layer_units(model),
+        "finetune": None,
+    }
+
+
+def finetune_record(
+    pruned_dir: str | Path, f: FinetuneParams, summary: dict, model: PreTrainedModel | None
+) -> dict[str, Any]:
+    """The pruned model's provenance (from its card) plus the fine-tuning; widths come from the tuned
+    model, or from the pruned card when `model` is None (steps 0: the weights are a copy)."""
+    pruned = read_card(pruned_dir).get("nirvana") if (Path(pruned_dir) / CARD).is_file() else None
+    carried = {k: v for k, v in (pruned or {}).items() if k not in ("stage", "code", "dvc_lock", "weights")}
+    source = {"digest": folder_digest(pruned_dir), "card": CARD if pruned else None}
+    if pruned:
+        source |= {"code": pruned.get("code"), "dvc_lock": pruned.get("dvc_lock")}
+    layers = layer_units(model) if model is not None else carried.get("layers")
+    tuned = summary | {"params": dataclasses.asdict(f)}
+    return {"stage": "finetune", **carried, "pruned_model": source, "layers": layers, "finetune": tuned}
+
+
+# --- the card ------------------------------------------------------------------------------------
+
+
+def front_matter(record: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face metadata; `base_model` only for a Hub id, which is what the Hub accepts there."""
+    name = (record.get("base_model") or {}).get("name_or_path") or ""
+    meta: dict[str, Any] = {"base_model": name} if HUB_ID.match(name) and not Path(name).exists() else {}
+    tags = ["nirvana", "pruned", "structured-pruning"]
+    if "method" in record:
+        tags.append(f"method-{record['method']}")
+    if (record.get("finetune") or {}).get("steps", 0) > 0:
+        tags += ["lora", "fine-tuned"]
+    pipeline = "text2text-generation" if record.get("encoder_decoder") else "text-generation"
+    return meta | {"library_name": "transformers", "pipeline_tag": pipeline, "tags": tags, "nirvana": record}
+
+
+def model_card(record: dict[str, Any], folder: str | Path, cwd: str | Path = ".") -> str:
+    """The README.md text for `folder` as written: `record` plus code, dvc.lock and weight hashes.
+    `cwd` is the repository the stage runs in (DVC runs stages at its root)."""
+    weights, unreadable = weight_hashes(folder)
+    if unreadable:
+        raise ValueError(f"cannot read {', '.join(unreadable)} in {folder} with safetensors")
+    full = record | {"code": git_state(cwd), "dvc_lock": lock_state(Path(cwd) / "dvc.lock"), "weights": weights}
+    meta = front_matter(full)
+    yaml_text = yaml.dump(
+        meta, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=4096, allow_unicode=True
+    )
+    return f"---\n{yaml_text}---\n\n{body(full)}"
+
+
+def read_card(folder: str | Path) -> dict[str, Any]:
+    """The YAML front matter of a folder's README.md (raises ValueError if it has none)."""
+    text = (Path(folder) / CARD).read_text()
+    match = re.match(r"---\n(.*?\n)---\n", text, re.DOTALL)
+    if match is None:
+        raise ValueError(f"{Path(folder) / CARD} has no YAML front matter")
+    meta = yaml.safe_load(match.group(1))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{Path(folder) / CARD}: the front matter is not a mapping")
+    return meta
+
+
+def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _provenance(r: dict[str, Any]) -> str:
+    base, code, lock = r.get("base_model") or {}, r["code"], r["dvc_lock"]
+    commit = f"`{code['commit']}`" if code["commit"] else code["note"]
+    if code["commit"]:
+        commit += f", working tree dirty: {code['dirty']}" + (f" ({', '.join(code['modified'])})" * code["dirty"])
+    rows = [
+        ("stage", f"`{r['stage']}`"),
+        ("base model", f"`{base.get('name_or_path')}`, folder digest `{base.get('digest')}`" if base else "unknown"),
+        ("code", commit),
+        ("dvc.lock", f"SHA-256 `{lock['sha256']}`: {lock['note']}" if lock["sha256"] else lock["note"]),
+    ]
+    if "pruned_model" in r:
+        rows.append(("pruned model", f"folder digest `{r['pruned_model']['digest']}`"))
+    return "## Provenance\n\n" + _table(rows, ("", ""))
+
+
+def _pruning(r: dict[str, Any]) -> str:
+    if "method" not in r:
+        return "## Pruning\n\nUnknown: the pruned model this was fine-tuned from had no model card."
+    s, cal, counts = r["sparsity"], r.get("calibration"), r.get("params") or {}
+    rows = [
+        ("method", r["method"]),
+        ("sparsity (attention+MLP), requested / realised", f"{s['requested']} / {s['realised']}"),
+        ("gamma (MLP / attention pruning fraction)", r["gamma"]),
+        ("allocation mode", r["allocation_mode"]),
+        ("attention granularity", r["attention_granularity"]),
+    ]
+    rows += [
+        (f"parameters {k}, dense / pruned", f"{v:,} / {counts['pruned'][k]:,}") for k, v in counts["dense"].items()
+    ]
+    text = "## Pruning\n\n" + _table(rows, ("", ""))
+    if cal is None:
+        return text + "\n\nCalibration selection: not recorded (no metrics/calibration.json when pruning)."
+    return (
+        text + "\n\n### Calibration selection (KL to the dense model)\n\n" + _table([tuple(cal.values())], tuple(cal))
+    )
+
+
+def _finetune(r: dict[str, Any]) -> str:
+    tuned = r.get("finetune")
+    if tuned is None:
+        return ""
+    if tuned.get("steps", 0) == 0:
+        return "## Fine-tuning\n\nSkipped (`finetune.steps: 0`): the weights are those of the pruned model.\n\n"
+    rows = [(k, v) for k, v in tuned.items() if k != "params"] + [("params", json.dumps(tuned["params"]))]
+    return "## Fine-tuning (LoRA, merged)\n\n" + _table(rows, ("", "")) + "\n\n"
+
+
+def _layers(layers: list[dict[str, int]] | None) -> str:
+    if not layers:
+        return "## Per-layer widths\n\nNot recorded."
+    modules = list(dict.fromkeys(m for layer in layers for m in layer))
+    rows = [(i, *(layer.get(m, "") for m in modules)) for i, layer in enumerate(layers)]
+    return "## Per-layer widths (kept units)\n\n" + _table(rows, ("layer", *modules))
+
+
+def body(r: dict[str, Any]) -> str:
+    """The human-readable part: the same facts as the front matter, in tables."""
+    name = (r.get("base_model") or {}).get("name_or_path", "a model")
+    weights = r["weights"]
+    files = [
+        (f"`{n}`", f"`{sha}`", sum(t["file"] == n for t in weights["tensors"].values()))
+        for n, sha in weights["files"].items()
+    ]
+    return (
+        f"# `{name}`, structurally pruned with NIRVANA\n\n"
+        "Written by the nirvana pipeline. Load it with `import nirvana` first (that registers the pruned "
+        "widths recorded in `config.json`), then `AutoModelForCausalLM.from_pretrained(folder)`.\n\n"
+        f"{_provenance(r)}\n\n{_pruning(r)}\n\n{_finetune(r)}{_layers(r.get('layers'))}\n\n"
+        "## Weights\n\n"
+        f"SHA-256 of each of the {len(weights['tensors'])} tensors (its stored bytes, with dtype and shape) "
+        "is in the front matter under `nirvana.weights.tensors`; `nirvana verify FOLDER` recomputes them.\n\n"
+        + _table(files, ("file", "SHA-256", "tensors"))
+        + "\n"
+    )
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def _tensor_difference(card: dict[str, Any], found: dict[str, Any]) -> str:
+    fields = [k for k in ("sha256", "dtype", "shape", "file") if card.get(k) != found.get(k)]
+    shown = [f"{k} {card.get(k)} in the card, {found.get(k)} in the folder" for k in fields if k != "sha256"]
+    return ", ".join((["SHA-256 differs"] if "sha256" in fields else []) + shown)
+
+
+def compare_weights(card: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """One line per file or tensor that is missing, extra or different."""
+    problems = []
+    for kind in ("files", "tensors"):
+        recorded, present = card.get(kind) or {}, found[kind]
+        for name in sorted(recorded.keys() | present.keys()):
+            where = f"{kind[:-1]} {name}"
+            if name not in present:
+                problems.append(f"{where}: missing (in the card, not in the folder)")
+            elif name not in recorded:
+                problems.append(f"{where}: extra (in the folder, not in the card)")
+            elif recorded[name] != present[name]:
+                diff = "SHA-256 differs" if kind == "files" else _tensor_difference(recorded[name], present[name])
+                problems.append(f"{where}: {diff}")
+    return problems
+
+
+def verify_folder(folder: str | Path) -> tuple[bool, str]:
+    """Recompute the weight hashes of `folder` and check them against its card: (ok, message)."""
+    folder = Path(folder)
+    try:
+        card = (read_card(folder).get("nirvana") or {}).get("weights")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        return False, f"{folder}: no readable model card: {err}"
+    if not isinstance(card, dict):
+        return False, f"{folder / CARD}: no nirvana.weights section to check against"
+    found, unreadable = weight_hashes(folder)
+    problems = [f"file {name}: unreadable by safetensors ({err})" for name, err in unreadable.items()]
+    problems += compare_weights(card, found)
+    if problems:
+        return False, f"{folder}: {len(problems)} problem(s) against {folder / CARD}:\n  " + "\n  ".join(problems)
+    return True, f"{folder}: OK, {len(found['tensors'])} tensors in {len(found['files'])} safetensors file(s) match"

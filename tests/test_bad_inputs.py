@@ -1,0 +1,321 @@
+"""A bad input stops a stage before any work, as DVC would run it: exit code 1, one line on stderr
+naming the culprit (the params key or the file), no traceback, and nothing written.
+
+Every case runs a real stage script in a temporary folder holding params.yaml and the inputs. A
+stage process spends most of its seconds importing torch and transformers, so the selected cases
+run a few at a time, all at once when the first test asks; each test then checks its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import random_plan, random_text, tiny_model_dir
+from nirvana.checks import InputError, check_model, check_windows
+from nirvana.stage import run_stage
+from nirvana.surgery import prune_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64  # the tiny models' vocabulary and context (max_position_embeddings)
+SMALL = {
+    "calibration": {"num_samples": 4, "seq_len": 16, "candidates": 2, "kl_samples": 4, "kl_seq_len": 16},
+    "finetune": {"steps": 2, "seq_len": 16, "batch_size": 2},
+    "evaluate": {"windows": [32], "max_tokens": 256, "tasks": ["piqa"], "limit": 4},
+    "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
+}
+MINE = "data/calibration/mine.parquet"  # a user calibration file (calibration.path)
+
+# stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
+STAGES = {
+    "allocate_sparsity": (["model", "saliency.parquet"], ["out/plan.parquet", "out/widths.csv"]),
+    "select_calibration": (
+        ["model", "pool.parquet"],
+        ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"],
+    ),
+    "compute_saliency": (["model", "calibration.parquet"], ["out/saliency.parquet"]),
+    "prune": (["model", "plan.parquet"], ["out/pruned_model", "out/prune.json"]),
+    "finetune": (["pruned", "pool.parquet"], ["out/finetuned_model", "out/finetune.json"]),
+    "evaluate": (["model", "corpora"], ["out/metrics.json", "out/lm_eval.json"]),
+    "compare": (
+        ["model", "pruned", "dense.json", "pruned.json", "finetuned.json"],
+        ["out/efficiency.json", "out/models.csv"],
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    stage: str
+    culprit: list[str]  # every one of these must appear in the stage's error line
+    params: dict = field(default_factory=dict)  # dotted key -> value, on top of SMALL
+    spoil: Callable[[Path], None] | None = None  # makes one input bad, in the case's folder
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def user_file(table: pd.DataFrame) -> Callable[[Path], None]:
+    return lambda repo: table.to_parquet(repo / MINE)
+
+
+def truncate(name: str) -> Callable[[Path], None]:
+    def spoil(repo: Path) -> None:
+        path = repo / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return spoil
+
+
+def remove_weights(repo: Path) -> None:
+    for path in (repo / "model").glob("*.safetensors"):
+        path.unlink()
+
+
+def larger_tokenizer(repo: Path) -> None:
+    """A word-level tokenizer of 100 tokens next to a model with 64 embedding rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {f"v{i}": i for i in range(1, 99)} | {"</s>": 99}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(repo / "model")
+
+
+def edit_widths(repo: Path) -> None:
+    """A pruned folder whose config.json was edited by hand: layer 0 claims one MLP channel fewer."""
+    path = repo / "pruned/config.json"
+    config = json.loads(path.read_text())
+    config["nirvana_units"][0]["mlp"] -= 1
+    path.write_text(json.dumps(config))
+
+
+def windows_with(token: int) -> Callable[[Path], None]:
+    def spoil(repo: Path) -> None:
+        rows = [[(i + j) % VOCAB for j in range(16)] for i in range(4)]
+        rows[2][5] = token
+        pd.DataFrame({"input_ids": rows}).to_parquet(repo / "calibration.parquet")
+
+    return spoil
+
+
+def ids(rows: int, token: int = 1, length: int = 16) -> pd.DataFrame:
+    return pd.DataFrame({"input_ids": [[token] * length for _ in range(rows)]})
+
+
+CASES = [
+    # params.yaml, through the cheapest stage
+    Case("sparsity_one", "allocate_sparsity", ["sparsity = 1.0", "0 <= sparsity < 1"], {"sparsity": 1.0}),
+    Case("gamma_zero", "allocate_sparsity", ["gamma = 0", "> 0"], {"gamma": 0}),
+    Case(
+        "unknown_nested_key",
+        "allocate_sparsity",
+        ["unknown key calibration.num_sample", "did you mean calibration.num_samples?"],
+        {"calibration.num_sample": 4},
+    ),
+    Case(
+        "string_for_int",
+        "allocate_sparsity",
+        ["calibration.seq_len = '16'", "wrong type"],
+        {"calibration.seq_len": "16"},
+    ),
+    Case("unknown_method", "allocate_sparsity", ["method = 'magic'", "one of nirvana"], {"method": "magic"}),
+    Case("unknown_allocation_mode", "allocate_sparsity", ["allocation.mode = 'global'"], {"allocation.mode": "global"}),
+    Case(
+        "unknown_granularity",
+        "allocate_sparsity",
+        ["attention.granularity = 'head'"],
+        {"attention.granularity": "head"},
+    ),
+    Case(
+        "negative_num_samples", "allocate_sparsity", ["calibration.num_samples = -4"], {"calibration.num_samples": -4}
+    ),
+    # sequence lengths beyond the model's context (64)
+    Case(
+        "calibration_seq_len_beyond_context",
+        "select_calibration",
+        ["calibration.seq_len = 128", "context of 64"],
+        {"calibration.seq_len": 128},
+    ),
+    Case(
+        "evaluate_window_beyond_context",
+        "evaluate",
+        ["evaluate.windows[1] = 128", "context of 64"],
+        {"evaluate.windows": [32, 128]},
+    ),
+    Case(
+        "finetune_seq_len_beyond_context",
+        "finetune",
+        ["finetune.seq_len = 100", "context of 64"],
+        {"finetune.seq_len": 100},
+    ),
+    Case(
+        "efficiency_run_beyond_context",
+        "compare",
+        ["efficiency.prompt_len + efficiency.new_tokens = 66", "context of 64"],
+        {"efficiency.prompt_len": 62},
+    ),
+    # model folders
+    Case("missing_weights", "prune", ["model: no *.safetensors"], spoil=remove_weights),
+    Case(
+        "truncated_weights",
+        "compute_saliency",
+        ["model/model.safetensors", "corrupt or truncated"],
+        spoil=truncate("model/model.safetensors"),
+    ),
+    Case(
+        "tokenizer_larger_than_model", "select_calibration", ["model", "100 tokens", "has 64"], spoil=larger_tokenizer
+    ),
+    Case(
+        "hand_edited_pruned_widths",
+        "finetune",
+        ["pruned", "model.layers.0.mlp.gate_proj.weight", "widths and weights disagree"],
+        spoil=edit_widths,
+    ),
+    # calibration files
+    Case(
+        "empty_calibration_file", "select_calibration", [MINE, "no rows"], {"calibration.path": MINE}, user_file(ids(0))
+    ),
+    Case(
+        "too_short_calibration_file",
+        "select_calibration",
+        [MINE, "3 windows", "calibration.num_samples = 4"],
+        {"calibration.path": MINE},
+        user_file(ids(3)),
+    ),
+    Case(
+        "too_short_calibration_text",
+        "select_calibration",
+        [MINE, "1 window of calibration.seq_len = 16", "calibration.num_samples = 4"],
+        {"calibration.path": MINE},
+        user_file(pd.DataFrame({"text": [random_text(20, seed=0)]})),
+    ),
+    Case(
+        "out_of_vocabulary_calibration_ids",
+        "select_calibration",
+        [MINE, "token id 64", "vocabulary of 64"],
+        {"calibration.path": MINE},
+        user_file(ids(8, token=VOCAB)),
+    ),
+    Case("negative_selected_ids", "compute_saliency", ["calibration.parquet", "token id -1"], spoil=windows_with(-1)),
+]
+
+
+def write_params(repo: Path, overrides: dict) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section] |= values
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good inputs for every stage: a tiny dense and a pruned model, a pool, windows, a plan."""
+    root = tmp_path_factory.mktemp("assets")
+    tiny_model_dir(root / "model")
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    plan = random_plan(model)
+    plan.to_parquet(root / "plan.parquet")
+    plan.drop(columns="keep").to_parquet(root / "saliency.parquet")
+    prune_model(model, plan)
+    model.save_pretrained(root / "pruned")
+    AutoTokenizer.from_pretrained(root / "model").save_pretrained(root / "pruned")
+    pool = pd.DataFrame({"text": [random_text(300, seed) for seed in range(10)]})
+    pool.to_parquet(root / "pool.parquet")
+    (root / "corpora").mkdir()
+    for name in ("wiki", "books"):
+        pool.to_parquet(root / "corpora" / f"{name}.parquet")
+    ids(4).to_parquet(root / "calibration.parquet")
+    for name in ("dense", "pruned", "finetuned"):
+        (root / f"{name}.json").write_text("{}")
+    (root / "data/calibration").mkdir(parents=True)
+    return root
+
+
+def run_case(case: Case, assets: Path, repo: Path) -> subprocess.CompletedProcess[str]:
+    shutil.copytree(assets, repo)
+    write_params(repo, case.params)
+    if case.spoil:
+        case.spoil(repo)
+    inputs, outputs = STAGES[case.stage]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(ROOT / "stages" / f"{case.stage}.py"), *inputs, *outputs]
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(
+    request: pytest.FixtureRequest, assets: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
+    """Every selected case's folder and finished stage process, run four at a time."""
+    selected = []
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if getattr(item, "module", None) is request.module and callspec is not None and "case" in callspec.params:
+            selected.append(callspec.params["case"])
+    base = tmp_path_factory.mktemp("cases")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = pool.map(lambda case: run_case(case, assets, base / case.name), selected)
+        return {case.name: (base / case.name, result) for case, result in zip(selected, done, strict=True)}
+
+
+def test_there_are_enough_cases() -> None:
+    assert len(CASES) >= 15 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input_stops_the_stage(case: Case, runs: dict) -> None:
+    repo, done = runs[case.name]
+    assert done.returncode == 1, done.stderr[-3000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"[{case.stage}] "), done.stderr[-3000:]
+    for part in case.culprit:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert "Traceback" not in done.stderr
+    assert not (repo / "out").exists(), sorted(p.name for p in (repo / "out").iterdir())
+
+
+def test_the_good_inputs_pass_every_check(assets: Path) -> None:
+    """The cases fail because of what they spoil: unspoiled, the same inputs pass."""
+    for folder in ("model", "pruned"):
+        config = check_model(assets / folder, [("calibration.seq_len", 64)])
+        check_windows(assets / "calibration.parquet", config)
+
+
+def test_other_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_stage turns only InputError into a one-line exit; a bug keeps its traceback."""
+    write_params(tmp_path, {})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stage.py", "x"])
+
+    def bad_input(params: object, path: str) -> None:
+        raise InputError(f"{path}: bad")
+
+    def bug(params: object, path: str) -> None:
+        raise KeyError("bug")
+
+    with pytest.raises(SystemExit, match=r"^\[probe\] x: bad$"):
+        run_stage("probe", bad_input)
+    with pytest.raises(KeyError, match="bug"):
+        run_stage("probe", bug)

@@ -1,0 +1,210 @@
+"""The prune and finetune stages leave a model card (README.md) that records where the model came from
+and the SHA-256 of every stored tensor; `nirvana verify` catches a changed byte, a missing file."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import random_plan, random_text, tiny_model_dir
+from nirvana.card import CARD, finetune_record, git_state, lock_state, model_card, read_card, verify_folder
+from nirvana.cli import main as cli
+from nirvana.params import FinetuneParams, ModelParams, Params
+from nirvana.surgery import layer_units, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "HuggingFaceTB/SmolLM2-135M"
+CALIBRATION = {"candidates": 3, "kl_median": 0.5, "kl_selected": 0.25, "kl_worst": 0.75}
+
+
+def sh(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+
+
+def stage(repo: Path, name: str, params: Params, *paths: str) -> None:
+    """Run a stage script's `main` in this process (a subprocess would import torch again), in `repo`."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"stages/{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo)
+        module.main(params, *paths)
+
+
+def verify(folder: Path) -> subprocess.CompletedProcess[str]:
+    """`nirvana verify` as a user runs it."""
+    return sh(folder.parent, sys.executable, "-m", "nirvana.cli", "verify", str(folder))
+
+
+def verify_here(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """`nirvana verify` in this process: exit status and the problem lines."""
+    try:
+        cli(["verify", str(folder)])
+    except SystemExit as exit_:  # sys.exit(message): status 1, the message on stderr
+        return 1, [line.strip() for line in str(exit_.code).splitlines()[1:]]
+    assert capsys.readouterr().out.count("\n") == 1  # the one-line summary
+    return 0, []
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repository in which the prune stage pruned a tiny model, as DVC would run it."""
+    repo = tmp_path_factory.mktemp("repo")
+    base = tiny_model_dir(repo / "outputs/base_model")
+    random_plan(AutoModelForCausalLM.from_pretrained(base), seed=3).to_parquet(repo / "outputs/plan.parquet")
+    (repo / "metrics").mkdir()
+    (repo / "metrics/calibration.json").write_text(json.dumps(CALIBRATION))
+    table = pd.DataFrame({"candidate": [0, 1, 2], "seed": [7, 8, 9], "kl": [0.5, 0.25, 0.75]})
+    table.assign(selected=table.candidate == 1).to_parquet(repo / "outputs/calibration_candidates.parquet")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    for args in (
+        ["init", "-q"],
+        ["add", "dvc.lock"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+    ):
+        assert sh(repo, "git", *args).returncode == 0
+    paths = ("outputs/base_model", "outputs/plan.parquet", "outputs/pruned_model", "metrics/prune.json")
+    stage(repo, "prune", Params(model=ModelParams(name_or_path=BASE)), *paths)
+    return repo
+
+
+def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
+    pruned = repo / "outputs/pruned_model"
+    meta = read_card(pruned)
+    assert meta["base_model"] == BASE and meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation" and "pruned" in meta["tags"]
+    card, metrics = meta["nirvana"], json.loads((repo / "metrics/prune.json").read_text())
+    assert card["stage"] == "prune" and card["base_model"]["name_or_path"] == BASE
+    assert len(card["base_model"]["digest"]) == 16
+    assert card["sparsity"] == {"requested": 0.2, "realised": metrics["sparsity_realised"]}
+    assert card["params"] == {"dense": metrics["dense"], "pruned": metrics["pruned"]}
+    assert (card["method"], card["gamma"], card["allocation_mode"], card["attention_granularity"]) == (
+        "nirvana",
+        3.0,
+        "nirvana",
+        "group",
+    )
+    assert card["calibration"] == CALIBRATION | {"selected_candidate": 1, "seed": 8}
+    assert card["layers"] == layer_units(AutoModelForCausalLM.from_pretrained(pruned))
+    head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert card["code"]["commit"] == head and card["code"]["dirty"] is False
+    assert card["dvc_lock"] == lock_state(repo / "dvc.lock") and card["dvc_lock"]["sha256"]
+    assert set(card["weights"]["files"]) == {"model.safetensors"}
+    up = card["weights"]["tensors"]["model.layers.0.mlp.up_proj.weight"]
+    assert up["dtype"] == "F32" and up["shape"] == [card["layers"][0]["mlp"], 24] and len(up["sha256"]) == 64
+    text = (pruned / CARD).read_text()
+    assert "## Per-layer widths" in text and "### Calibration selection" in text
+    done = verify(pruned)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1 and "OK" in done.stdout
+
+
+def tensor_span(path: Path, name: str) -> tuple[int, int]:
+    """Absolute [start, end) of a tensor's bytes in a safetensors file, from its header."""
+    (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(path.read_bytes()[8 : 8 + size])
+    start, end = header[name]["data_offsets"]
+    return 8 + size + start, 8 + size + end
+
+
+def test_one_flipped_byte_names_exactly_that_tensor(repo: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(repo / "outputs/pruned_model", tmp_path / "pruned")
+    weights, name = folder / "model.safetensors", "model.layers.1.self_attn.k_proj.weight"
+    start, end = tensor_span(weights, name)
+    data = bytearray(weights.read_bytes())
+    data[(start + end) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    done = verify(folder)
+    assert done.returncode != 0 and done.stdout == ""
+    lines = [line.strip() for line in done.stderr.splitlines()[1:]]
+    assert lines == ["file model.safetensors: SHA-256 differs", f"tensor {name}: SHA-256 differs"]
+
+
+def test_a_missing_shard_and_an_extra_file_are_named(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(repo / "outputs/pruned_model").save_pretrained(folder, max_shard_size="20KB")
+    (folder / CARD).write_text(model_card(read_card(repo / "outputs/pruned_model")["nirvana"], folder, cwd=tmp_path))
+    assert verify_folder(folder)[0]
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1
+    tensors = read_card(folder)["nirvana"]["weights"]["tensors"]
+    shard_tensors = {name for name, t in tensors.items() if t["file"] == shards[0].name}
+    assert 0 < len(shard_tensors) < len(tensors)
+    shards[0].unlink()
+    shutil.copy(shards[1], folder / "extra.safetensors")
+    code, lines = verify_here(folder, capsys)
+    assert code != 0
+    assert f"file {shards[0].name}: missing (in the card, not in the folder)" in lines
+    assert "file extra.safetensors: extra (in the folder, not in the card)" in lines
+    assert {line.split(":")[0].removeprefix("tensor ") for line in lines if line.startswith("tensor")} == shard_tensors
+
+
+def test_a_folder_without_a_card_fails_clearly(repo: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(repo / "outputs/pruned_model", tmp_path / "pruned")
+    (folder / CARD).unlink()
+    ok, message = verify_folder(folder)
+    assert not ok and "no readable model card" in message
+
+
+def test_zero_step_finetune_writes_a_card_for_the_copy(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pd.DataFrame({"text": [random_text(40, seed) for seed in range(4)]}).to_parquet(repo / "corpus.parquet")
+    paths = ("outputs/pruned_model", "corpus.parquet", "outputs/finetuned_model", "metrics/finetune.json")
+    stage(repo, "finetune", Params(finetune=FinetuneParams(steps=0)), *paths)
+    pruned, tuned = repo / "outputs/pruned_model", repo / "outputs/finetuned_model"
+    for path in pruned.iterdir():
+        assert path.name == CARD or (tuned / path.name).read_bytes() == path.read_bytes()
+    before, after = read_card(pruned)["nirvana"], read_card(tuned)["nirvana"]
+    assert after["stage"] == "finetune" and after["finetune"]["steps"] == 0
+    assert after["base_model"] == before["base_model"] and after["layers"] == before["layers"]
+    assert after["weights"] == before["weights"] and after["pruned_model"]["code"] == before["code"]
+    assert "Skipped (`finetune.steps: 0`)" in (tuned / CARD).read_text()
+    assert verify_here(tuned, capsys) == (0, [])
+
+
+def test_tuned_card_of_a_pruned_folder_without_one_says_what_is_unknown(repo: Path, tmp_path: Path) -> None:
+    pruned = shutil.copytree(repo / "outputs/pruned_model", tmp_path / "pruned")
+    (pruned / CARD).unlink()
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    summary = {"steps": 3, "train_loss": 1.5}
+    save_model(
+        model,
+        AutoTokenizer.from_pretrained(pruned),
+        tmp_path / "tuned",
+        card=partial(model_card, finetune_record(pruned, FinetuneParams(steps=3), summary, model), cwd=tmp_path),
+    )
+    meta = read_card(tmp_path / "tuned")
+    card = meta["nirvana"]
+    assert "base_model" not in meta and {"lora", "fine-tuned"} <= set(meta["tags"])
+    assert card["pruned_model"]["card"] is None and card["layers"] == layer_units(model)
+    assert card["finetune"] == summary | {"params": dataclasses.asdict(FinetuneParams(steps=3))}
+    assert card["code"]["commit"] is None and card["dvc_lock"]["sha256"] is None
+    text = (tmp_path / "tuned" / CARD).read_text()
+    assert "Unknown: the pruned model this was fine-tuned from had no model card" in text
+    assert "| train_loss | 1.5 |" in text
+    assert verify_folder(tmp_path / "tuned")[0]
+
+
+def test_git_state_outside_a_repository_and_with_a_modified_file(tmp_path: Path) -> None:
+    assert git_state(tmp_path)["commit"] is None and "no git commit" in git_state(tmp_path)["note"]
+    assert lock_state(tmp_path / "dvc.lock")["sha256"] is None
+    (tmp_path / "a.txt").write_text("a")
+    for args in (["init", "-q"], ["add", "a.txt"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sh(tmp_path, "git", *args)
+    (tmp_path / "a.txt").write_text("b")
+    (tmp_path / "untracked.txt").write_text("c")
+    state = git_state(tmp_path)
+    assert len(state["commit"]) == 40 and state["dirty"] is True and state["modified"] == ["a.txt"]
