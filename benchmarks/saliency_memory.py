@@ -37,7 +37,6 @@ from nirvana.surgery import save_model
 SAMPLES, SEQ_LEN = 32, 128  # the pipeline's default calibration set
 VARIANTS = {  # name -> (micro-batch, checkpointing); None = the naive full-batch all-parameter backward
     "naive": None,
-    "lean_bs1": (1, False),
     "lean_bs4": (4, False),
     "lean_bs8": (8, False),
     "lean_bs4_checkpointed": (4, True),
@@ -111,9 +110,25 @@ def prepare(folder: Path) -> dict:
     }
 
 
+def _rel_diff(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """Largest relative difference between two score tables' scores."""
+    return float(((a.score - b.score).abs() / b.score.abs().clip(lower=1e-30)).max())
+
+
+def _same_plans(a: pd.DataFrame, b: pd.DataFrame, sizes: dict) -> bool:
+    """Whether two score tables give NIRVANA the same plan at sparsity 0.2 and 0.4."""
+    return all(
+        (
+            allocate(a, p, 3.0, sizes["attn"], sizes["mlp"], 8).keep
+            == allocate(b, p, 3.0, sizes["attn"], sizes["mlp"], 8).keep
+        ).all()
+        for p in (0.2, 0.4)
+    )
+
+
 def markdown(report: dict) -> str:
     lines = [
-        "| variant | micro-batch | checkpointing | time (s) | scoring peak RSS (MB) | increment over loaded model (MB) |",
+        "| variant | micro-batch | checkpointing | time (s) | scoring peak RSS (MB) | over the loaded model (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in report["variants"].items():
@@ -126,7 +141,7 @@ def markdown(report: dict) -> str:
         "",
         f"Lean (micro-batch 4) over naive, scoring peak: {report['lean_over_naive_peak']:.2f}; "
         f"increment: {report['lean_over_naive_increment']:.2f}. Largest relative score difference "
-        f"from naive: {report['max_rel_diff']:.2e}; plans at sparsity 0.2 identical: {report['same_plan']}.",
+        f"from naive: {report['max_rel_diff']:.2e}; plans at sparsity 0.2 and 0.4 identical: {report['same_plan']}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -148,20 +163,13 @@ def main() -> None:
             report["variants"][variant] = json.loads(done.stdout.strip().splitlines()[-1])
             print(report["variants"][variant], flush=True)
         naive = pd.read_parquet(folder / "naive.parquet")
-        diffs = {}
-        for variant in VARIANTS:
-            scores = pd.read_parquet(folder / f"{variant}.parquet")
-            torch.testing.assert_close(
-                torch.tensor(scores.score.values), torch.tensor(naive.score.values), rtol=1e-4, atol=0
-            )
-            diffs[variant] = float(((scores.score - naive.score).abs() / naive.score.abs().clip(lower=1e-30)).max())
-        report["max_rel_diff"] = max(diffs.values())
-        sizes = report["setup"]["unit_params"]
-        plans = [
-            allocate(t, 0.2, 3.0, sizes["attn"], sizes["mlp"], 8).keep
-            for t in (naive, pd.read_parquet(folder / "lean_bs4.parquet"))
-        ]
-        report["same_plan"] = bool((plans[0] == plans[1]).all())
+        tables = {variant: pd.read_parquet(folder / f"{variant}.parquet") for variant in VARIANTS}
+        report["max_rel_diff"] = max(_rel_diff(t, naive) for t in tables.values())
+        report["same_plan"] = all(_same_plans(t, naive, report["setup"]["unit_params"]) for t in tables.values())
+        Path("results").mkdir(exist_ok=True)
+        Path("results/saliency_memory.json").write_text(json.dumps(report, indent=2) + "\n")
+        # float32 sums in another order differ in the last digits; units and plans must not
+        assert report["max_rel_diff"] < 1e-3 and report["same_plan"], report
     v = report["variants"]
     report["lean_over_naive_peak"] = v["lean_bs4"]["scoring_peak_mb"] / v["naive"]["scoring_peak_mb"]
     report["lean_over_naive_increment"] = v["lean_bs4"]["scoring_increment_mb"] / v["naive"]["scoring_increment_mb"]

@@ -29,9 +29,23 @@ from nirvana.surgery import layer_units
 
 CARD = "README.md"
 LOCK_NOTE = (
-    "dvc.lock as it was when this stage ran: it pins the inputs of the previous run "
-    "(DVC rewrites it after the stage), not necessarily those of this one"
+    "SHA-256 over dvc.lock's entries of the stages upstream of this one, which DVC wrote during this "
+    "run before this stage started: the exact inputs, params and outputs that fed it"
 )
+UPSTREAM = {  # the stages whose dvc.lock entries pin what a stage's model was made from
+    "prune": ("prepare_model", "prepare_data", "select_calibration", "compute_saliency", "allocate_sparsity"),
+    "finetune": (
+        "prepare_model",
+        "prepare_data",
+        "select_calibration",
+        "compute_saliency",
+        "allocate_sparsity",
+        "prune",
+    ),
+}
+CODE = ("nirvana", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")
+"""The files whose edits make a run's code differ from its commit (dvc.lock, metrics and plots change
+during every run and say nothing about the code)."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_MODIFIED = 20  # modified paths listed in the card; the rest are counted
 
@@ -104,7 +118,7 @@ def git_state(cwd: str | Path = ".") -> dict[str, Any]:
     if head is None or head.returncode != 0:
         reason = "git is not installed" if head is None else (head.stderr.strip().splitlines() or ["git failed"])[0]
         return {"commit": None, "dirty": None, "note": f"no git commit: {reason}"}
-    status = _git(Path(cwd), "status", "--porcelain", "--untracked-files=no")
+    status = _git(Path(cwd), "status", "--porcelain", "--untracked-files=no", "--", *CODE)
     modified = [line[3:] for line in status.stdout.splitlines()] if status and status.returncode == 0 else []
     listed = modified[:MAX_MODIFIED] + (
         [f"... and {len(modified) - MAX_MODIFIED} more"] * (len(modified) > MAX_MODIFIED)
@@ -112,12 +126,16 @@ def git_state(cwd: str | Path = ".") -> dict[str, Any]:
     return {"commit": head.stdout.strip(), "dirty": bool(modified), "modified": listed}
 
 
-def lock_state(path: str | Path = "dvc.lock") -> dict[str, Any]:
-    """SHA-256 of dvc.lock as the stage found it (it describes the previous run), or why there is none."""
+def lock_state(path: str | Path = "dvc.lock", stage: str = "prune") -> dict[str, Any]:
+    """SHA-256 of the dvc.lock entries of `stage`'s upstream stages (canonical JSON), or why there is
+    none. Only upstream entries: they are final when the stage runs, so the hash is reproducible."""
     path = Path(path)
-    if not path.is_file():
-        return {"sha256": None, "note": f"no {path.name} when this stage ran (first run, or not run by DVC)"}
-    return {"sha256": sha256_file(path), "note": LOCK_NOTE}
+    entries = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.is_file() else {}
+    upstream = {name: entries[name] for name in UPSTREAM.get(stage, ()) if name in entries}
+    if not upstream:
+        return {"sha256": None, "note": f"no dvc.lock entries upstream of {stage} (not run by DVC)"}
+    text = json.dumps(upstream, sort_keys=True, separators=(",", ":"))
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "stages": sorted(upstream), "note": LOCK_NOTE}
 
 
 # --- what the stages know ------------------------------------------------------------------------
@@ -195,7 +213,8 @@ def model_card(record: dict[str, Any], folder: str | Path, cwd: str | Path = "."
     weights, unreadable = weight_hashes(folder)
     if unreadable:
         raise ValueError(f"cannot read {', '.join(unreadable)} in {folder} with safetensors")
-    full = record | {"code": git_state(cwd), "dvc_lock": lock_state(Path(cwd) / "dvc.lock"), "weights": weights}
+    lock = lock_state(Path(cwd) / "dvc.lock", record["stage"])
+    full = record | {"code": git_state(cwd), "dvc_lock": lock, "weights": weights}
     meta = front_matter(full)
     yaml_text = yaml.dump(
         meta, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=4096, allow_unicode=True

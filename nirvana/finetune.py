@@ -23,7 +23,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from nirvana.data import bos_id, token_stream, windows
 from nirvana.forward import is_seq2seq, split
@@ -110,6 +109,31 @@ def checkpoint_key(model_digest: str, f: FinetuneParams, data: str | Path | None
     return digest.hexdigest()[:16]
 
 
+class NoFinalCheckpoint(TrainerCallback):
+    """No checkpoint at the last step: resuming from one would train a step past max_steps, and the
+    merged model is saved right after anyway."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that Trainer finished writing (trainer_state.json is its last file): a kill
+    during a save leaves a folder without it, which would fail every rerun."""
+    done = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if step.isdigit():
+            done.append((int(step), path))
+    return str(max(done)[1]) if done else None
+
+
 class StepCounter(TrainerCallback):
     """Counts the optimiser steps this process took (each DDP rank has its own)."""
 
@@ -167,9 +191,9 @@ def train(
         args=training_args(f, checkpoints),
         train_dataset=examples,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
-        callbacks=[counter, *callbacks],
+        callbacks=[counter, NoFinalCheckpoint(), *callbacks],
     )
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resume = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     result = trainer.train(resume_from_checkpoint=resume)
     steps = trainer.accelerator.gather(torch.tensor([counter.steps])).tolist()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pandas as pd
@@ -29,16 +30,44 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (off POSIX assumed true: `os.kill` would end it there)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporaries of `path` whose writer no longer runs: a SIGKILL or a crash skips
+    `atomic_path`'s cleanup and would otherwise leave a whole model folder behind."""
+    prefix = f".tmp-{path.name}-"
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name.removeprefix(prefix)
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            with suppress(FileNotFoundError):  # another writer's cleanup got there first
+                _remove(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; move it into place only if the block succeeds."""
+    """Yield a temporary sibling of `path` (`.tmp-<name>-<pid>`); move it into place only if the
+    block succeeds. A file replaces a file in one step, so the old one stays whole until then; a
+    folder has to be removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     _remove(tmp)
     try:
         yield tmp
-        _remove(path)
+        if tmp.is_dir() or (path.is_dir() and not path.is_symlink()):
+            _remove(path)
         os.replace(tmp, path)
     finally:
         _remove(tmp)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
@@ -68,7 +69,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (repo / "metrics/calibration.json").write_text(json.dumps(CALIBRATION))
     table = pd.DataFrame({"candidate": [0, 1, 2], "seed": [7, 8, 9], "kl": [0.5, 0.25, 0.75]})
     table.assign(selected=table.candidate == 1).to_parquet(repo / "outputs/calibration_candidates.parquet")
-    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    lock = {
+        "schema": "2.0",
+        "stages": {"allocate_sparsity": {"cmd": "a", "outs": [{"md5": "1"}]}, "prune": {"cmd": "p"}},
+    }
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
     for args in (
         ["init", "-q"],
         ["add", "dvc.lock"],
@@ -100,7 +105,9 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert card["layers"] == layer_units(AutoModelForCausalLM.from_pretrained(pruned))
     head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
     assert card["code"]["commit"] == head and card["code"]["dirty"] is False
-    assert card["dvc_lock"] == lock_state(repo / "dvc.lock") and card["dvc_lock"]["sha256"]
+    assert card["dvc_lock"] == lock_state(repo / "dvc.lock", "prune") and card["dvc_lock"]["stages"] == [
+        "allocate_sparsity"
+    ]
     assert set(card["weights"]["files"]) == {"model.safetensors"}
     up = card["weights"]["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert up["dtype"] == "F32" and up["shape"] == [card["layers"][0]["mlp"], 24] and len(up["sha256"]) == 64
@@ -201,10 +208,29 @@ def test_tuned_card_of_a_pruned_folder_without_one_says_what_is_unknown(repo: Pa
 def test_git_state_outside_a_repository_and_with_a_modified_file(tmp_path: Path) -> None:
     assert git_state(tmp_path)["commit"] is None and "no git commit" in git_state(tmp_path)["note"]
     assert lock_state(tmp_path / "dvc.lock")["sha256"] is None
-    (tmp_path / "a.txt").write_text("a")
-    for args in (["init", "-q"], ["add", "a.txt"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+    for name in ("params.yaml", "dvc.lock"):
+        (tmp_path / name).write_text("a")
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
         sh(tmp_path, "git", *args)
-    (tmp_path / "a.txt").write_text("b")
+    (tmp_path / "dvc.lock").write_text("b")  # DVC rewrites it during every run: not a code change
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "params.yaml").write_text("b")
     (tmp_path / "untracked.txt").write_text("c")
     state = git_state(tmp_path)
-    assert len(state["commit"]) == 40 and state["dirty"] is True and state["modified"] == ["a.txt"]
+    assert len(state["commit"]) == 40 and state["dirty"] is True and state["modified"] == ["params.yaml"]
+
+
+def test_lock_hash_covers_only_the_stages_upstream() -> None:
+    """A stage's own (stale) lock entry and downstream ones change every run; they must not move the hash."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "dvc.lock"
+        entries = {"prepare_model": {"outs": [{"md5": "m"}]}, "prune": {"outs": [{"md5": "old"}]}}
+        path.write_text(yaml.safe_dump({"stages": entries}))
+        first = lock_state(path, "prune")
+        entries["prune"]["outs"][0]["md5"] = "new"
+        entries["evaluate@pruned"] = {"outs": []}
+        path.write_text(yaml.safe_dump({"stages": entries}))
+        assert lock_state(path, "prune") == first and first["stages"] == ["prepare_model"]
+        assert lock_state(path, "finetune")["stages"] == ["prepare_model", "prune"]
