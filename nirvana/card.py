@@ -1,9 +1,12 @@
-"""Model cards (README.md, Hugging Face format) for the folders the prune and finetune stages write.
+"""Model cards (README.md, Hugging Face format) for the folders the prune, finetune and publish stages write.
 
-The YAML front matter holds the provenance a reader needs to trust a pruned model: the base model and
-its folder digest, the pruning settings, the calibration selection, per-layer widths, parameter counts,
-the fine-tuning summary, the code's git commit and dvc.lock's digest, and the SHA-256 of every stored
-tensor and safetensors file, which `nirvana verify` recomputes. The Markdown below it is for people.
+The card's metadata (built with huggingface_hub's ModelCardData) holds the provenance a reader needs to
+trust a pruned model: the base model and its folder digest, the pruning settings, the calibration
+selection, per-layer widths, parameter counts, the fine-tuning summary, a content hash of the code the
+stage ran and dvc.lock's digest, and the SHA-256 of every stored tensor and safetensors file, which
+`nirvana verify` recomputes. Nothing in it depends on the commit or the clock, so the same code, params
+and inputs give the same card, byte for byte. The published folder's card adds the measured results as
+`model-index` evaluation results, the fields the Hub renders. The Markdown below the metadata is for people.
 """
 
 from __future__ import annotations
@@ -12,22 +15,24 @@ import dataclasses
 import hashlib
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nirvana.allocation import allocation_mode
 from nirvana.io import folder_digest
+from nirvana.modeling import hub_id
 from nirvana.params import FinetuneParams, Params
 from nirvana.surgery import layer_units
 
 CARD = "README.md"
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout the running code comes from
 LOCK_NOTE = (
     "SHA-256 over dvc.lock's entries of the stages upstream of this one, which DVC wrote during this "
     "run before this stage started: the exact inputs, params and outputs that fed it"
@@ -43,22 +48,7 @@ UPSTREAM = {  # the stages whose dvc.lock entries pin what a stage's model was m
         "prune",
     ),
 }
-CODE = ("nirvana", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")
-"""The files whose edits make a run's code differ from its commit (dvc.lock, metrics and plots change
-during every run and say nothing about the code)."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MAX_MODIFIED = 20  # modified paths listed in the card; the rest are counted
-
-
-class _Line(dict):
-    """A mapping the front matter writes on one line (one per tensor)."""
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-_Dumper.add_representer(_Line, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
 
 
 # --- hashes of what the folder stores -------------------------------------------------------------
@@ -82,7 +72,7 @@ def file_tensors(path: Path, name: str) -> dict[str, dict[str, Any]]:
         for key in sorted(f.keys()):
             piece = f.get_slice(key)
             sha = tensor_sha256(f.get_tensor(key))
-            out[key] = _Line(file=name, dtype=piece.get_dtype(), shape=list(piece.get_shape()), sha256=sha)
+            out[key] = dict(file=name, dtype=piece.get_dtype(), shape=list(piece.get_shape()), sha256=sha)
     return out
 
 
@@ -104,26 +94,21 @@ def weight_hashes(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
 # --- where the code and the pipeline state stood -------------------------------------------------
 
 
-def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
-    try:
-        return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
+def _code_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts) if path.is_dir() else [path]
 
 
-def git_state(cwd: str | Path = ".") -> dict[str, Any]:
-    """The commit of the code and the tracked files that differ from it (`dirty`); None with a reason
-    outside a git repository. Untracked files are ignored: a stage's own temporary output is one."""
-    head = _git(Path(cwd), "rev-parse", "HEAD")
-    if head is None or head.returncode != 0:
-        reason = "git is not installed" if head is None else (head.stderr.strip().splitlines() or ["git failed"])[0]
-        return {"commit": None, "dirty": None, "note": f"no git commit: {reason}"}
-    status = _git(Path(cwd), "status", "--porcelain", "--untracked-files=no", "--", *CODE)
-    modified = [line[3:] for line in status.stdout.splitlines()] if status and status.returncode == 0 else []
-    listed = modified[:MAX_MODIFIED] + (
-        [f"... and {len(modified) - MAX_MODIFIED} more"] * (len(modified) > MAX_MODIFIED)
-    )
-    return {"commit": head.stdout.strip(), "dirty": bool(modified), "modified": listed}
+def code_state(stage: str, root: Path = CODE_ROOT) -> dict[str, Any]:
+    """SHA-256 of the code `stage` ran: the nirvana/ and stages/ files dvc.yaml lists as its deps (a test
+    keeps them equal to what the stage imports). The same code hashes the same at any commit."""
+    dvc_yaml = root / "dvc.yaml"
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.is_file() else {}
+    if stage not in stages:
+        return {"sha256": None, "note": f"no stage {stage} in {dvc_yaml} (code not run from a checkout)"}
+    deps = [d for d in stages[stage].get("deps", []) if d.startswith(("nirvana", "stages"))]
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for d in deps for p in _code_files(root / d)}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "files": dict(sorted(files.items()))}
 
 
 def lock_state(path: str | Path = "dvc.lock", stage: str = "prune") -> dict[str, Any]:
@@ -161,7 +146,11 @@ def prune_record(
     """The provenance of a freshly pruned model; `metrics` are the prune stage's (counts, sparsity)."""
     return {
         "stage": "prune",
-        "base_model": {"name_or_path": params.model.name_or_path, "digest": folder_digest(base_dir)},
+        "base_model": {
+            "name_or_path": params.model.name_or_path,
+            "hub_id": hub_id(params.model.name_or_path),
+            "digest": folder_digest(base_dir),
+        },
         "architecture": model.config.model_type,
         "encoder_decoder": bool(getattr(model.config, "is_encoder_decoder", False)),
         "method": params.method,
@@ -194,43 +183,53 @@ def finetune_record(
 # --- the card ------------------------------------------------------------------------------------
 
 
-def front_matter(record: dict[str, Any]) -> dict[str, Any]:
+def card_data(record: dict[str, Any], evaluations: list | None = None) -> ModelCardData:
     """Hugging Face metadata; `base_model` only for a Hub id, which is what the Hub accepts there."""
-    name = (record.get("base_model") or {}).get("name_or_path") or ""
-    meta: dict[str, Any] = {"base_model": name} if HUB_ID.match(name) and not Path(name).exists() else {}
+    base = record.get("base_model") or {}
+    name = base.get("hub_id") or base.get("name_or_path") or ""
     tags = ["nirvana", "pruned", "structured-pruning"]
     if "method" in record:
         tags.append(f"method-{record['method']}")
     if (record.get("finetune") or {}).get("steps", 0) > 0:
         tags += ["lora", "fine-tuned"]
-    pipeline = "text2text-generation" if record.get("encoder_decoder") else "text-generation"
-    return meta | {"library_name": "transformers", "pipeline_tag": pipeline, "tags": tags, "nirvana": record}
+    return ModelCardData(
+        base_model=name if HUB_ID.match(name) and not Path(name).exists() else None,
+        library_name="transformers",
+        pipeline_tag="text2text-generation" if record.get("encoder_decoder") else "text-generation",
+        tags=tags,
+        model_name=f"{name or 'model'} pruned with nirvana" if evaluations else None,
+        eval_results=evaluations or None,
+        nirvana=record,
+    )
 
 
-def model_card(record: dict[str, Any], folder: str | Path, cwd: str | Path = ".") -> str:
+def model_card(record: dict[str, Any], folder: str | Path, cwd: str | Path = ".", evaluation: str = "") -> str:
     """The README.md text for `folder` as written: `record` plus code, dvc.lock and weight hashes.
     `cwd` is the repository the stage runs in (DVC runs stages at its root)."""
     weights, unreadable = weight_hashes(folder)
     if unreadable:
         raise ValueError(f"cannot read {', '.join(unreadable)} in {folder} with safetensors")
     lock = lock_state(Path(cwd) / "dvc.lock", record["stage"])
-    full = record | {"code": git_state(cwd), "dvc_lock": lock, "weights": weights}
-    meta = front_matter(full)
-    yaml_text = yaml.dump(
-        meta, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=4096, allow_unicode=True
-    )
-    return f"---\n{yaml_text}---\n\n{body(full)}"
+    full = record | {"code": code_state(record["stage"]), "dvc_lock": lock, "weights": weights}
+    return card_text(card_data(full), body(full, evaluation))
+
+
+def card_text(data: ModelCardData, markdown: str) -> str:
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{markdown}").content
 
 
 def read_card(folder: str | Path) -> dict[str, Any]:
-    """The YAML front matter of a folder's README.md (raises ValueError if it has none)."""
-    text = (Path(folder) / CARD).read_text()
-    match = re.match(r"---\n(.*?\n)---\n", text, re.DOTALL)
-    if match is None:
-        raise ValueError(f"{Path(folder) / CARD} has no YAML front matter")
-    meta = yaml.safe_load(match.group(1))
-    if not isinstance(meta, dict):
-        raise ValueError(f"{Path(folder) / CARD}: the front matter is not a mapping")
+    """The metadata of a folder's README.md (raises ValueError if it has none)."""
+    path = Path(folder) / CARD
+    text = path.read_text()
+    if not re.match(r"---\n(.*?\n)---\n", text, re.DOTALL):
+        raise ValueError(f"{path} has no YAML front matter")
+    try:
+        meta = ModelCard(text).data.to_dict()
+    except (ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: unreadable metadata: {err}") from err
+    if not meta:
+        raise ValueError(f"{path}: the front matter is not a mapping")
     return meta
 
 
@@ -241,13 +240,11 @@ def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
 
 def _provenance(r: dict[str, Any]) -> str:
     base, code, lock = r.get("base_model") or {}, r["code"], r["dvc_lock"]
-    commit = f"`{code['commit']}`" if code["commit"] else code["note"]
-    if code["commit"]:
-        commit += f", working tree dirty: {code['dirty']}" + (f" ({', '.join(code['modified'])})" * code["dirty"])
+    files = f"SHA-256 `{code['sha256']}` over {len(code.get('files', {}))} files (listed in the metadata)"
     rows = [
         ("stage", f"`{r['stage']}`"),
         ("base model", f"`{base.get('name_or_path')}`, folder digest `{base.get('digest')}`" if base else "unknown"),
-        ("code", commit),
+        ("code", files if code["sha256"] else code["note"]),
         ("dvc.lock", f"SHA-256 `{lock['sha256']}`: {lock['note']}" if lock["sha256"] else lock["note"]),
     ]
     if "pruned_model" in r:
@@ -295,7 +292,7 @@ def _layers(layers: list[dict[str, int]] | None) -> str:
     return "## Per-layer widths (kept units)\n\n" + _table(rows, ("layer", *modules))
 
 
-def body(r: dict[str, Any]) -> str:
+def body(r: dict[str, Any], evaluation: str = "") -> str:
     """The human-readable part: the same facts as the front matter, in tables."""
     name = (r.get("base_model") or {}).get("name_or_path", "a model")
     weights = r["weights"]
@@ -307,13 +304,64 @@ def body(r: dict[str, Any]) -> str:
         f"# `{name}`, structurally pruned with NIRVANA\n\n"
         "Written by the nirvana pipeline. Load it with `import nirvana` first (that registers the pruned "
         "widths recorded in `config.json`), then `AutoModelForCausalLM.from_pretrained(folder)`.\n\n"
-        f"{_provenance(r)}\n\n{_pruning(r)}\n\n{_finetune(r)}{_layers(r.get('layers'))}\n\n"
+        f"{evaluation}{_provenance(r)}\n\n{_pruning(r)}\n\n{_finetune(r)}{_layers(r.get('layers'))}\n\n"
         "## Weights\n\n"
         f"SHA-256 of each of the {len(weights['tensors'])} tensors (its stored bytes, with dtype and shape) "
         "is in the front matter under `nirvana.weights.tensors`; `nirvana verify FOLDER` recomputes them.\n\n"
         + _table(files, ("file", "SHA-256", "tensors"))
         + "\n"
     )
+
+
+# --- the published folder: the card with measured results ----------------------------------------
+
+DATASETS = {  # our evaluation sets and tasks -> (Hub dataset id, name): the sources of the offline copies
+    "wiki": ("google/boolq", "BoolQ validation passages (wiki)"),
+    "books": ("EleutherAI/lambada_openai", "LAMBADA passages (books)"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "boolq": ("google/boolq", "BoolQ"),
+    "hellaswag": ("Rowan/hellaswag", "HellaSwag"),
+    "openbookqa": ("allenai/openbookqa", "OpenBookQA"),
+    "piqa": ("ybisk/piqa", "PIQA"),
+    "winogrande": ("allenai/winogrande", "WinoGrande"),
+}
+
+
+def evaluations(metrics: dict[str, Any], zero_shot: dict[str, Any]) -> list[EvalResult]:
+    """The evaluate stage's perplexities and zero-shot accuracies as Hub evaluation results."""
+    results = []
+    for key, value in sorted(metrics.items()):
+        match = re.fullmatch(r"ppl_(\w+)_(\d+)", key)
+        if match and match[1] in DATASETS:
+            hub, name = DATASETS[match[1]]
+            config = f"non-overlapping {match[2]}-token windows"
+            results.append(_result("text-generation", hub, name, "perplexity", value, config))
+    limit = zero_shot.get("limit")
+    for task, info in sorted(zero_shot.get("tasks", {}).items()):
+        hub, name = DATASETS.get(task, (task, task))
+        config = f"lm-eval {zero_shot.get('lm_eval_version')}, 0-shot, first {limit or 'all'} examples"
+        result = _result("multiple-choice", hub, name, info["metric"], metrics[f"acc_{task}"], config)
+        results.append(dataclasses.replace(result, dataset_split=info.get("split")))
+    return results
+
+
+def _result(task: str, hub: str, name: str, metric: str, value: float, config: str) -> EvalResult:
+    return EvalResult(
+        task_type=task, dataset_type=hub, dataset_name=name, metric_type=metric, metric_value=value, metric_config=config
+    )
+
+
+def release_card(folder: str | Path, results: dict[str, dict[str, Any]], zero_shot: dict[str, Any]) -> str:
+    """The card of the folder a user would publish: the fine-tuned model's card plus its measured results
+    (`results` has the evaluate metrics of dense, pruned and finetuned) in metadata and in a table."""
+    meta = read_card(folder)
+    record = meta["nirvana"] | {"stage": "publish"}
+    keys = sorted(k for k in results["finetuned"] if k.startswith(("ppl_", "acc_")))
+    rows = [(k, *(results[m].get(k, "") for m in ("dense", "pruned", "finetuned"))) for k in keys]
+    table = "## Results (evaluate stage)\n\n" + _table(rows, ("metric", "dense", "pruned", "this model")) + "\n\n"
+    data = card_data(record, evaluations(results["finetuned"], zero_shot))
+    return card_text(data, body(record, table))
 
 
 # --- verification --------------------------------------------------------------------------------

@@ -16,13 +16,9 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from nirvana.data import bos_id, token_stream
 from nirvana.modeling import skeleton
 from nirvana.params import CalibrationParams, FinetuneParams
-from nirvana.zeroshot import check_tasks
+from nirvana.errors import InputError
 
 INDEX = "model.safetensors.index.json"
-
-
-class InputError(ValueError):
-    """An input file or folder is missing, corrupt, or disagrees with the model or params.yaml."""
 
 
 def stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -196,10 +192,3 @@ def check_finetune(f: FinetuneParams, model_dir: str | Path) -> None:
     """finetune's model folder, and finetune.seq_len within its context (unused when steps is 0)."""
     check_model(model_dir, [("finetune.seq_len", f.seq_len)] if f.steps else [])
 
-
-def check_zero_shot(tasks: list[str]) -> None:
-    """evaluate.tasks names tasks that exist (lm-eval's registry is read only for unknown names)."""
-    try:
-        check_tasks(tasks)
-    except ValueError as err:
-        raise InputError(f"params: evaluate.tasks: {err}") from err

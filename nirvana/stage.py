@@ -6,7 +6,7 @@ import inspect
 import sys
 from collections.abc import Callable
 
-from nirvana.checks import InputError
+from nirvana.errors import InputError
 from nirvana.io import setup_logging
 from nirvana.params import ParamError, Params, load_params
 
@@ -15,7 +15,7 @@ def run_stage(name: str, body: Callable[..., None]) -> None:
     """Call `body(params, *paths)` with the paths given on the command line by dvc.yaml.
 
     A bad parameter, a wrong number of paths or a bad input (InputError, raised by the stage's
-    checks in `nirvana.checks`) stops the stage with one line and exit code 1, before any work."""
+    checks, e.g. `nirvana.checks`) stops the stage with one line and exit code 1, before any work."""
     log = setup_logging(name)
     wanted = list(inspect.signature(body).parameters)[1:]
     paths = sys.argv[1:]

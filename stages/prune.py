@@ -13,11 +13,11 @@ from nirvana.params import Params
 from nirvana.stage import run_stage
 from nirvana.surgery import prune_model, save_model
 
-# select_calibration's outputs, read for the model card (deps of this stage in dvc.yaml)
-CALIBRATION = ("metrics/calibration.json", "outputs/calibration_candidates.parquet")
 
-
-def main(params: Params, model_dir: str, plan: str, out_dir: str, metrics_out: str) -> None:
+def main(
+    params: Params, model_dir: str, plan: str, calibration: str, candidates: str, out_dir: str, metrics_out: str
+) -> None:
+    """`calibration` and `candidates` are select_calibration's outputs, read for the model card."""
     check_model(model_dir)
     model = load_model(model_dir, params.model, granularity=params.attention.granularity)
     dense = param_counts(model)
@@ -30,7 +30,7 @@ def main(params: Params, model_dir: str, plan: str, out_dir: str, metrics_out: s
         "sparsity_requested": params.sparsity,
         "sparsity_realised": round(removed, 6),
     }
-    record = prune_record(params, model_dir, model, metrics, calibration_record(*CALIBRATION))
+    record = prune_record(params, model_dir, model, metrics, calibration_record(calibration, candidates))
     save_model(model, load_tokenizer(model_dir), out_dir, card=partial(model_card, record))
     write_json(metrics, metrics_out)
     log.info(

@@ -23,7 +23,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
-from nirvana.checks import InputError, check_model, check_windows
+from nirvana.checks import check_model, check_windows
+from nirvana.errors import InputError
 from nirvana.stage import run_stage
 from nirvana.surgery import prune_model
 

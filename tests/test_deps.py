@@ -1,0 +1,103 @@
+"""dvc.yaml lists, for every stage, exactly the `nirvana` modules its script imports (transitively), so
+a change to any code a stage runs reruns it and the lock cannot look fresh over changed code."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Deps that are not a stage script's imports but are intended: none today. Add `stage: [path]` with
+# a comment saying why, e.g. a module a stage runs through a subprocess rather than an import.
+INTENDED_EXTRA: dict[str, list[str]] = {}
+
+
+def module_file(name: str) -> Path | None:
+    """`nirvana.a.b` -> nirvana/a/b.py or nirvana/a/b/__init__.py (None for a name that is not a module)."""
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every nirvana module an import in `path` executes: the module and each parent package."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import submodule`
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "nirvana":
+            found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1) if module_file(".".join(parts[:i]))}
+    return found
+
+
+def closure(script: Path) -> set[str]:
+    """Repository-relative files of every nirvana module `script` imports, directly or not."""
+    seen: set[str] = set()
+    todo = imported_modules(script)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo |= imported_modules(module_file(name)) - seen  # type: ignore[arg-type]
+    return {str(module_file(n).relative_to(ROOT)) for n in seen}  # type: ignore[union-attr]
+
+
+def stage_entries() -> dict[str, tuple[str, list[str]]]:
+    """Stage name -> (cmd, deps) from dvc.yaml (a foreach stage once, its deps as written)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: (s.get("do", s)["cmd"], s.get("do", s).get("deps", [])) for name, s in stages.items()}
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def test_every_stage_lists_exactly_the_code_it_imports() -> None:
+    problems = []
+    for name, (cmd, deps) in stage_entries().items():
+        scripts = re.findall(r"stages/\w+\.py", cmd)
+        assert scripts, f"{name}: no stages/*.py script in its cmd"
+        needed = set().union(*(closure(ROOT / s) for s in scripts)) | set(scripts)
+        missing = sorted(p for p in needed if not covered(p, deps))
+        code_deps = [d for d in deps if d.startswith(("nirvana", "stages"))]
+        extra = [d for d in code_deps if not any(covered(p, [d]) for p in needed)]
+        extra = sorted(set(extra) - set(INTENDED_EXTRA.get(name, [])))
+        if missing:
+            problems.append(f"{name}: dvc.yaml omits {', '.join(missing)}")
+        if extra:
+            problems.append(f"{name}: dvc.yaml lists {', '.join(extra)}, which its script never imports")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_closure_follows_imports_through_packages(tmp_path: Path) -> None:
+    """The helper itself: a script importing nirvana.stage pulls in the package __init__ and what it
+    imports (surgery registers pruned models), and nothing it never reaches."""
+    script = tmp_path / "s.py"
+    script.write_text("from nirvana.stage import run_stage\n")
+    files = closure(script)
+    assert {"nirvana/__init__.py", "nirvana/stage.py", "nirvana/surgery.py", "nirvana/models/__init__.py"} <= files
+    assert "nirvana/zeroshot.py" not in files and "nirvana/lockcheck.py" not in files
+
+
+def test_stages_read_only_paths_named_in_their_cmd() -> None:
+    """No stage script reaches a repository path through a constant (every path goes through dvc.yaml)."""
+    for script in sorted((ROOT / "stages").glob("*.py")):
+        literals = [
+            n.value
+            for n in ast.walk(ast.parse(script.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        ]
+        paths = [s for s in literals if re.match(r"^(outputs|metrics|plots|data)/", s)]
+        assert not paths, f"{script.name} names {paths} itself; pass them in its dvc.yaml cmd"
