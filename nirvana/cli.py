@@ -13,7 +13,7 @@ from nirvana.card import verify_folder
 from nirvana.evaluation import param_counts
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import METHODS
-from nirvana.report import report
+from nirvana.report import readme_table, report
 from nirvana.surgery import layer_units
 from nirvana.sweep import sweep
 
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--max-new-tokens", type=int, default=40)
     p_verify = sub.add_parser("verify", help="check a pruned folder's weights against the hashes in its model card")
     p_verify.add_argument("model")
-    sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
+    p_report = sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
+    p_report.add_argument("--readme", action="store_true", help="only the README's table of the committed run")
     p_sweep = sub.add_parser("sweep", help="one DVC experiment per method and sparsity, up to evaluate@pruned")
     p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sweep":
         sweep(args.methods, args.sparsities, args.set, args.queue)
     else:
-        print(report(), end="")
+        print(readme_table() if args.readme else report(), end="")
 
 
 if __name__ == "__main__":

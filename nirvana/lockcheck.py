@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 FIX = "run `make run`, then commit dvc.lock, metrics/ and plots/"
+SHOWN = 8  # problems listed per stage; the rest are counted
 
 
 def tracked_files(root: Path) -> set[str]:
@@ -53,7 +54,7 @@ def stale_stages(root: str | Path = ".") -> dict[str, list[str]]:
     stale: dict[str, list[str]] = {}
     with Repo(str(root)) as repo:
         for stage in repo.index.stages:
-            name = stage.addressing
+            name = stage.name
             if name not in locked:
                 stale[name] = ["no entry in dvc.lock"]
                 continue
@@ -70,5 +71,6 @@ def lock_report(stale: dict[str, list[str]]) -> str:
     """One block per stale stage, then what to do."""
     lines = [f"dvc.lock does not describe this tree ({len(stale)} stage(s)):"]
     for name, problems in sorted(stale.items()):
-        lines.append(f"  {name}: " + "; ".join(problems))
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        lines.append(f"  {name}: " + "; ".join(problems[:SHOWN]) + more)
     return "\n".join([*lines, f"To fix: {FIX}."])

@@ -19,7 +19,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
-from nirvana.card import CARD, finetune_record, git_state, lock_state, model_card, read_card, verify_folder
+from nirvana.card import CARD, code_state, finetune_record, lock_state, model_card, read_card, verify_folder
 from nirvana.cli import main as cli
 from nirvana.params import FinetuneParams, ModelParams, Params
 from nirvana.surgery import layer_units, save_model
@@ -80,9 +80,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
     ):
         assert sh(repo, "git", *args).returncode == 0
-    paths = ("outputs/base_model", "outputs/plan.parquet", "outputs/pruned_model", "metrics/prune.json")
-    stage(repo, "prune", Params(model=ModelParams(name_or_path=BASE)), *paths)
+    stage(repo, "prune", Params(model=ModelParams(name_or_path=BASE)), *prune_paths("outputs/pruned_model"))
     return repo
+
+
+def prune_paths(out: str) -> tuple[str, ...]:
+    calibration = ("metrics/calibration.json", "outputs/calibration_candidates.parquet")
+    return ("outputs/base_model", "outputs/plan.parquet", *calibration, out, "metrics/prune.json")
 
 
 def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
@@ -103,8 +107,8 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     )
     assert card["calibration"] == CALIBRATION | {"selected_candidate": 1, "seed": 8}
     assert card["layers"] == layer_units(AutoModelForCausalLM.from_pretrained(pruned))
-    head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
-    assert card["code"]["commit"] == head and card["code"]["dirty"] is False
+    assert card["code"] == code_state("prune") and len(card["code"]["sha256"]) == 64
+    assert {"stages/prune.py", "nirvana/card.py", "nirvana/surgery.py"} <= set(card["code"]["files"])
     assert card["dvc_lock"] == lock_state(repo / "dvc.lock", "prune") and card["dvc_lock"]["stages"] == [
         "allocate_sparsity"
     ]
@@ -198,26 +202,37 @@ def test_tuned_card_of_a_pruned_folder_without_one_says_what_is_unknown(repo: Pa
     assert "base_model" not in meta and {"lora", "fine-tuned"} <= set(meta["tags"])
     assert card["pruned_model"]["card"] is None and card["layers"] == layer_units(model)
     assert card["finetune"] == summary | {"params": dataclasses.asdict(FinetuneParams(steps=3))}
-    assert card["code"]["commit"] is None and card["dvc_lock"]["sha256"] is None
+    assert card["code"] == code_state("finetune") and card["dvc_lock"]["sha256"] is None
     text = (tmp_path / "tuned" / CARD).read_text()
     assert "Unknown: the pruned model this was fine-tuned from had no model card" in text
     assert "| train_loss | 1.5 |" in text
     assert verify_folder(tmp_path / "tuned")[0]
 
 
-def test_git_state_outside_a_repository_and_with_a_modified_file(tmp_path: Path) -> None:
-    assert git_state(tmp_path)["commit"] is None and "no git commit" in git_state(tmp_path)["note"]
-    assert lock_state(tmp_path / "dvc.lock")["sha256"] is None
-    for name in ("params.yaml", "dvc.lock"):
-        (tmp_path / name).write_text("a")
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
-        sh(tmp_path, "git", *args)
-    (tmp_path / "dvc.lock").write_text("b")  # DVC rewrites it during every run: not a code change
-    assert git_state(tmp_path)["dirty"] is False
-    (tmp_path / "params.yaml").write_text("b")
-    (tmp_path / "untracked.txt").write_text("c")
-    state = git_state(tmp_path)
-    assert len(state["commit"]) == 40 and state["dirty"] is True and state["modified"] == ["params.yaml"]
+def test_the_card_is_the_same_at_another_commit_and_time(repo: Path) -> None:
+    """Nothing commit- or time-specific in a cached output: the same code, params and inputs give the same
+    card byte for byte after a new commit (DVC would otherwise cache a new output hash each time)."""
+    (repo / "unrelated.txt").write_text("a later commit")
+    for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "later"]):
+        assert sh(repo, "git", *args).returncode == 0
+    stage(repo, "prune", Params(model=ModelParams(name_or_path=BASE)), *prune_paths("outputs/again"))
+    assert (repo / "outputs/again" / CARD).read_bytes() == (repo / "outputs/pruned_model" / CARD).read_bytes()
+
+
+def test_code_hash_follows_the_stage_code_only(tmp_path: Path) -> None:
+    """The code hash covers exactly the code files dvc.yaml lists for the stage, by content."""
+    for name in ("stages/s.py", "nirvana/a.py", "nirvana/models/m.py", "nirvana/unused.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    deps = ["stages/s.py", "nirvana/a.py", "nirvana/models", "outputs/x"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": "c", "deps": deps}}}))
+    first = code_state("s", tmp_path)
+    assert set(first["files"]) == {"stages/s.py", "nirvana/a.py", "nirvana/models/m.py"}
+    (tmp_path / "nirvana/unused.py").write_text("changed")
+    assert code_state("s", tmp_path) == first
+    (tmp_path / "nirvana/models/m.py").write_text("changed")
+    assert code_state("s", tmp_path)["sha256"] != first["sha256"]
+    assert code_state("other", tmp_path)["sha256"] is None
 
 
 def test_lock_hash_covers_only_the_stages_upstream() -> None:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from nirvana.card import read_card, verify_folder
 from nirvana.surgery import zero_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pipeline with small sizes on the embedded SmolLM2, reproduced once."""
     repo = checkout(tmp_path_factory.mktemp("pipeline"), SMALL)
     log = sh(repo, "dvc", "repro")
-    expected = {"prepare_model", "compute_saliency", "prune", "finetune", "compare"}
+    expected = {"check_params", "prepare_model", "compute_saliency", "prune", "finetune", "compare", "publish"}
     assert expected | {"evaluate@dense", "evaluate@pruned", "evaluate@finetuned"} <= stages_run(log)
     return repo
 
@@ -129,7 +130,39 @@ def test_second_repro_does_nothing_and_a_sparsity_change_reruns_only_downstream(
     # The search reruns (it depends on sparsity) but is pinned at 0.2: same windows, same bytes,
     # so the cached saliency and the dense evaluation are reused.
     downstream = {"allocate_sparsity", "prune", "finetune", "evaluate@pruned", "evaluate@finetuned", "compare"}
-    assert stages_run(log) == {"select_calibration"} | downstream
+    # check_params reruns (params.yaml changed) but writes the same schema: nothing after it reruns for it
+    assert stages_run(log) == {"check_params", "select_calibration", "publish"} | downstream
     assert (repo / "outputs/calibration.parquet").read_bytes() == selected
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.4, abs=0.005)
+
+
+@pytest.mark.slow
+def test_published_card_carries_the_measured_results_and_verifies(repo: Path) -> None:
+    release, tuned = repo / "outputs/release", repo / "outputs/finetuned_model"
+    for path in tuned.iterdir():
+        assert path.name == "README.md" or (release / path.name).read_bytes() == path.read_bytes()
+    meta = read_card(release)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    results = meta["model-index"][0]["results"]
+    metrics = json.loads((repo / "metrics/finetuned.json").read_text())
+    found = {(r["dataset"]["name"], r["metrics"][0]["type"]): r["metrics"][0]["value"] for r in results}
+    assert found[("BoolQ validation passages (wiki)", "perplexity")] == metrics["ppl_wiki_64"]
+    assert found[("PIQA", "acc")] == metrics["acc_piqa"]
+    assert verify_folder(release)[0] and meta["nirvana"]["stage"] == "publish"
+
+
+@pytest.mark.slow
+def test_a_misspelt_param_fails_repro_at_once_naming_it(repo: Path) -> None:
+    params = (repo / "params.yaml").read_text()
+    try:
+        # a real change too: check_params must stop the run before allocate_sparsity starts
+        changed = yaml.safe_load(params) | {"sparsity": 0.3, "sparsty": 0.3}
+        (repo / "params.yaml").write_text(yaml.safe_dump(changed))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode != 0
+        assert "unknown key sparsty; did you mean sparsity?" in done.stdout + done.stderr
+        assert stages_run(done.stdout + done.stderr) == {"check_params"}
+    finally:
+        (repo / "params.yaml").write_text(params)

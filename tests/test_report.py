@@ -1,8 +1,10 @@
 """`nirvana report`: Markdown rows per experiment (pruned, and fine-tuned if trained) from `dvc exp show --json`."""
 
+from pathlib import Path
+
 import pytest
 
-from nirvana.report import experiment_rows, markdown
+from nirvana.report import experiment_rows, markdown, readme_table
 from nirvana.sweep import sweep_commands
 
 
@@ -86,3 +88,9 @@ def test_the_dense_model_appears_once_per_distinct_evaluation() -> None:
     }
     dense = [r for r in experiment_rows([main]) if r["method"] == "dense"]
     assert [(r["experiment"], r["acc_average"]) for r in dense] == [("main", 0.6), ("b", 0.58)]
+
+
+def test_readme_results_are_the_committed_metrics() -> None:
+    """The README's results table is the committed run's: regenerate it with `nirvana report --readme`."""
+    root = Path(__file__).resolve().parents[1]
+    assert readme_table(root) in (root / "README.md").read_text(), "run `nirvana report --readme`, paste into README"
