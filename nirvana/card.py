@@ -348,7 +348,12 @@ def evaluations(metrics: dict[str, Any], zero_shot: dict[str, Any]) -> list[Eval
 
 def _result(task: str, hub: str, name: str, metric: str, value: float, config: str) -> EvalResult:
     return EvalResult(
-        task_type=task, dataset_type=hub, dataset_name=name, metric_type=metric, metric_value=value, metric_config=config
+        task_type=task,
+        dataset_type=hub,
+        dataset_name=name,
+        metric_type=metric,
+        metric_value=value,
+        metric_config=config,
     )
 
 

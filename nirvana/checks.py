@@ -14,9 +14,9 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from nirvana.data import bos_id, token_stream
+from nirvana.errors import InputError
 from nirvana.modeling import skeleton
 from nirvana.params import CalibrationParams, FinetuneParams
-from nirvana.errors import InputError
 
 INDEX = "model.safetensors.index.json"
 
@@ -191,4 +191,3 @@ def check_calibration(c: CalibrationParams, model_dir: str | Path) -> None:
 def check_finetune(f: FinetuneParams, model_dir: str | Path) -> None:
     """finetune's model folder, and finetune.seq_len within its context (unused when steps is 0)."""
     check_model(model_dir, [("finetune.seq_len", f.seq_len)] if f.steps else [])
-

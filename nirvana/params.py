@@ -293,7 +293,8 @@ def _build(cls: type, raw: object, prefix: str) -> object:
 def schema(cls: type | None = None, prefix: str = "") -> dict[str, dict[str, object]]:
     """Every key params.yaml accepts, with its type and default: what check_params validated against."""
     cls = cls or Params
-    hints, out = typing.get_type_hints(cls), {}
+    hints = typing.get_type_hints(cls)
+    out: dict[str, dict[str, object]] = {}
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             out |= schema(hints[f.name], f"{prefix}{f.name}.")

@@ -117,8 +117,8 @@ def readme_table(root: str | Path = ".") -> str:
     names = {"dense": ("dense", "0"), "pruned": (params["method"], realised)}
     if steps:
         names["finetuned"] = (f"{params['method']} + LoRA ({steps} steps)", realised)
-    header = ("model", "sparsity (realised)", "params", "wiki ppl @128", "wiki ppl @512")
-    header += ("books ppl @128", "books ppl @512", "zero-shot avg")
+    header = ["model", "sparsity (realised)", "params", "wiki ppl @128", "wiki ppl @512"]
+    header += ["books ppl @128", "books ppl @512", "zero-shot avg"]
     rows = []
     for key, (label, sparsity) in names.items():
         m = read(key)

@@ -14,9 +14,7 @@ from nirvana.params import Params
 from nirvana.stage import run_stage
 
 
-def main(
-    params: Params, model_dir: str, dense: str, pruned: str, finetuned: str, zero_shot: str, out_dir: str
-) -> None:
+def main(params: Params, model_dir: str, dense: str, pruned: str, finetuned: str, zero_shot: str, out_dir: str) -> None:
     check_model_folder(model_dir)
     paths = {"dense": dense, "pruned": pruned, "finetuned": finetuned}
     results = {name: json.loads(Path(path).read_text()) for name, path in paths.items()}

@@ -46,7 +46,10 @@ STAGES = {
         ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"],
     ),
     "compute_saliency": (["model", "calibration.parquet"], ["out/saliency.parquet"]),
-    "prune": (["model", "plan.parquet", "calibration.json", "candidates.parquet"], ["out/pruned_model", "out/prune.json"]),
+    "prune": (
+        ["model", "plan.parquet", "calibration.json", "candidates.parquet"],
+        ["out/pruned_model", "out/prune.json"],
+    ),
     "finetune": (["pruned", "pool.parquet"], ["out/finetuned_model", "out/finetune.json"]),
     "evaluate": (["model", "corpora"], ["out/metrics.json", "out/lm_eval.json"]),
     "compare": (
