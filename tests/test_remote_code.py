@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_architectures import tiny
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from conftest import random_plan, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
@@ -26,7 +26,6 @@ from nirvana.params import Params
 from nirvana.remote import MODELING_FILE, modeling_source
 from nirvana.surgery import BIAS_KEY, CONFIG_KEY, layer_units, prune_model, save_model
 from nirvana.zeroshot import render_tasks
-from test_architectures import tiny
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(5))
 CALIBRATION = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(2))
@@ -156,8 +155,7 @@ def remote_logits(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     with safe_open(str(tmp / "logits.safetensors"), framework="pt") as f:
         classes = f.metadata()
     logits = load_file(tmp / "logits.safetensors")
-    for name, folder in folders.items():
-        assert classes[str(folder)].startswith("Nirvana"), classes[str(folder)]
+    assert all(classes[str(folder)].startswith("Nirvana") for folder in folders.values()), classes
     return {name: logits[str(folder)] for name, folder in folders.items()}
 
 
