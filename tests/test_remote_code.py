@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -70,17 +71,22 @@ for folder in sys.argv[3:]:
         classes[folder] = type(model).__name__
     except Exception as err:
         classes[folder] = f"{type(err).__name__}: {err}"
+    try:  # without remote code (and without nirvana) the stock class must refuse the pruned weights
+        auto.from_pretrained(folder)
+        classes[f"{folder}#stock"] = "loaded"
+    except RuntimeError as err:
+        classes[f"{folder}#stock"] = "refused" if "mismatch" in str(err) else repr(err)
 assert not any(name == "nirvana" or name.startswith("nirvana.") for name in sys.modules)
 save_file(logits, sys.argv[1], metadata=classes)
 '''
 
 
-def flap_plan(model: PreTrainedModel):  # type: ignore[no-untyped-def]
+def flap_plan(model: PreTrainedModel, sparsity: float = 0.4) -> pd.DataFrame:
     """FLAP's plan: its `input_mean` column makes pruning compensate the output biases."""
     from nirvana.allocation import allocate_for_model
     from nirvana.criteria import flap_scores
 
-    return allocate_for_model(model, flap_scores(model, CALIBRATION, 3), 0.4, 3.0, 1, "flap")
+    return allocate_for_model(model, flap_scores(model, CALIBRATION, 3), sparsity, 3.0, 1, "flap")
 
 
 def llama_query_head() -> PreTrainedModel:
@@ -92,8 +98,11 @@ def llama_query_head() -> PreTrainedModel:
 CASES: dict[str, tuple[Callable[[], PreTrainedModel], Callable]] = {
     "llama_group": (lambda: tiny_llama("gqa"), partial(random_plan, seed=4)),
     "llama_query_head": (llama_query_head, partial(random_plan, seed=5, drop=0.5)),
-    "llama_biases": (lambda: tiny_llama("gqa_bias"), partial(random_plan, seed=6)),  # q/k/v/gate/up biases
-    "llama_compensated": (lambda: tiny_llama("gqa"), flap_plan),  # bias compensation adds o/down biases
+    "llama_biases": (lambda: tiny_llama("gqa_bias"), partial(random_plan, seed=9)),  # q/k/v/gate/up biases
+    "llama_compensated": (
+        lambda: tiny_llama("gqa", seed=2),
+        partial(flap_plan, sparsity=0.3),
+    ),  # bias compensation adds o/down biases
     "mistral": (lambda: tiny("mistral", "group"), partial(random_plan, seed=2, drop=0.5)),
     "qwen2": (lambda: tiny("qwen2", "group"), flap_plan),
     "gemma3_text": (lambda: tiny("gemma3_text", "query_head"), partial(random_plan, seed=2, drop=0.5)),
@@ -162,6 +171,8 @@ def remote_logits(
     with safe_open(str(tmp / "logits.safetensors"), framework="pt") as f:
         classes = f.metadata()
     logits = load_file(tmp / "logits.safetensors")
+    refused = {name: classes[f"{folder}#stock"] for name, folder in folders.items()}
+    assert set(refused.values()) == {"refused"}, refused
     return {name: (classes[str(folder)], logits.get(str(folder))) for name, folder in folders.items()}
 
 
