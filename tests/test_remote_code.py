@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -45,7 +46,8 @@ class _NoNirvana:
 sys.meta_path.insert(0, _NoNirvana())
 '''
 LOADER = '''
-"""Load every folder named on the command line with trust_remote_code=True and save its logits."""
+"""Load every folder named on the command line with trust_remote_code=True, save it again as a user
+would (transformers copies the modeling file), reload that copy; save all logits in one file."""
 import json, sys
 
 import torch
@@ -58,17 +60,21 @@ except ImportError:
     pass
 else:
     raise SystemExit("nirvana is importable")
-tokens = torch.tensor(json.loads(sys.argv[2]))
+out, tokens = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
 logits, classes = {}, {}
-for folder in sys.argv[3:]:
+for index, folder in enumerate(sys.argv[3:]):
     seq2seq = "AutoModelForSeq2SeqLM" in json.load(open(f"{folder}/config.json"))["auto_map"]
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    extra = {"decoder_input_ids": tokens[:, :5]} if seq2seq else {}
     try:  # one broken folder must not hide the others' results
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         with torch.no_grad():
-            extra = {"decoder_input_ids": tokens[:, :5]} if seq2seq else {}
             logits[folder] = model(input_ids=tokens, **extra).logits.contiguous()
         classes[folder] = type(model).__name__
+        model.save_pretrained(f"{out}/resaved/{index}")
+        again = auto.from_pretrained(f"{out}/resaved/{index}", trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits[f"{folder}#resaved"] = again(input_ids=tokens, **extra).logits.contiguous()
     except Exception as err:
         classes[folder] = f"{type(err).__name__}: {err}"
     try:  # without remote code (and without nirvana) the stock class must refuse the pruned weights
@@ -77,8 +83,16 @@ for folder in sys.argv[3:]:
     except RuntimeError as err:
         classes[f"{folder}#stock"] = "refused" if "mismatch" in str(err) else repr(err)
 assert not any(name == "nirvana" or name.startswith("nirvana.") for name in sys.modules)
-save_file(logits, sys.argv[1], metadata=classes)
+save_file(logits, f"{out}/logits.safetensors", metadata=classes)
 '''
+
+
+class Remote(NamedTuple):
+    """What the process without nirvana found for one folder."""
+
+    cls: str  # the class it built, or the error
+    logits: torch.Tensor | None
+    resaved: torch.Tensor | None  # after save_pretrained and a second load
 
 
 def flap_plan(model: PreTrainedModel, sparsity: float = 0.4) -> pd.DataFrame:
@@ -154,14 +168,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def remote_logits(
-    folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, tuple[str, torch.Tensor | None]]:
-    """Class name (or the error) and logits of every folder loaded with trust_remote_code=True, all in
-    one process without nirvana."""
+def remote_logits(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Remote]:
+    """Every folder loaded with trust_remote_code=True, and saved and reloaded, in one process without nirvana."""
     tmp = tmp_path_factory.mktemp("remote")
     (tmp / "load.py").write_text(LOADER)
-    args = [str(tmp / "logits.safetensors"), json.dumps(TOKENS.tolist()), *map(str, folders.values())]
+    args = [str(tmp), json.dumps(TOKENS.tolist()), *map(str, folders.values())]
     done = subprocess.run(
         [sys.executable, str(tmp / "load.py"), *args], cwd=tmp, env=without_nirvana(tmp), capture_output=True, text=True
     )
@@ -173,7 +184,10 @@ def remote_logits(
     logits = load_file(tmp / "logits.safetensors")
     refused = {name: classes[f"{folder}#stock"] for name, folder in folders.items()}
     assert set(refused.values()) == {"refused"}, refused
-    return {name: (classes[str(folder)], logits.get(str(folder))) for name, folder in folders.items()}
+    return {
+        name: Remote(classes[str(folder)], logits.get(str(folder)), logits.get(f"{folder}#resaved"))
+        for name, folder in folders.items()
+    }
 
 
 def test_widths_are_uneven_and_the_extras_are_really_there(folders: dict[str, Path]) -> None:
@@ -198,15 +212,24 @@ def test_folder_carries_the_modeling_file_and_auto_map(folders: dict[str, Path],
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_loads_without_nirvana_with_the_in_project_logits(
-    folders: dict[str, Path], remote_logits: dict[str, tuple[str, torch.Tensor | None]], name: str
+    folders: dict[str, Path], remote_logits: dict[str, Remote], name: str
 ) -> None:
-    cls, logits = remote_logits[name]
-    assert cls.startswith("Nirvana") and logits is not None, cls
+    found = remote_logits[name]
+    assert found.cls.startswith("Nirvana") and found.logits is not None, found.cls
     local = auto_for(folders[name]).from_pretrained(folders[name]).eval()
     assert type(local).__module__.startswith("transformers.models.")  # nirvana's load: the stock class
     expected = forward(local)
-    assert logits.shape == expected.shape
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    assert found.logits.shape == expected.shape
+    torch.testing.assert_close(found.logits, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_copy_saved_without_nirvana_reloads_the_same(remote_logits: dict[str, Remote], name: str) -> None:
+    """A user who fine-tunes without nirvana and saves gets a folder that loads again: transformers
+    copies the modeling file and keeps auto_map."""
+    found = remote_logits[name]
+    assert found.logits is not None and found.resaved is not None, found.cls
+    torch.testing.assert_close(found.resaved, found.logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama_compensated", "gemma3_text", "t5"])
@@ -224,6 +247,18 @@ def test_with_nirvana_imported_remote_code_gives_the_same_model(
     assert layer_units(loaded) == layer_units(local)
     assert loaded.state_dict().keys() == local.state_dict().keys()
     torch.testing.assert_close(forward(loaded), forward(local), atol=0, rtol=0)
+
+
+def test_a_pruned_folder_loaded_and_saved_again_keeps_its_modeling_file(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """What finetune does (load a pruned folder, save the result) leaves a folder that loads without nirvana."""
+    folder = folders["gemma3_text"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    save_model(model, AutoTokenizer.from_pretrained(folder), tmp_path / "again")
+    assert (tmp_path / "again" / MODELING_FILE).read_bytes() == (folder / MODELING_FILE).read_bytes()
+    before, after = (json.loads((f / "config.json").read_text()) for f in (folder, tmp_path / "again"))
+    assert after["auto_map"] == before["auto_map"] and after[CONFIG_KEY] == before[CONFIG_KEY]
 
 
 def test_dense_folder_gets_no_modeling_file(tmp_path: Path) -> None:
