@@ -113,10 +113,8 @@ CASES: dict[str, tuple[Callable[[], PreTrainedModel], Callable]] = {
     "llama_group": (lambda: tiny_llama("gqa"), partial(random_plan, seed=4)),
     "llama_query_head": (llama_query_head, partial(random_plan, seed=5, drop=0.5)),
     "llama_biases": (lambda: tiny_llama("gqa_bias"), partial(random_plan, seed=9)),  # q/k/v/gate/up biases
-    "llama_compensated": (
-        lambda: tiny_llama("gqa", seed=2),
-        partial(flap_plan, sparsity=0.3),
-    ),  # bias compensation adds o/down biases
+    # bias compensation gives o_proj and down_proj the biases the dense model lacks
+    "llama_compensated": (lambda: tiny_llama("gqa", seed=2), partial(flap_plan, sparsity=0.3)),
     "mistral": (lambda: tiny("mistral", "group"), partial(random_plan, seed=2, drop=0.5)),
     "qwen2": (lambda: tiny("qwen2", "group"), flap_plan),
     "gemma3_text": (lambda: tiny("gemma3_text", "query_head"), partial(random_plan, seed=2, drop=0.5)),
