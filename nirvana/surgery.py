@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from nirvana.io import atomic_path
 from nirvana.models import get_adapter
 from nirvana.models.base import unit_rows
+from nirvana.remote import add_remote_code
 
 CONFIG_KEY = "nirvana_units"
 BIAS_KEY = "nirvana_output_bias"
@@ -105,10 +106,12 @@ def save_model(
     path: str | Path,
     card: Callable[[Path], str] | None = None,
 ) -> None:
-    """Write an HF folder (safetensors + tokenizer) atomically. `card(folder)` gives its README.md from
-    the written files (it hashes the weights), so the card is in place before the folder appears."""
+    """Write an HF folder (safetensors + tokenizer; a pruned model's modeling file for loading without
+    nirvana) atomically. `card(folder)` gives its README.md from the written files, so the card is in
+    place before the folder appears."""
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        add_remote_code(tmp, model.config)
         tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card(tmp))

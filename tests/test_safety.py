@@ -69,8 +69,16 @@ def findings(path: Path, root: Path = ROOT) -> list[str]:
     return found
 
 
+REMOTE_CODE_TEST = "tests/test_remote_code.py"
+"""The one file allowed `trust_remote_code=True`: it checks that the modeling file save_model writes into a
+pruned folder loads that way (nothing else is exempt, and the pipeline's own code never sets it)."""
+
+
 def test_no_pickle_no_unsafe_torch_load_no_remote_code() -> None:
     problems = [problem for path in sources() for problem in findings(path)]
+    problems = [
+        p for p in problems if not (p.startswith(f"{REMOTE_CODE_TEST}:") and p.endswith("trust_remote_code=True"))
+    ]
     assert not problems, "\n".join(problems)
 
 
