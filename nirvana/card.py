@@ -77,10 +77,13 @@ def file_tensors(path: Path, name: str) -> dict[str, dict[str, Any]]:
 
 
 def weight_hashes(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """SHA-256 of every safetensors file and every tensor in `folder`; and the files that safetensors
-    could not read (name -> error), so that `verify` reports a corrupt header instead of crashing."""
+    """SHA-256 of every safetensors file and every tensor in `folder`, and of the Python files (the
+    modeling file `trust_remote_code` runs); and the files that safetensors could not read (name ->
+    error), so that `verify` reports a corrupt header instead of crashing."""
     folder = Path(folder)
     files, tensors, unreadable = {}, {}, {}
+    for path in sorted(folder.rglob("*.py")):
+        files[path.relative_to(folder).as_posix()] = sha256_file(path)
     for path in sorted(folder.rglob("*.safetensors")):
         name = path.relative_to(folder).as_posix()
         files[name] = sha256_file(path)
@@ -303,11 +306,14 @@ def body(r: dict[str, Any], evaluation: str = "") -> str:
     return (
         f"# `{name}`, structurally pruned with NIRVANA\n\n"
         "Written by the nirvana pipeline. Load it with `import nirvana` first (that registers the pruned "
-        "widths recorded in `config.json`), then `AutoModelForCausalLM.from_pretrained(folder)`.\n\n"
+        "widths recorded in `config.json`), then `AutoModelForCausalLM.from_pretrained(folder)`; or, "
+        "without nirvana, `from_pretrained(folder, trust_remote_code=True)`, which runs the folder's "
+        "`modeling_nirvana.py` (its SHA-256 is below).\n\n"
         f"{evaluation}{_provenance(r)}\n\n{_pruning(r)}\n\n{_finetune(r)}{_layers(r.get('layers'))}\n\n"
         "## Weights\n\n"
         f"SHA-256 of each of the {len(weights['tensors'])} tensors (its stored bytes, with dtype and shape) "
-        "is in the front matter under `nirvana.weights.tensors`; `nirvana verify FOLDER` recomputes them.\n\n"
+        "is in the front matter under `nirvana.weights.tensors`; `nirvana verify FOLDER` recomputes them "
+        "and the file hashes.\n\n"
         + _table(files, ("file", "SHA-256", "tensors"))
         + "\n"
     )

@@ -112,7 +112,7 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert card["dvc_lock"] == lock_state(repo / "dvc.lock", "prune") and card["dvc_lock"]["stages"] == [
         "allocate_sparsity"
     ]
-    assert set(card["weights"]["files"]) == {"model.safetensors"}
+    assert set(card["weights"]["files"]) == {"model.safetensors", "modeling_nirvana.py"}
     up = card["weights"]["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert up["dtype"] == "F32" and up["shape"] == [card["layers"][0]["mlp"], 24] and len(up["sha256"]) == 64
     text = (pruned / CARD).read_text()
@@ -162,6 +162,16 @@ def test_a_missing_shard_and_an_extra_file_are_named(
     assert f"file {shards[0].name}: missing (in the card, not in the folder)" in lines
     assert "file extra.safetensors: extra (in the folder, not in the card)" in lines
     assert {line.split(":")[0].removeprefix("tensor ") for line in lines if line.startswith("tensor")} == shard_tensors
+
+
+def test_an_edited_modeling_file_is_named(repo: Path, tmp_path: Path) -> None:
+    """The file `trust_remote_code=True` would run is hashed like the weights."""
+    folder = shutil.copytree(repo / "outputs/pruned_model", tmp_path / "pruned")
+    assert "modeling_nirvana.py" in read_card(folder)["nirvana"]["weights"]["files"]
+    with (folder / "modeling_nirvana.py").open("a") as handle:
+        handle.write("import os  # injected\n")
+    ok, message = verify_folder(folder)
+    assert not ok and message.splitlines()[1:] == ["  file modeling_nirvana.py: SHA-256 differs"]
 
 
 def test_a_folder_without_a_card_fails_clearly(repo: Path, tmp_path: Path) -> None:
