@@ -74,3 +74,10 @@ def lock_report(stale: dict[str, list[str]]) -> str:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         lines.append(f"  {name}: " + "; ".join(problems[:SHOWN]) + more)
     return "\n".join([*lines, f"To fix: {FIX}."])
+
+
+if __name__ == "__main__":
+    found = stale_stages()
+    if found:
+        raise SystemExit(lock_report(found))
+    print("dvc.lock describes this tree")

@@ -126,4 +126,8 @@ def readme_table(root: str | Path = ".") -> str:
         cells += [f"{m[k]:.2f}" if k.startswith("ppl") else f"{m[k]:.3f}" for k in QUALITY]
         rows.append("| " + " | ".join(cells) + " |")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]
+    speed = read("efficiency")
+    kinds = ("prefill_bs1", "prefill_bs8", "generate_bs1", "generate_bs8", "ideal")
+    ratios = ", ".join(f"{k.replace('_', ' ')} x{speed[f'speedup_{k}']:.2f}" for k in kinds if f"speedup_{k}" in speed)
+    lines += ["", f"Pruned against dense in the same run (compare stage, timed alternately): {ratios}."]
     return "\n".join([README_BEGIN, *lines, README_END]) + "\n"
