@@ -313,9 +313,7 @@ def body(r: dict[str, Any], evaluation: str = "") -> str:
         "## Weights\n\n"
         f"SHA-256 of each of the {len(weights['tensors'])} tensors (its stored bytes, with dtype and shape) "
         "is in the front matter under `nirvana.weights.tensors`; `nirvana verify FOLDER` recomputes them "
-        "and the file hashes.\n\n"
-        + _table(files, ("file", "SHA-256", "tensors"))
-        + "\n"
+        "and the file hashes.\n\n" + _table(files, ("file", "SHA-256", "tensors")) + "\n"
     )
 
 
