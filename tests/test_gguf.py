@@ -24,7 +24,7 @@ from transformers import (
 
 from conftest import random_plan, tiny_llama
 from nirvana.cli import main
-from nirvana.gguf import ExportError, export
+from nirvana.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export
 from nirvana.models import get_adapter
 from nirvana.surgery import BIAS_KEY, prune_model, save_model
 
@@ -42,16 +42,24 @@ CORPUS = [
 ] * 20
 
 
-def bpe_tokenizer(digits: bool = False, size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style; SmolLM2 style with `digits`) trained on a few sentences,
-    <s> prepended on encode."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def bpe_tokenizer(pre: str = "gpt-2", size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, <s> prepended on encode, whose pre-tokenizer is the
+    one of GPT-2, SmolLM2 (digits split), Llama 3 or Qwen2 (regex splits), named as llama.cpp names them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits else byte_level
-    )
+    if pre in ("llama-bpe", "qwen2"):
+        pattern = LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    elif pre == "smollm":
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(
@@ -256,14 +264,14 @@ def test_record_beside_the_file(project: Path) -> None:
     assert sorted(p.name for p in (project / "outputs").iterdir()) == ["m.gguf", "m.gguf.json"]
 
 
-@pytest.mark.parametrize("digits", [False, True], ids=["gpt-2", "smollm"])
-def test_tokenization_equals_transformers(project: Path, digits: bool) -> None:
-    tokenizer = bpe_tokenizer(digits=digits)
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_tokenization_equals_transformers(project: Path, pre: str) -> None:
+    tokenizer = bpe_tokenizer(pre)
     model = tiny_model("llama", len(tokenizer))
     save_model(model, tokenizer, project / "model")
     export(project / "model", "outputs/t.gguf", "f16")
     reader = gguf.GGUFReader(project / "outputs/t.gguf")
-    assert reader.fields["tokenizer.ggml.pre"].contents() == ("smollm" if digits else "gpt-2")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == pre
     llm = load(project / "outputs/t.gguf")
     for text in TEXTS:
         expected = tokenizer(text)["input_ids"]
