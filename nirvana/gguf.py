@@ -10,6 +10,7 @@ quantizer (the `deploy` extra, llama-cpp-python) run on an f32 intermediate.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
@@ -411,7 +412,7 @@ def quantize(f32_path: Path, out: Path, type: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[type]
     params.nthread = min(4, os.cpu_count() or 1)
-    status = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(out).encode(), params)
+    status = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(out).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama.cpp failed to quantize to {type} (status {status})")
 
