@@ -348,7 +348,7 @@ def test_real_base_model_tokenizes_and_scores_as_transformers(project: Path) -> 
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
     ids = tokenizer(" ".join(TEXTS))["input_ids"]
     expected, got = hf_logits(model.float(), ids), cpp_logits(llm, ids)
-    assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+    assert np.abs(got - expected).max() <= F32_RELATIVE * np.abs(expected).max()  # measured 1.7e-6
 
 
 # ---- bad input: one clear error, nothing written ----
