@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
@@ -130,6 +131,8 @@ def check_type(type: str) -> str:
     """The type, lower-cased, or an error listing the valid ones."""
     if type.lower() not in TYPES:
         raise ExportError(f"unknown GGUF type {type!r}; valid: {', '.join(TYPES)}")
+    if type.lower() in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
+        raise ExportError(f"{type} needs llama.cpp's quantizer: pip install -e '.[deploy]' (llama-cpp-python)")
     return type.lower()
 
 
@@ -159,7 +162,10 @@ def check_folder(model_dir: str | Path) -> Source:
         raise ExportError(f"{model_dir} is not a model folder written by this pipeline: no *.safetensors weights")
     if not (folder / "tokenizer.json").is_file():
         raise ExportError(f"{model_dir} has no tokenizer.json; the GGUF needs the model's own tokenizer")
-    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, OSError, KeyError) as error:
+        raise ExportError(f"{model_dir}/config.json cannot be read: {error}") from error
     check_architecture(config)
     return Source(folder, config, weights, head_dim(config))
 
@@ -294,14 +300,18 @@ def pre_tokenizer(spec: dict[str, Any] | None) -> str:
     """The llama.cpp pre-tokenizer that splits text as this tokenizer.json pre-tokenizer does, or an error."""
     steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec]
     kinds = [s.get("type") if s else None for s in steps]
-    if kinds == ["ByteLevel"] and steps[0] and steps[0].get("use_regex", True):
+    byte_level = (steps[-1] if steps else None) or {}
+    if byte_level.get("add_prefix_space"):
+        raise ExportError("tokenizer adds a prefix space (ByteLevel add_prefix_space); llama.cpp's BPE does not")
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
         return "gpt-2"
-    digits = kinds == ["Digits", "ByteLevel"] and steps[0] and steps[0].get("individual_digits")
-    if digits and steps[1] and steps[1].get("use_regex", True):
+    digits = kinds == ["Digits", "ByteLevel"] and (steps[0] or {}).get("individual_digits")
+    if digits and byte_level.get("use_regex", True):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and steps[0] and steps[1] and not steps[1].get("use_regex", True):
-        pattern = steps[0].get("pattern", {}).get("Regex")
-        if pattern in SPLIT_PRE:
+    split = (steps[0] if steps else None) or {}
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) and not split.get("invert"):
+        pattern = split.get("pattern", {}).get("Regex")
+        if pattern in SPLIT_PRE and split.get("behavior") == "Isolated":
             return SPLIT_PRE[pattern]
     raise ExportError(f"tokenizer pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp equivalent known here")
 
@@ -405,10 +415,8 @@ def write_gguf(path: Path, source: Source, vocab: Vocab, type: str) -> None:
 
 def quantize(f32_path: Path, out: Path, type: str) -> None:
     """llama.cpp's own k-quant of an f32 GGUF, through llama-cpp-python (the `deploy` extra)."""
-    try:
-        import llama_cpp
-    except ImportError as error:
-        raise ExportError(f"{type} needs llama-cpp-python: pip install -e '.[deploy]'") from error
+    import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[type]
     params.nthread = min(4, os.cpu_count() or 1)

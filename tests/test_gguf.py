@@ -14,6 +14,7 @@ import llama_cpp  # the deploy extra; `make install` installs it
 import numpy as np
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,7 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from conftest import random_plan, tiny_llama
+from conftest import random_plan, tiny_llama, tiny_model_dir
 from nirvana.cli import main
 from nirvana.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export, gguf_name, rope_rows
 from nirvana.models import get_adapter
@@ -46,7 +47,7 @@ CORPUS = [
 def bpe_tokenizer(pre: str = "gpt-2", size: int = 320) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a few sentences, <s> prepended on encode, whose pre-tokenizer is the
     one of GPT-2, SmolLM2 (digits split), Llama 3 or Qwen2 (regex splits), named as llama.cpp names them."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, processors, trainers
 
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -434,3 +435,15 @@ def test_cli_exports_and_reports_errors_in_one_line(project: Path, capsys: pytes
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "unknown GGUF type 'int3'" in err
     assert not (project / "outputs/x.gguf").exists()
+
+
+def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(project: Path) -> None:
+    folder = tiny_model_dir(project / "model")  # a word-level tokenizer
+    with pytest.raises(ExportError, match="only byte-level BPE tokenizers"):
+        export(folder, "outputs/m.gguf", "f16")
+    tokenizer = bpe_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    save_model(tiny_model("llama", len(tokenizer)), tokenizer, project / "bpe")
+    with pytest.raises(ExportError, match=r"pre-tokenizer \{\"type\": \"Whitespace\"\} has no llama.cpp equivalent"):
+        export(project / "bpe", "outputs/m.gguf", "f16")
+    assert nothing_written(project)
