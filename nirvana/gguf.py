@@ -13,13 +13,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.util
+import itertools
 import json
 import mmap
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,12 +209,18 @@ def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
 # ---- weights ----
 
 
-def tensors(source: Source) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the folder's safetensors files, in float32."""
+def tensor_names(source: Source) -> list[tuple[str, str, Path]]:
+    """(GGUF name, Hugging Face name, file) of every tensor the GGUF holds, in file order; the LM head is left
+    out when tied to the embeddings (llama.cpp then reuses token_embd)."""
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    out = []
     for path in source.weights:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                yield name, handle.get_tensor(name).float()
+                target = gguf_name(name)
+                if target is not None or not tied:
+                    out.append((target or "output.weight", name, path))
+    return out
 
 
 def gguf_name(name: str) -> str | None:
@@ -279,18 +285,28 @@ def rope_factors(config: PretrainedConfig, dim: int) -> np.ndarray | None:
     return (plain / scaled.double()).float().numpy()
 
 
-def encode(data: torch.Tensor, type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A tensor in the requested type; 1-D tensors stay f32, rows that q8_0 blocks do not divide become f16."""
-    array = data.contiguous().numpy().astype(np.float32)
-    if array.ndim == 1 or type == "f32":
-        return array, gguf.GGMLQuantizationType.F32
+def storage_type(shape: tuple[int, ...], type: str) -> gguf.GGMLQuantizationType:
+    """How a tensor is stored: 1-D tensors in f32, rows that q8_0 blocks do not divide in f16, the rest in `type`."""
+    if len(shape) == 1 or type == "f32":
+        return gguf.GGMLQuantizationType.F32
     qtype = DIRECT[type]
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return array.astype(np.float16), qtype
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if array.shape[-1] % block:
-        return array.astype(np.float16), gguf.GGMLQuantizationType.F16
-    return gguf.quants.quantize(array, qtype), qtype
+    return gguf.GGMLQuantizationType.F16 if shape[-1] % block else qtype
+
+
+def encode(data: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The tensor's bytes (as numpy) in storage type `qtype`."""
+    array = data.contiguous().numpy().astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return array
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)
+
+
+def stored_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
 
 
 # ---- tokenizer ----
@@ -384,31 +400,31 @@ def write_metadata(writer: gguf.GGUFWriter, source: Source, vocab: Vocab, type: 
     writer.add_add_eos_token(vocab.add_eos)
 
 
-def write_tensors(writer: gguf.GGUFWriter, source: Source, type: str) -> None:
-    """Every tensor under its GGUF name, q/k in GGML's rope layout, in `type` (1-D in f32)."""
-    tied = bool(getattr(source.config, "tie_word_embeddings", False))
-    for name, data in tensors(source):
-        target = gguf_name(name)
-        if target is None:
-            if tied:
-                continue
-            target = "output.weight"
-        array, qtype = encode(to_rope_layout(target, data, source.layers, source.head_dim), type)
-        writer.add_tensor(target, array, raw_dtype=qtype)
-    factors = rope_factors(source.config, source.head_dim)
-    if factors is not None:
-        writer.add_tensor("rope_freqs.weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
-
-
 def write_gguf(path: Path, source: Source, vocab: Vocab, type: str) -> None:
-    """One GGUF file with `type` for the weights (f32 for k-quants, which llama.cpp quantizes afterwards)."""
+    """One GGUF file with `type` for the weights (f32 for k-quants, which llama.cpp quantizes afterwards),
+    streamed: the header lists every tensor from the shapes, then each is read, converted and written in turn,
+    so memory holds one tensor at a time."""
+    shapes = tensor_shapes(source)
+    factors = rope_factors(source.config, source.head_dim)
     writer = gguf.GGUFWriter(str(path), ARCH)
     try:
         write_metadata(writer, source, vocab, type)
-        write_tensors(writer, source, type)
+        names = tensor_names(source)
+        for target, name, _ in names:
+            qtype = storage_type(shapes[name], type)
+            writer.add_tensor_info(target, shapes[name], np.dtype(np.float32), stored_bytes(shapes[name], qtype), qtype)
+        if factors is not None:
+            writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for path, group in itertools.groupby(names, key=lambda n: n[2]):
+            with safe_open(str(path), framework="pt") as handle:
+                for target, name, _ in group:
+                    data = to_rope_layout(target, handle.get_tensor(name).float(), source.layers, source.head_dim)
+                    writer.write_tensor_data(encode(data, storage_type(shapes[name], type)))
+        if factors is not None:
+            writer.write_tensor_data(factors)
     finally:
         writer.close()
 

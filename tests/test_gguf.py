@@ -418,7 +418,7 @@ def test_failure_midway_leaves_nothing(project: Path, monkeypatch: pytest.Monkey
     def broken(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(nirvana.gguf, "write_tensors", broken)
+    monkeypatch.setattr(nirvana.gguf, "encode", broken)  # fails after the header is written
     with pytest.raises(OSError, match="disk full"):
         export(folder, "outputs/m.gguf", "f16")
     assert nothing_written(project)
