@@ -235,6 +235,31 @@ def test_quantized_greedy_continuation_equals_transformers(project: Path, type: 
     assert greedy_cpp(load(project / f"outputs/m-{type}.gguf"), prompt, 16) == greedy_hf(model, prompt, 16)
 
 
+def test_q8_0_bytes_equal_llama_cpp_quantizer(project: Path) -> None:
+    """Our q8_0 blocks are the ones llama.cpp's own quantizer makes from the f32 export, byte for byte."""
+    import ctypes
+
+    folder, _ = pruned_folder(project / "model")
+    export(folder, "outputs/m.gguf", "f32")
+    export(folder, "outputs/m-q8.gguf", "q8_0")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    reference = project / "outputs/reference.gguf"
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(project / "outputs/m.gguf").encode(), str(reference).encode(), ctypes.byref(params)
+        )
+        == 0
+    )
+    ours = {t.name: t for t in gguf.GGUFReader(project / "outputs/m-q8.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(reference).tensors}
+    q8 = [name for name, t in ours.items() if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
+    assert len(q8) >= 10
+    for name in q8:
+        assert theirs[name].tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+        assert np.array_equal(ours[name].data, theirs[name].data), name
+
+
 def test_k_quant_loads_and_generates(project: Path) -> None:
     """q4_k_m through llama.cpp's own quantizer. k-quant blocks hold 256 values: with hidden 256 the q, k, v,
     gate and up rows are k-quantized; the o_proj and down_proj rows (pruned widths) are not whole blocks and
