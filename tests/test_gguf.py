@@ -72,7 +72,7 @@ def bpe_tokenizer(pre: str = "gpt-2", size: int = 320) -> PreTrainedTokenizerFas
     )
     backend.train_from_iterator(CORPUS, trainer)
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
