@@ -115,7 +115,7 @@ class Vocab:
 
 @dataclass
 class Source:
-    """A checked model folder: its config, weight files and what the export will write."""
+    """A checked model folder: its config, weight files, head width and (once read) per-layer widths."""
 
     folder: Path
     config: PretrainedConfig
@@ -516,7 +516,8 @@ def prepare(model_dir: str | Path, out_path: str | Path, type: str) -> tuple[Sou
 
 def export(model_dir: str | Path, out_path: str | Path, type: str = "f16") -> dict[str, Any]:
     """Write `out_path` (a .gguf under ./outputs/) from a model folder, and `out_path.json` beside it with the
-    file's SHA-256, type, fallbacks and source folder; both appear whole or not at all. Returns that record."""
+    file's SHA-256, type, fallbacks and source folder. Each appears whole or not at all (temporary file, then
+    rename: the GGUF first, its record last); bad input raises ExportError before anything is written."""
     source, vocab, out, type = prepare(model_dir, out_path, type)
     record_path = out.with_name(out.name + ".json")
     with atomic_path(record_path) as record_tmp, atomic_path(out) as tmp:
