@@ -1,5 +1,5 @@
 """`nirvana` command line: look inside models the pipeline wrote, check their weights against their model
-cards, sweep methods, tabulate experiments."""
+cards, export them to GGUF for llama.cpp, sweep methods, tabulate experiments."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 
 from nirvana.card import verify_folder
 from nirvana.evaluation import param_counts
+from nirvana.gguf import TYPES, ExportError
+from nirvana.gguf import export as export_gguf
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import METHODS
 from nirvana.report import readme_table, report
@@ -42,6 +44,16 @@ def verify(path: str) -> None:
     print(message)
 
 
+def export(path: str, out: str, type: str) -> None:
+    """Write a GGUF file (llama.cpp's deci architecture) and its JSON record; exit 1 with one line on bad input."""
+    try:
+        record = export_gguf(path, out, type)
+    except ExportError as error:
+        print(f"nirvana export: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{out}: {record['type']}, {record['fallbacks']} fallback tensors, sha256 {record['sha256']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nirvana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--max-new-tokens", type=int, default=40)
     p_verify = sub.add_parser("verify", help="check a pruned folder's weights against the hashes in its model card")
     p_verify.add_argument("model")
+    p_export = sub.add_parser("export", help="GGUF for llama.cpp / Ollama (architecture deci, per-layer widths)")
+    p_export.add_argument("model")
+    p_export.add_argument("out", help="the .gguf file, under outputs/")
+    p_export.add_argument("--type", default="f16", help=f"one of {', '.join(TYPES)} (default f16)")
     p_report = sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
     p_report.add_argument("--readme", action="store_true", help="only the README's table of the committed run")
     p_sweep = sub.add_parser("sweep", help="one DVC experiment per method and sparsity, up to evaluate@pruned")
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         generate(args.model, args.prompt, args.max_new_tokens)
     elif args.command == "verify":
         verify(args.model)
+    elif args.command == "export":
+        export(args.model, args.out, args.type)
     elif args.command == "sweep":
         sweep(args.methods, args.sparsities, args.set, args.queue)
     else:

@@ -1,0 +1,474 @@
+"""GGUF export: a pruned model (different heads, KV heads and MLP widths per layer) runs in a real llama.cpp
+(llama-cpp-python) with the logits, greedy text and tokenization transformers gives; bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import llama_cpp  # the deploy extra; `make install` installs it
+import numpy as np
+import pytest
+import torch
+from tokenizers import pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MistralConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from conftest import random_plan, tiny_llama, tiny_model_dir
+from nirvana.cli import main
+from nirvana.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export, gguf_name, rope_rows
+from nirvana.models import get_adapter
+from nirvana.surgery import BIAS_KEY, prune_model, save_model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning removes 1234 heads, and 56 channels!",
+    "  spaces   and\ttabs\nnew lines, it's what we'd test; don't we?",
+    "Ünïcödé: naïve café — 東京 🚀",
+]
+CORPUS = [
+    "the model reads the text and writes the next word",
+    "pruned models keep fewer heads and fewer channels in every layer",
+    "numbers like 12 345 and 2026 appear in text; so do commas, dots and quotes",
+    "llama.cpp runs the exported file on a laptop, it's fast",
+] * 20
+
+
+def bpe_tokenizer(pre: str = "gpt-2", size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, <s> prepended on encode, whose pre-tokenizer is the
+    one of GPT-2, SmolLM2 (digits split), Llama 3 or Qwen2 (regex splits), named as llama.cpp names them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, processors, trainers
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre in ("llama-bpe", "qwen2"):
+        pattern = LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    elif pre == "smollm":
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
+    )
+
+
+def tiny_model(model_type: str, vocab: int, seed: int = 0, **overrides: object) -> PreTrainedModel:
+    """A 3-layer random decoder with grouped-query attention (8 query heads in 4 KV groups of head_dim 16)."""
+    shape: dict = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
+    if model_type == "llama":
+        return tiny_llama("gqa", seed=seed, **{**shape, **overrides})
+    torch.manual_seed(seed)
+    config_class = {"qwen2": Qwen2Config, "mistral": MistralConfig}[model_type]
+    config = config_class(**{**shape, "tie_word_embeddings": False, "sliding_window": None, **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(-0.5, 0.5)
+    return model
+
+
+def pruned_folder(
+    path: Path, model_type: str = "llama", seed: int = 0, bias: bool = False, **overrides: object
+) -> tuple[Path, PreTrainedModel]:
+    """Prune a tiny model with a random plan (layers end up with different widths), save it as the pipeline does."""
+    tokenizer = bpe_tokenizer()
+    model = tiny_model(model_type, len(tokenizer), seed=seed, **overrides)
+    prune_model(model, random_plan(model, seed=seed, drop=0.4))
+    if bias:  # what FLAP's bias compensation leaves: o_proj and down_proj biases
+        adapter = get_adapter(model.config)
+        with torch.no_grad():
+            for layer in adapter.layers(model):
+                adapter.add_output_bias(layer)
+                for module in adapter.modules(layer):
+                    bias_param = adapter.output_projection(layer, module).bias
+                    assert bias_param is not None
+                    bias_param.uniform_(-0.5, 0.5)
+        setattr(model.config, BIAS_KEY, True)
+    save_model(model, tokenizer, path)
+    return path, AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Path]:
+    """A working directory with an outputs/ folder, as the project root has."""
+    (tmp_path / "outputs").mkdir()
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)
+
+
+def load(path: Path, n_ctx: int = 128) -> llama_cpp.Llama:
+    """llama.cpp with every position's logits and a float32 KV cache (its default, f16, would round K and V)."""
+    return llama_cpp.Llama(
+        model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, type_k=0, type_v=0, n_threads=2, seed=0
+    )
+
+
+def cpp_logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def hf_logits(model: PreTrainedModel, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+IDS = torch.randint(3, 300, (48,), generator=torch.Generator().manual_seed(7)).tolist()
+
+# float32 on both sides: what differs is only the order of the sums (GGML's blocked dot products, its softmax),
+# so the differences are rounding: measured at most 7e-7 of the largest logit here. 1e-5 of the largest logit
+# leaves room for that and still fails by orders of magnitude on a wrong head order, permutation or bias.
+F32_RELATIVE = 1e-5
+# Llama 3.1's rope scaling, with a short original context so that the scaled band covers some of head_dim 16.
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
+
+
+@pytest.mark.parametrize(
+    "model_type,bias,overrides",
+    [
+        ("llama", False, {}),
+        ("llama", True, {}),  # bias compensation: deci loads attn_output.bias and ffn_down.bias
+        ("llama", False, {"tie_word_embeddings": True}),  # SmolLM2 ties them
+        ("llama", False, {"rope_parameters": LLAMA3_ROPE}),
+        ("qwen2", False, {}),  # q/k/v biases, permuted like their rows
+        ("mistral", False, {}),
+    ],
+    ids=["llama", "llama-output-bias", "llama-tied", "llama3-rope", "qwen2", "mistral"],
+)
+def test_f32_logits_equal_transformers(project: Path, model_type: str, bias: bool, overrides: dict) -> None:
+    folder, model = pruned_folder(project / "model", model_type, bias=bias, **overrides)
+    widths = [(layer.self_attn.q_proj.out_features, layer.mlp.gate_proj.out_features) for layer in model.model.layers]
+    assert len(set(widths)) > 1, "the random plan should leave layers of different widths"
+    record = export(folder, "outputs/m.gguf", "f32")
+    assert record["fallbacks"] == 0
+    assert [layer["heads"] * 16 for layer in record["layers"]] == [w[0] for w in widths]
+    expected, got = hf_logits(model, IDS), cpp_logits(load(project / "outputs/m.gguf"), IDS)
+    scale = np.abs(expected).max()
+    assert scale > 1.0
+    assert np.abs(got - expected).max() <= F32_RELATIVE * scale, np.abs(got - expected).max() / scale
+
+
+def greedy_hf(model: PreTrainedModel, ids: list[int], n: int) -> list[int]:
+    """n argmax steps, never stopping at EOS (llama.cpp's generate does not stop either)."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def greedy_cpp(llm: llama_cpp.Llama, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(int(token))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("type", ["f16", "q8_0", "bf16"])
+def test_quantized_greedy_continuation_equals_transformers(project: Path, type: str) -> None:
+    folder, model = pruned_folder(project / "model", bias=True)
+    record = export(folder, f"outputs/m-{type}.gguf", type)
+    reader = gguf.GGUFReader(project / f"outputs/m-{type}.gguf")
+    stored = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert stored["blk.0.attn_norm.weight"] == "f32" and stored["blk.0.attn_output.bias"] == "f32"
+    # q8_0 blocks hold 32 values: rows of 64 (hidden) are quantized, down_proj rows (pruned MLP widths that
+    # 32 does not divide) fall back to f16, and the record counts them.
+    odd = [
+        f"blk.{i}.ffn_down.weight" for i, layer in enumerate(model.model.layers) if layer.mlp.down_proj.in_features % 32
+    ]
+    if type == "q8_0":
+        assert odd and record["fallbacks"] == len(odd)
+        assert all(stored[name] == "f16" for name in odd) and stored["blk.0.attn_q.weight"] == "q8_0"
+    else:
+        assert record["fallbacks"] == 0 and stored["blk.0.attn_q.weight"] == type
+    prompt = IDS[:8]
+    assert greedy_cpp(load(project / f"outputs/m-{type}.gguf"), prompt, 16) == greedy_hf(model, prompt, 16)
+
+
+def test_q8_0_bytes_equal_llama_cpp_quantizer(project: Path) -> None:
+    """Our q8_0 blocks are the ones llama.cpp's own quantizer makes from the f32 export, byte for byte."""
+    import ctypes
+
+    folder, _ = pruned_folder(project / "model")
+    export(folder, "outputs/m.gguf", "f32")
+    export(folder, "outputs/m-q8.gguf", "q8_0")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    reference = project / "outputs/reference.gguf"
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(project / "outputs/m.gguf").encode(), str(reference).encode(), ctypes.byref(params)
+        )
+        == 0
+    )
+    ours = {t.name: t for t in gguf.GGUFReader(project / "outputs/m-q8.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(reference).tensors}
+    q8 = [name for name, t in ours.items() if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
+    assert len(q8) >= 10
+    for name in q8:
+        assert theirs[name].tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+        assert np.array_equal(ours[name].data, theirs[name].data), name
+
+
+def test_k_quant_loads_and_generates(project: Path) -> None:
+    """q4_k_m through llama.cpp's own quantizer. k-quant blocks hold 256 values: with hidden 256 the q, k, v,
+    gate and up rows are k-quantized; the o_proj and down_proj rows (pruned widths) are not whole blocks and
+    llama.cpp falls back to a legacy type, which the record lists."""
+    folder, model = pruned_folder(project / "model", hidden_size=256)
+    record = export(folder, "outputs/m-q4.gguf", "q4_k_m")
+    stored = {t.name: t.tensor_type for t in gguf.GGUFReader(project / "outputs/m-q4.gguf").tensors}
+    assert stored["blk.0.attn_q.weight"] in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
+    assert stored["blk.0.ffn_gate.weight"] == gguf.GGMLQuantizationType.Q4_K
+    assert record["fallbacks"] == len(record["fallback_tensors"]) > 0
+    assert all(name.split(".")[2] in ("attn_output", "ffn_down") for name in record["fallback_tensors"])
+    assert not list((project / "outputs").glob(".tmp*"))
+    llm = load(project / "outputs/m-q4.gguf")
+    assert len(greedy_cpp(llm, IDS[:8], 16)) == 16
+    # 4-bit weights of a random model move its logits a lot; what llama.cpp must compute is the model the file
+    # holds: transformers with the file's weights (dequantized, rope permutation undone) gives nearly its logits.
+    expected, got = hf_logits(model, IDS), cpp_logits(llm, IDS)
+    stored_model = hf_logits(with_gguf_weights(model, project / "outputs/m-q4.gguf", record["layers"]), IDS)
+    off_original, off_stored = np.abs(got - expected).max(), np.abs(got - stored_model).max()
+    # Measured: 3.5 from the original's logits, 0.40 from the stored model's (llama.cpp also rounds activations
+    # to 8 bits for k-quant products); a file llama.cpp misread would be as far from both.
+    assert off_stored < 0.2 * off_original
+
+
+def with_gguf_weights(model: PreTrainedModel, path: Path, layers: list[dict]) -> PreTrainedModel:
+    """A copy of `model` holding the weights a GGUF file stores, dequantized and back in Hugging Face's layout."""
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    state = {}
+    for name, value in model.state_dict().items():
+        target = gguf_name(name) or "output.weight"
+        tensor = stored[target]
+        data = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(value.shape)
+        match = re.fullmatch(r"blk\.(\d+)\.attn_([qk])\.weight", target)
+        if match:
+            layer = layers[int(match.group(1))]
+            rows = rope_rows(layer["heads"] if match.group(2) == "q" else layer["kv_heads"], 16)
+            data = data[torch.argsort(rows)]
+        state[name] = data.float()
+    copy = AutoModelForCausalLM.from_pretrained(model.config._name_or_path).eval()
+    copy.load_state_dict(state)
+    return copy
+
+
+def test_record_beside_the_file(project: Path) -> None:
+    import hashlib
+
+    from nirvana.io import folder_digest
+
+    folder, _ = pruned_folder(project / "model")
+    export(folder, "outputs/m.gguf", "f16")
+    record = json.loads((project / "outputs/m.gguf.json").read_text())
+    data = (project / "outputs/m.gguf").read_bytes()
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["type"] == "f16" and record["fallbacks"] == 0
+    assert record["source"] == {"path": str(folder.resolve()), "digest": folder_digest(folder)}
+    assert sorted(p.name for p in (project / "outputs").iterdir()) == ["m.gguf", "m.gguf.json"]
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_tokenization_equals_transformers(project: Path, pre: str) -> None:
+    tokenizer = bpe_tokenizer(pre)
+    model = tiny_model("llama", len(tokenizer))
+    save_model(model, tokenizer, project / "model")
+    export(project / "model", "outputs/t.gguf", "f16")
+    reader = gguf.GGUFReader(project / "outputs/t.gguf")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == pre
+    llm = load(project / "outputs/t.gguf")
+    for text in TEXTS:
+        expected = tokenizer(text)["input_ids"]
+        assert expected[0] == tokenizer.bos_token_id
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == expected, text
+
+
+def smollm2_tokenizer_folder(path: Path) -> Path:
+    """The real SmolLM2 tokenizer (from the embedded GGUF) on a tiny random Llama with its 49152-token vocabulary."""
+    from nirvana.modeling import EMBEDDED
+
+    try:
+        with EMBEDDED["smollm2-135m"].gguf() as file:
+            tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (FileNotFoundError, RuntimeError) as error:
+        pytest.skip(f"embedded SmolLM2 not installed: {error}")
+    save_model(tiny_model("llama", len(tokenizer), hidden_size=32, intermediate_size=32), tokenizer, path)
+    return path
+
+
+SMOL_TEXTS = [*TEXTS, "<|im_start|>user\nHi there<|im_end|>", "def f(x):\n    return x ** 2  # 3.14159"]
+
+
+def test_smollm2_tokenizer_tokenizes_as_transformers(project: Path) -> None:
+    folder = smollm2_tokenizer_folder(project / "model")
+    export(folder, "outputs/s.gguf", "f16")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    llm = load(project / "outputs/s.gguf")
+    for text in SMOL_TEXTS:
+        expected = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == expected, text
+    fields = gguf.GGUFReader(project / "outputs/s.gguf").fields
+    assert "im_start" in fields["tokenizer.chat_template"].contents()
+
+
+BASE = Path("/work/main/outputs/base_model")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BASE / "config.json").is_file(), reason="no outputs/base_model (run `dvc repro` first)")
+def test_real_base_model_tokenizes_and_scores_as_transformers(project: Path) -> None:
+    export(BASE, "outputs/base.gguf", "f32")
+    tokenizer, model = AutoTokenizer.from_pretrained(BASE), AutoModelForCausalLM.from_pretrained(BASE).eval()
+    llm = load(project / "outputs/base.gguf", n_ctx=256)
+    for text in SMOL_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+    ids = tokenizer(" ".join(TEXTS))["input_ids"]
+    expected, got = hf_logits(model.float(), ids), cpp_logits(llm, ids)
+    assert np.abs(got - expected).max() <= F32_RELATIVE * np.abs(expected).max()  # measured 1.7e-6
+
+
+# ---- bad input: one clear error, nothing written ----
+
+
+def nothing_written(project: Path) -> bool:
+    return not any((project / "outputs").iterdir())
+
+
+def test_unknown_type_lists_the_valid_ones(project: Path) -> None:
+    folder, _ = pruned_folder(project / "model")
+    with pytest.raises(ExportError, match=r"unknown GGUF type 'q3_x'; valid: f32, f16, bf16, q8_0, q2_k"):
+        export(folder, "outputs/m.gguf", "q3_x")
+    assert nothing_written(project)
+
+
+@pytest.mark.parametrize("out", ["elsewhere/m.gguf", "outputs/../m.gguf", "/tmp/m.gguf"])
+def test_output_outside_outputs_is_refused(project: Path, out: str) -> None:
+    folder, _ = pruned_folder(project / "model")
+    with pytest.raises(ExportError, match=r"outside the project's outputs/ folder .*resolved against the current"):
+        export(folder, out, "f16")
+    assert nothing_written(project) and not (project / "elsewhere").exists() and not (project / "m.gguf").exists()
+
+
+def test_folder_without_config_or_weights_is_refused(project: Path) -> None:
+    (project / "empty").mkdir()
+    with pytest.raises(ExportError, match=r"not a model folder written by this pipeline: no config\.json"):
+        export(project / "empty", "outputs/m.gguf", "f16")
+    folder, _ = pruned_folder(project / "model")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ExportError, match=r"no \*\.safetensors weights"):
+        export(folder, "outputs/m.gguf", "f16")
+    assert nothing_written(project)
+
+
+@pytest.mark.parametrize("kind", ["t5", "gemma3_text", "gpt2"])
+def test_unsupported_architecture_is_refused(project: Path, kind: str) -> None:
+    from transformers import Gemma3TextConfig, GPT2Config, T5Config
+
+    folder = project / "model"
+    folder.mkdir()
+    config = {"t5": T5Config, "gemma3_text": Gemma3TextConfig, "gpt2": GPT2Config}[kind]()
+    config.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ExportError, match=rf"architecture '{kind}' cannot be exported to GGUF: .+; supported: llama"):
+        export(folder, "outputs/m.gguf", "f16")
+    assert nothing_written(project)
+
+
+def test_sliding_window_mistral_is_refused(project: Path) -> None:
+    tokenizer = bpe_tokenizer()
+    model = tiny_model("mistral", len(tokenizer), sliding_window=16)
+    save_model(model, tokenizer, project / "model")
+    with pytest.raises(ExportError, match="sliding_window"):
+        export(project / "model", "outputs/m.gguf", "f16")
+    assert nothing_written(project)
+
+
+def test_failure_midway_leaves_nothing(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nirvana.gguf
+
+    folder, _ = pruned_folder(project / "model")
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nirvana.gguf, "encode", broken)  # fails after the header is written
+    with pytest.raises(OSError, match="disk full"):
+        export(folder, "outputs/m.gguf", "f16")
+    assert nothing_written(project)
+
+
+def test_cli_exports_and_reports_errors_in_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _ = pruned_folder(project / "model")
+    main(["export", str(folder), "outputs/m.gguf", "--type", "q8_0"])
+    capsys.readouterr()
+    assert json.loads((project / "outputs/m.gguf.json").read_text())["type"] == "q8_0"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(folder), "outputs/x.gguf", "--type", "int3"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown GGUF type 'int3'" in err
+    assert not (project / "outputs/x.gguf").exists()
+
+
+def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(project: Path) -> None:
+    folder = tiny_model_dir(project / "model")  # a word-level tokenizer
+    with pytest.raises(ExportError, match="only byte-level BPE tokenizers"):
+        export(folder, "outputs/m.gguf", "f16")
+    tokenizer = bpe_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    save_model(tiny_model("llama", len(tokenizer)), tokenizer, project / "bpe")
+    with pytest.raises(ExportError, match=r"pre-tokenizer \{\"type\": \"Whitespace\"\} has no llama.cpp equivalent"):
+        export(project / "bpe", "outputs/m.gguf", "f16")
+    assert nothing_written(project)
