@@ -67,7 +67,7 @@ def test_the_committed_params_are_valid() -> None:
         ({"calibration__seed": -1}, r"calibration.seed = -1 is invalid; expected an integer >= 0"),
         ({"finetune__seed": -1}, r"finetune.seed = -1 is invalid; expected an integer >= 0"),
         ({"calibration__kl_seq_len": 1}, r"calibration.kl_seq_len = 1 is invalid; expected an integer > 1"),
-        ({"evaluate__max_tokens": 256}, r"evaluate.max_tokens = 256 is invalid; expected null or at least the longest"),
+        ({"evaluate__max_tokens": 100}, r"evaluate.max_tokens = 100 is invalid; expected null or at least the longest"),
         ({"finetune__lr": "1e-4"}, r"YAML: write 1.0e-4\)$"),
     ],
 )
