@@ -11,7 +11,6 @@ quantizer (the `deploy` extra, llama-cpp-python) run on an f32 intermediate.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -30,6 +29,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from nirvana.card import sha256_file
+from nirvana.checks import stored_shapes
+from nirvana.errors import InputError
 from nirvana.io import atomic_path, folder_digest
 from nirvana.surgery import BIAS_KEY
 
@@ -247,13 +249,11 @@ def read_layers(source: Source, shapes: dict[str, tuple[int, ...]]) -> list[Laye
 
 
 def tensor_shapes(source: Source) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor, without reading the data."""
-    shapes = {}
-    for path in source.weights:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
+    """Shapes of every tensor from the safetensors headers (the pipeline's own input check), no data read."""
+    try:
+        return {name: shape for name, (shape, _) in stored_shapes(source.folder).items()}
+    except InputError as error:
+        raise ExportError(str(error)) from error
 
 
 def rope_rows(heads: int, dim: int) -> torch.Tensor:
@@ -496,11 +496,6 @@ def fallbacks(path: Path, type: str) -> list[str]:
     return out
 
 
-def sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def prepare(model_dir: str | Path, out_path: str | Path, type: str) -> tuple[Source, Vocab, Path, str]:
     """Every check, before anything is written: type, output path, folder, architecture, tokenizer, shapes."""
     type = check_type(type)
@@ -533,7 +528,7 @@ def export(model_dir: str | Path, out_path: str | Path, type: str = "f16") -> di
         fell_back = fallbacks(tmp, type)
         record = {
             "gguf": out.name,
-            "sha256": sha256(tmp),
+            "sha256": sha256_file(tmp),
             "type": type,
             "architecture": ARCH,
             "fallbacks": len(fell_back),
