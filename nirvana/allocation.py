@@ -6,11 +6,13 @@ count up to the granularity of one attention unit and one MLP block."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pandas as pd
 from transformers import PreTrainedModel
 
+from nirvana.errors import InputError
 from nirvana.models import get_adapter, pool
 from nirvana.params import Params
 
@@ -29,18 +31,24 @@ def allocation_mode(params: Params) -> str:
 
 
 def pool_fractions(
-    sparsity: float, gamma: float, attn_params: int, n_attn: int, mlp_params: int, n_mlp: int
+    sparsity: float,
+    gamma: float,
+    attn_params: int,
+    n_attn: int,
+    mlp_params: int,
+    n_mlp: int,
+    mlp_cap: float = 1.0,
 ) -> tuple[float, float]:
     """Fractions (p_attn, p_mlp) of units to remove so that p_mlp = gamma * p_attn and the
     removed parameters are `sparsity` of all attention+MLP parameters. If p_mlp would exceed
-    1 it is clipped and attention takes the rest."""
+    `mlp_cap` (1, or the removable fraction the guards leave) it is clipped and attention takes the rest."""
     attn_total, mlp_total = attn_params * n_attn, mlp_params * n_mlp
     budget = sparsity * (attn_total + mlp_total)
     p_attn = budget / (attn_total + gamma * mlp_total)
     p_mlp = gamma * p_attn
-    if p_mlp > 1:
-        p_mlp = 1.0
-        p_attn = (budget - mlp_total) / attn_total
+    if p_mlp > mlp_cap:
+        p_mlp = mlp_cap
+        p_attn = (budget - mlp_cap * mlp_total) / attn_total
     return min(p_attn, 1.0), p_mlp
 
 
@@ -92,6 +100,12 @@ def _remove_blocks(units: pd.DataFrame, count: int, multiple: int) -> set[int]:
     return set(removed)
 
 
+def _removable(units: pd.DataFrame, multiple: int) -> int:
+    """Units the guards let go: all but the top block of `multiple` (or all, if that small) per module."""
+    sizes = units.groupby(["layer", "module"]).size()
+    return int((sizes - sizes.clip(upper=multiple)).sum())
+
+
 def _plan(scores: pd.DataFrame, removed: set[int]) -> pd.DataFrame:
     """The score table (extra columns included) plus a boolean `keep` column: the pruning plan."""
     plan = scores.copy()
@@ -117,7 +131,8 @@ def allocate(
     """NIRVANA's allocation: two global pools with p_mlp = gamma * p_attn. Returns the plan."""
     attn = scores[scores["module"] != "mlp"]
     mlp = scores[scores["module"] == "mlp"]
-    p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp))
+    mlp_cap = _removable(mlp, mlp_multiple) / len(mlp)
+    p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp), mlp_cap)
     removed = _remove_attention(attn, round(p_attn * len(attn)), attn_multiple)
     removed |= _remove_blocks(mlp, round(p_mlp * len(mlp)), mlp_multiple)
     return _plan(scores, removed)
@@ -248,6 +263,34 @@ def allocate_for_model(
     if mode == "flap":
         return allocate_flap(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple)
     raise ValueError(f"unknown allocation mode {mode!r}")
+
+
+def max_sparsity(model: PreTrainedModel, mlp_multiple: int, attn_multiple: int) -> float:
+    """The most attention+MLP parameters any allocation can remove: every attention module keeps
+    `attn_multiple` units and every MLP `mlp_multiple` channels (all of them where it has fewer)."""
+    adapter = get_adapter(model.config)
+    sizes = dict(zip(("attn", "mlp"), unit_sizes(model), strict=True))
+    multiples = {"attn": attn_multiple, "mlp": mlp_multiple}
+    total = removable = 0
+    for layer in adapter.layers(model):
+        for module in adapter.modules(layer):
+            n, kind = adapter.unit_count(layer, module), pool(module)
+            total += n * sizes[kind]
+            removable += (n - min(n, multiples[kind])) * sizes[kind]
+    return removable / total
+
+
+def check_reachable(model: PreTrainedModel, params: Params) -> None:
+    """Refuse, before any work, a sparsity the guards make unreachable (it would silently fall short)."""
+    a, at = params.allocation, params.calibration.select_at_sparsity
+    reachable = max_sparsity(model, a.mlp_multiple, a.attn_multiple)
+    for key, value in (("sparsity", params.sparsity), ("calibration.select_at_sparsity", at)):
+        if value is not None and value > reachable:
+            raise InputError(
+                f"{key} = {value} is unreachable: every layer keeps at least {a.attn_multiple} attention "
+                f"unit(s) and {a.mlp_multiple} MLP channels (allocation.attn_multiple, allocation.mlp_multiple), "
+                f"so at most {math.floor(reachable * 1e4) / 1e4} of this model's attention+MLP parameters can go"
+            )
 
 
 def layer_widths(plan: pd.DataFrame) -> pd.DataFrame:

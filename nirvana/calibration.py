@@ -22,14 +22,14 @@ from nirvana.surgery import prune_model
 
 
 def candidate_pool(
-    c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, pool_texts: list[str]
+    c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, builtin_texts: list[str], user_file: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windows candidates are drawn from (the built-in pool, a user file or a dataset), and
+    """The windows candidates are drawn from (the built-in pool, a user's file or a dataset), and
     the held-out KL set: the built-in pool's tail, never drawn from."""
     bos = bos_id(tokenizer)
-    stream, kl_windows = hold_out(token_stream(pool_texts, tokenizer), c.kl_samples, c.kl_seq_len, bos)
-    if c.path:
-        return user_windows(c.path, tokenizer, c.seq_len), kl_windows
+    stream, kl_windows = hold_out(token_stream(builtin_texts, tokenizer), c.kl_samples, c.kl_seq_len, bos)
+    if user_file:
+        return user_windows(user_file, tokenizer, c.seq_len), kl_windows
     if c.source:
         stream = token_stream(dataset_texts(c.source), tokenizer)
     return windows(stream, c.seq_len, bos), kl_windows

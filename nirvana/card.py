@@ -26,7 +26,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nirvana.allocation import allocation_mode
-from nirvana.io import folder_digest
+from nirvana.io import folder_digest, sha256_file
 from nirvana.modeling import hub_id
 from nirvana.params import FinetuneParams, Params
 from nirvana.surgery import layer_units
@@ -52,12 +52,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --- hashes of what the folder stores -------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, streamed (weight files can be many GB)."""
-    with Path(path).open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -130,16 +124,22 @@ def lock_state(path: str | Path = "dvc.lock", stage: str = "prune") -> dict[str,
 
 
 def calibration_record(metrics: str | Path, candidates: str | Path) -> dict[str, Any] | None:
-    """select_calibration's summary (KL of the winner, median, worst) and the winner's candidate and
-    seed, from its outputs; None when the stage has not run (a pruned folder made outside DVC)."""
+    """select_calibration's summary (KL of the winner, median, worst), the winner's candidate, seed
+    and window count, and what it was drawn from (file and SHA-256, or dataset id), from its outputs;
+    None when the stage has not run (a pruned folder made outside DVC)."""
     metrics, candidates = Path(metrics), Path(candidates)
     if not metrics.is_file():
         return None
     record: dict[str, Any] = json.loads(metrics.read_text())
     if candidates.is_file():
-        table = pd.read_parquet(candidates, columns=["candidate", "seed", "selected"])
+        table = pd.read_parquet(candidates)
         winner = table[table["selected"]].iloc[0]
-        record |= {"selected_candidate": int(winner["candidate"]), "seed": int(winner["seed"])}
+        record |= {
+            "selected_candidate": int(winner["candidate"]),
+            "seed": int(winner["seed"]),
+            **({"windows": len(winner["windows"])} if "windows" in table else {}),
+        }
+        record |= {key: str(winner[key]) for key in ("pool", "pool_sha256") if key in table}
     return record
 
 
@@ -272,9 +272,7 @@ def _pruning(r: dict[str, Any]) -> str:
     text = "## Pruning\n\n" + _table(rows, ("", ""))
     if cal is None:
         return text + "\n\nCalibration selection: not recorded (no metrics/calibration.json when pruning)."
-    return (
-        text + "\n\n### Calibration selection (KL to the dense model)\n\n" + _table([tuple(cal.values())], tuple(cal))
-    )
+    return text + "\n\n### Calibration selection (KL to the dense model)\n\n" + _table(list(cal.items()), ("", ""))
 
 
 def _finetune(r: dict[str, Any]) -> str:

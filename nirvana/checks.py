@@ -152,16 +152,19 @@ def check_windows(path: str | Path, config: PretrainedConfig) -> None:
 
 
 def check_user_calibration(
-    c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, model_dir: str | Path
+    c: CalibrationParams,
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    config: PretrainedConfig,
+    model_dir: str | Path,
 ) -> None:
     """The user's calibration file (calibration.path) has valid windows, calibration.num_samples of
     them for every candidate to draw (one candidate takes the file verbatim: any number will do)."""
-    assert c.path is not None
-    table = read_table(c.path)
+    table = read_table(path)
     if len(table) == 0:
-        raise InputError(f"{c.path}: no rows (an empty calibration file)")
+        raise InputError(f"{path}: no rows (an empty calibration file)")
     if "input_ids" in table:
-        check_input_ids(c.path, table["input_ids"], config)
+        check_input_ids(path, table["input_ids"], config)
         count, unit = len(table), ""
     elif "text" in table:
         check_context(config, model_dir, [("calibration.seq_len", c.seq_len)])
@@ -169,23 +172,23 @@ def check_user_calibration(
         count = tokens // (c.seq_len - (bos_id(tokenizer) is not None))
         unit = f" of calibration.seq_len = {c.seq_len} tokens (from {tokens} tokens of text)"
     else:
-        raise InputError(f"{c.path}: needs a column input_ids or text, has {list(table.columns)}")
+        raise InputError(f"{path}: needs a column input_ids or text, has {list(table.columns)}")
     if count == 0 or (c.candidates > 1 and count < c.num_samples):
         raise InputError(
-            f"{c.path}: {count} {'window' if count == 1 else 'windows'}{unit}, fewer than "
+            f"{path}: {count} {'window' if count == 1 else 'windows'}{unit}, fewer than "
             f"calibration.num_samples = {c.num_samples} that each of the calibration.candidates = "
             f"{c.candidates} candidate sets draws"
         )
 
 
-def check_calibration(c: CalibrationParams, model_dir: str | Path) -> None:
+def check_calibration(c: CalibrationParams, model_dir: str | Path, user_file: str | None) -> None:
     """select_calibration's inputs: the model folder, the window lengths, the user's file if any."""
     config = check_model_folder(model_dir)
     tokenizer = check_tokenizer(model_dir, config)
     lengths = [("calibration.kl_seq_len", c.kl_seq_len)]
-    check_context(config, model_dir, lengths if c.path else [*lengths, ("calibration.seq_len", c.seq_len)])
-    if c.path is not None:
-        check_user_calibration(c, tokenizer, config, model_dir)
+    check_context(config, model_dir, lengths if user_file else [*lengths, ("calibration.seq_len", c.seq_len)])
+    if user_file is not None:
+        check_user_calibration(c, user_file, tokenizer, config, model_dir)
 
 
 def check_finetune(f: FinetuneParams, model_dir: str | Path) -> None:

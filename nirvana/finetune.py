@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from nirvana.data import bos_id, token_stream, windows
+from nirvana.errors import InputError
 from nirvana.forward import is_seq2seq, split
 from nirvana.models import get_adapter
 from nirvana.params import FinetuneParams
@@ -55,15 +56,37 @@ def add_lora(model: PreTrainedModel, f: FinetuneParams) -> PeftModel:
     return peft_model
 
 
-def read_rows(dataset: str | None, default: str | Path) -> pd.DataFrame:
-    """The fine-tuning table: the built-in corpus, a local parquet/JSONL, or a Hugging Face dataset."""
-    if dataset is None:
-        return pd.read_parquet(default)
-    if dataset.endswith(".parquet"):
-        return pd.read_parquet(dataset)
-    if dataset.endswith(".jsonl"):
-        return pd.read_json(dataset, lines=True)
-    return datasets.load_dataset(dataset, split="train").to_pandas()
+def read_rows(path: str, source: str | None = None) -> pd.DataFrame:
+    """The fine-tuning table: a local parquet/JSONL (the built-in corpus by default) or, with
+    `source`, a Hugging Face dataset's train split."""
+    if source:
+        return datasets.load_dataset(source, split="train").to_pandas()
+    if path.endswith(".jsonl"):
+        return pd.read_json(path, lines=True)
+    return pd.read_parquet(path)
+
+
+def check_rows(rows: pd.DataFrame, name: str) -> None:
+    """Fine-tuning rows `build_examples` can use: instruction+output (input optional) or text."""
+    columns = set(rows.columns)
+    if not ({"instruction", "output"} <= columns or "text" in columns):
+        found = ", ".join(map(str, rows.columns)) or "none"
+        raise InputError(f"{name}: needs columns instruction and output (input optional), or text; has {found}")
+    if rows.empty:
+        raise InputError(f"{name}: no rows")
+
+
+def load_rows(path: str, source: str | None = None) -> pd.DataFrame:
+    """`read_rows`, with an unreadable or unusable file reported in one line naming it."""
+    name = source or path
+    try:
+        rows = read_rows(path, source)
+    except (OSError, ValueError) as err:  # pyarrow's and pandas' parse errors are ValueErrors
+        raise InputError(
+            f"{name}: not readable as {'JSON lines' if path.endswith('.jsonl') else 'parquet'} ({err})"
+        ) from err
+    check_rows(rows, name)
+    return rows
 
 
 def instruction_example(

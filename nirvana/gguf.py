@@ -29,10 +29,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from nirvana.card import sha256_file
 from nirvana.checks import stored_shapes
 from nirvana.errors import InputError
-from nirvana.io import atomic_path, folder_digest
+from nirvana.io import atomic_path, folder_digest, sha256_file
 from nirvana.surgery import BIAS_KEY
 
 ARCH = "deci"

@@ -90,6 +90,12 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> None:
         df.to_csv(tmp, index=False)
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, streamed (weight files can be many GB)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def folder_digest(path: str | Path) -> str:
     """SHA-256 over a folder's files (names and bytes), shortened: which model a metric is about."""
     digest = hashlib.sha256()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -11,7 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from nirvana.errors import InputError
 from nirvana.io import asset_folder
 from nirvana.models import GRANULARITY_KEY
 from nirvana.params import ModelParams
@@ -79,6 +83,33 @@ def hub_id(name_or_path: str) -> str | None:
     if name_or_path in EMBEDDED:
         return EMBEDDED[name_or_path].hub_id
     return None if Path(name_or_path).exists() else name_or_path
+
+
+def check_name(name: str, timeout: float = 5.0) -> None:
+    """model.name_or_path names an embedded model, a local folder, or a model the Hub has: asked once,
+    with a short timeout, so a typo fails in one line instead of minutes of download retries."""
+    if name in EMBEDDED:
+        return
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(f"model.name_or_path = {name!r} is a local path without a config.json")
+        return
+    close = difflib.get_close_matches(name, EMBEDDED, n=1, cutoff=0.5)
+    known = f"did you mean {close[0]!r}? " if close else ""
+    why = f"is not an embedded model ({known}embedded: {', '.join(EMBEDDED)}) nor a local folder, and"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise InputError(f"model.name_or_path = {name!r} {why} the Hub is off (HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.model_info(name, timeout=timeout)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise InputError(f"model.name_or_path = {name!r} {why} no Hub model has this id") from None
+    except GatedRepoError:
+        return  # it exists; loading it needs a token (HF_TOKEN), as transformers will say
+    except Exception as err:
+        raise InputError(
+            f"model.name_or_path = {name!r} {why} the Hub cannot be reached ({type(err).__name__})"
+        ) from None
 
 
 def _from_gguf(embedded: EmbeddedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

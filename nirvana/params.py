@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,7 +45,30 @@ class DataParams:
         _check(self.overlap_ngram >= 4, "data.overlap_ngram", self.overlap_ngram, "an integer >= 4")
 
 
+BUILTIN_CORPUS = "outputs/corpora/calibration.parquet"
+"""prepare_data's pool of calibration passages: the default for calibration.path and finetune.path."""
 USER_CALIBRATION_DIR = Path("data/calibration")
+
+
+def _check_data_file(key: str, value: str, folder: Path, suffixes: tuple[str, ...]) -> None:
+    """A user's data file: under `folder` (which DVC tracks), with one of `suffixes`, existing; in a
+    queued experiment's copy of the repo, a file git and DVC do not track is missing: say so."""
+    path = Path(value)
+    kinds = " or ".join(suffixes)
+    _check(path.suffix in suffixes and folder in path.parents, key, value, f"a {kinds} file under {folder}/")
+    if path.is_file():
+        return
+    workspace = os.environ.get("DVC_ROOT")
+    if workspace and Path(workspace).resolve() != Path.cwd().resolve() and (Path(workspace) / path).is_file():
+        raise ParamError(
+            f"params: {key} = {value!r} is in your workspace but not tracked by git or DVC, so this queued "
+            f"experiment's copy of the repo lacks it: `git add` or `dvc add` it and queue again (or queue "
+            f"with `dvc exp run --queue --copy-paths {value}`)"
+        )
+    raise ParamError(
+        f"params: {key} = {value!r} is invalid; expected an existing file (queued experiments see only "
+        "files that git or DVC track)"
+    )
 
 
 @dataclass(frozen=True)
@@ -57,8 +81,12 @@ class CalibrationParams:
     kl_seq_len: int = 64
     kl_batch_size: int = 16
     select_at_sparsity: float | None = None
-    path: str | None = None
-    source: str | None = None
+    path: str = BUILTIN_CORPUS  # the pool candidates are drawn from: the built-in one or a user's file
+    source: str | None = None  # or a Hugging Face dataset id (path stays the built-in pool)
+
+    @property
+    def user_file(self) -> bool:
+        return self.path != BUILTIN_CORPUS
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "candidates", "kl_samples", "kl_batch_size"):
@@ -69,20 +97,13 @@ class CalibrationParams:
         at = self.select_at_sparsity
         _check(at is None or 0 <= at < 1, "calibration.select_at_sparsity", at, "null or 0 <= value < 1")
         _check(
-            self.path is None or self.source is None,
+            not (self.user_file and self.source),
             "calibration.source",
             self.source,
-            "null when calibration.path is set (one or the other)",
+            f"null when calibration.path is a file of yours (one or the other; the default path is {BUILTIN_CORPUS})",
         )
-        if self.path is not None:
-            path = Path(self.path)
-            _check(
-                path.suffix == ".parquet" and USER_CALIBRATION_DIR in path.parents,
-                "calibration.path",
-                self.path,
-                f"a .parquet file under {USER_CALIBRATION_DIR}/ (which DVC tracks)",
-            )
-            _check(path.is_file(), "calibration.path", self.path, "an existing file")
+        if self.user_file:
+            _check_data_file("calibration.path", self.path, USER_CALIBRATION_DIR, (".parquet",))
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,8 @@ USER_FINETUNE_DIR = Path("data/finetune")
 class FinetuneParams:
     launch: str = "python"
     steps: int = 100
-    dataset: str | None = None
+    path: str = BUILTIN_CORPUS  # the built-in corpus as plain text, or a user's .parquet/.jsonl
+    source: str | None = None  # or a Hugging Face dataset id (path stays the built-in corpus)
     seq_len: int = 128
     batch_size: int = 4
     grad_accum: int = 1
@@ -182,15 +204,15 @@ class FinetuneParams:
             self.launch,
             "'python' or an 'accelerate launch ...' command line",
         )
-        if self.dataset is not None and Path(self.dataset).suffix in (".parquet", ".jsonl"):
-            path = Path(self.dataset)
-            _check(
-                USER_FINETUNE_DIR in path.parents and path.is_file(),
-                "finetune.dataset",
-                self.dataset,
-                f"an existing .parquet or .jsonl file under {USER_FINETUNE_DIR}/ (which DVC tracks), "
-                "or a Hugging Face dataset id",
-            )
+        user_file = self.path != BUILTIN_CORPUS
+        _check(
+            not (user_file and self.source),
+            "finetune.source",
+            self.source,
+            f"null when finetune.path is a file of yours (one or the other; the default path is {BUILTIN_CORPUS})",
+        )
+        if user_file:
+            _check_data_file("finetune.path", self.path, USER_FINETUNE_DIR, (".parquet", ".jsonl"))
 
 
 @dataclass(frozen=True)
@@ -267,6 +289,10 @@ def _yaml_hint(value: object) -> str:
     return " (a number in quotes, or 1e-4 without a dot, is a string in YAML: write 1.0e-4)"
 
 
+RENAMED = {"finetune.dataset": "finetune.path (a file under data/finetune/) or finetune.source (a Hugging Face id)"}
+"""Keys of earlier releases, and what replaced them."""
+
+
 def _build(cls: type, raw: object, prefix: str) -> object:
     """Build dataclass `cls` from a mapping, naming the exact key on any mismatch."""
     if not isinstance(raw, dict):
@@ -275,6 +301,8 @@ def _build(cls: type, raw: object, prefix: str) -> object:
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
+        if f"{prefix}{key}" in RENAMED:
+            raise ParamError(f"params: {prefix}{key} is gone; use {RENAMED[f'{prefix}{key}']}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(sorted(fields))}"

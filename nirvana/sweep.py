@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-from nirvana.params import METHODS
+import yaml
+
+from nirvana.params import BUILTIN_CORPUS, METHODS
+
+DATA_KEYS = ("calibration.path", "finetune.path")  # the params that name a user's file
 
 # The comparison is without fine-tuning, and speed is `compare`'s job; evaluate@dense is a target so
 # that sweep settings such as evaluate.limit measure the dense model the same way (once: DVC then
@@ -24,7 +29,8 @@ def sweep_commands(methods: list[str], sparsities: list[float], settings: list[s
     malformed = [s for s in settings if "=" not in s]
     if malformed:
         raise ValueError(f"sweep: --set {malformed[0]!r} is not KEY=VALUE")
-    dvc = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if queue else []), *TARGETS]
+    copies = [arg for path in untracked_data(settings) for arg in ("--copy-paths", path)] if queue else []
+    dvc = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue", *copies] if queue else []), *TARGETS]
     extra = [arg for setting in settings for arg in ("-S", setting)]
     return [
         [*dvc, "-S", f"method={method}", "-S", f"sparsity={sparsity}", *extra]
@@ -33,8 +39,26 @@ def sweep_commands(methods: list[str], sparsities: list[float], settings: list[s
     ]
 
 
+def untracked_data(settings: list[str], params_file: str = "params.yaml") -> list[str]:
+    """User data files (calibration.path, finetune.path, after --set) that neither git nor DVC tracks:
+    a queued run's copy of the repository holds only tracked files, so these must be copied in."""
+    raw = yaml.safe_load(Path(params_file).read_text()) or {}
+    values = {key: (raw.get(key.split(".")[0]) or {}).get(key.split(".")[1]) for key in DATA_KEYS}
+    values |= {k: v for k, _, v in (s.partition("=") for s in settings) if k in DATA_KEYS}
+    files = [v for v in values.values() if v and v != BUILTIN_CORPUS and Path(v).is_file()]
+    return [f for f in files if not _tracked(f)]
+
+
+def _tracked(path: str) -> bool:
+    """In git's index, or under a `.dvc` file of its own or of a folder above it."""
+    listed = subprocess.run(["git", "ls-files", "--error-unmatch", path], capture_output=True).returncode == 0
+    return listed or any(Path(f"{p}.dvc").is_file() for p in (Path(path), *Path(path).parents))
+
+
 def sweep(methods: list[str], sparsities: list[float], settings: list[str], queue: bool) -> None:
     """Run (or queue, for `dvc queue start -j N`) every experiment, one after another."""
+    for path in untracked_data(settings) if queue else []:
+        print(f"note: {path} is not tracked by git or DVC; each queued run gets a copy (--copy-paths)", flush=True)
     for command in sweep_commands(methods, sparsities, settings, queue):
         print("+", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)

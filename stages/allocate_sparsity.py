@@ -3,7 +3,7 @@ baseline's allocation (`allocation.mode`, by default the method's own)."""
 
 import pandas as pd
 
-from nirvana.allocation import allocate_for_model, allocation_mode, layer_widths
+from nirvana.allocation import allocate_for_model, allocation_mode, check_reachable, layer_widths
 from nirvana.io import log, write_csv, write_parquet
 from nirvana.modeling import skeleton
 from nirvana.params import Params
@@ -11,9 +11,10 @@ from nirvana.stage import run_stage
 
 
 def main(params: Params, model_dir: str, scores: str, plan_out: str, widths_out: str) -> None:
-    mode = allocation_mode(params)
+    mode, model = allocation_mode(params), skeleton(model_dir, params.attention.granularity)
+    check_reachable(model, params)
     plan = allocate_for_model(
-        skeleton(model_dir, params.attention.granularity),
+        model,
         pd.read_parquet(scores),
         params.sparsity,
         params.gamma,

@@ -12,13 +12,13 @@ from nirvana.finetune import (
     build_examples,
     checkpoint_key,
     is_main_process,
-    read_rows,
+    load_rows,
     remove_checkpoints,
     train,
     wait_for_everyone,
 )
 from nirvana.forward import is_seq2seq
-from nirvana.io import atomic_path, folder_digest, log, write_json
+from nirvana.io import atomic_path, folder_digest, log, sha256_file, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -27,7 +27,8 @@ from nirvana.surgery import save_model
 CHECKPOINTS = Path("checkpoints/finetune")  # outside every DVC output; removed on success
 
 
-def main(params: Params, model_dir: str, corpus: str, out_dir: str, metrics_out: str) -> None:
+def main(params: Params, model_dir: str, data: str, out_dir: str, metrics_out: str) -> None:
+    """`data` is finetune.path: the built-in corpus or a user's file (ignored for finetune.source)."""
     f = params.finetune
     check_finetune(f, model_dir)
     if f.steps == 0:
@@ -39,13 +40,19 @@ def main(params: Params, model_dir: str, corpus: str, out_dir: str, metrics_out:
             write_json({"steps": 0, "base_digest": folder_digest(model_dir)}, metrics_out)
             log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
         return
+    rows = load_rows(data, f.source)  # a bad file fails here, before the model is loaded
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, params.model, on="cpu")
-    examples = build_examples(read_rows(f.dataset, corpus), tokenizer, f.seq_len, is_seq2seq(model))
+    examples = build_examples(rows, tokenizer, f.seq_len, is_seq2seq(model))
     base = folder_digest(model_dir)
-    checkpoints = CHECKPOINTS / checkpoint_key(base, f, f.dataset or corpus)
+    checkpoints = CHECKPOINTS / checkpoint_key(base, f, data)
     merged, summary = train(model, tokenizer, examples, f, checkpoints)
     if is_main_process():
-        card = partial(model_card, finetune_record(model_dir, f, summary | {"base_digest": base}, merged))
+        provenance = {
+            "base_digest": base,
+            "data": f.source or data,
+            "data_sha256": "" if f.source else sha256_file(data),
+        }
+        card = partial(model_card, finetune_record(model_dir, f, summary | provenance, merged))
         save_model(merged, load_tokenizer(model_dir), out_dir, card=card)
         write_json(summary | {"base_digest": base}, metrics_out)
         remove_checkpoints(checkpoints)

@@ -1,33 +1,43 @@
 """Stage select_calibration: the candidate calibration set whose pruned model has the lowest
 KL divergence from the dense model on a held-out KL set (method §3)."""
 
+from pathlib import Path
+
 import pandas as pd
 
+from nirvana.allocation import check_reachable
 from nirvana.calibration import candidate_pool, select, summary
 from nirvana.checks import check_calibration
 from nirvana.data import read_texts
-from nirvana.io import log, write_json, write_parquet
-from nirvana.modeling import load_model, load_tokenizer
+from nirvana.io import log, sha256_file, write_json, write_parquet
+from nirvana.modeling import load_model, load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
 
 
-def main(params: Params, model_dir: str, pool_path: str, out: str, table_out: str, metrics_out: str) -> None:
+def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, table_out: str, metrics_out: str) -> None:
+    """`builtin` is prepare_data's pool (the KL set comes from its tail); `pool` is calibration.path,
+    the same file unless it names a user's file."""
     c = params.calibration
-    check_calibration(c, model_dir)
-    pool, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(pool_path))
+    user_file = pool if Path(pool).resolve() != Path(builtin).resolve() else None
+    check_calibration(c, model_dir, user_file)
+    check_reachable(skeleton(model_dir, params.attention.granularity), params)
+    windows, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(builtin), user_file)
     model = load_model(model_dir, params.model, granularity=params.attention.granularity) if c.candidates > 1 else None
-    selected, table = select(model, pool, kl_windows, params, verbatim=c.path is not None)
+    selected, table = select(model, windows, kl_windows, params, verbatim=user_file is not None)
+    table["pool"] = c.source or pool  # provenance, read into the model card by prune
+    table["pool_sha256"] = "" if c.source else sha256_file(pool)
     write_parquet(pd.DataFrame({"input_ids": selected.tolist()}), out)
     write_parquet(table, table_out)
     write_json(summary(table), metrics_out)
     winner = table.loc[table.selected].iloc[0]
     log.info(
-        "wrote %s: candidate %d of %d (%d windows x %d tokens), KL %.5f",
+        "wrote %s: candidate %d of %d (%d windows x %d tokens from %s), KL %.5f",
         out,
         winner.candidate,
         len(table),
         *selected.shape,
+        winner.pool,
         winner.kl,
     )
 

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import tiny_llama
 from nirvana.allocation import (
     METHOD_MODES,
     allocate,
@@ -12,6 +13,7 @@ from nirvana.allocation import (
     allocate_uniform,
     allocation_mode,
     layer_widths,
+    max_sparsity,
     pool_fractions,
     standardise,
     uniform_counts,
@@ -145,6 +147,26 @@ def test_every_mode_meets_the_budget_on_the_smollm2_shape(mode: str, sparsity: f
     assert abs(removed - budget) <= a / 2 + multiple * m
     widths = layer_widths(plan)
     assert (widths.attn_kept >= 1).all() and (widths.mlp_kept >= multiple).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.85, 0.9, 0.912])
+def test_nirvana_meets_the_budget_up_to_the_guards(sparsity: float) -> None:
+    """When p_mlp hits the MLP guards (8 channels kept per layer) attention takes the rest, so any
+    sparsity up to the most the guards allow (0.91276 here) is met; clipping at 1 fell short at 0.9."""
+    a, m, multiple = SMOL["attn"], SMOL["mlp"], 8
+    plan = allocate(smol_scores(seed=6), sparsity, 3.0, a, m, multiple)
+    gone = plan[~plan.keep]
+    removed = a * (gone.module == "attn").sum() + m * (gone.module == "mlp").sum()
+    assert abs(removed - sparsity * SMOL["layers"] * (a * SMOL["heads"] + m * SMOL["channels"])) <= a / 2 + multiple * m
+
+
+def test_max_sparsity_by_hand() -> None:
+    """Tiny GQA Llama: 2 groups of 768 parameters and 40 MLP channels of 72 per layer; one group and
+    `mlp_multiple` channels stay."""
+    model = tiny_llama("gqa")
+    assert max_sparsity(model, 8, 1) == pytest.approx((768 + 32 * 72) / (2 * 768 + 40 * 72))
+    assert max_sparsity(model, 40, 1) == pytest.approx(768 / (2 * 768 + 40 * 72))
+    assert max_sparsity(model, 1, 2) == pytest.approx(39 * 72 / (2 * 768 + 40 * 72))  # 2 units: none goes
 
 
 def test_uniform_counts_by_hand() -> None:

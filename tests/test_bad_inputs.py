@@ -37,12 +37,15 @@ SMALL = {
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
 }
 MINE = "data/calibration/mine.parquet"  # a user calibration file (calibration.path)
+ALPACA = "data/finetune/alpaca.jsonl"  # a user fine-tuning file (finetune.path)
+DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parquet"}  # the built-in pool's stand-in
 
 # stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
 STAGES = {
     "allocate_sparsity": (["model", "saliency.parquet"], ["out/plan.parquet", "out/widths.csv"]),
+    "prepare_model": ([], ["out/base_model"]),
     "select_calibration": (
-        ["model", "pool.parquet"],
+        ["model", "pool.parquet", "{calibration.path}"],
         ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"],
     ),
     "compute_saliency": (["model", "calibration.parquet"], ["out/saliency.parquet"]),
@@ -50,7 +53,7 @@ STAGES = {
         ["model", "plan.parquet", "calibration.json", "candidates.parquet"],
         ["out/pruned_model", "out/prune.json"],
     ),
-    "finetune": (["pruned", "pool.parquet"], ["out/finetuned_model", "out/finetune.json"]),
+    "finetune": (["pruned", "{finetune.path}"], ["out/finetuned_model", "out/finetune.json"]),
     "evaluate": (["model", "corpora"], ["out/metrics.json", "out/lm_eval.json"]),
     "compare": (
         ["model", "pruned", "dense.json", "pruned.json", "finetuned.json"],
@@ -73,6 +76,10 @@ class Case:
 
 def user_file(table: pd.DataFrame) -> Callable[[Path], None]:
     return lambda repo: table.to_parquet(repo / MINE)
+
+
+def alpaca(rows: list[dict]) -> Callable[[Path], None]:
+    return lambda repo: pd.DataFrame(rows).to_json(repo / ALPACA, orient="records", lines=True)
 
 
 def truncate(name: str) -> Callable[[Path], None]:
@@ -216,6 +223,43 @@ CASES = [
         user_file(ids(8, token=VOCAB)),
     ),
     Case("negative_selected_ids", "compute_saliency", ["calibration.parquet", "token id -1"], spoil=windows_with(-1)),
+    # sparsity beyond what the guards allow (one attention unit and allocation.mlp_multiple = 8 of the
+    # 40 MLP channels kept per layer: at most (768 + 32 * 72) / (2 * 768 + 40 * 72) = 0.69565 can go)
+    Case(
+        "unreachable_sparsity",
+        "allocate_sparsity",
+        ["sparsity = 0.95 is unreachable", "8 MLP channels", "at most 0.6956 of this model"],
+        {"sparsity": 0.95},
+    ),
+    Case(
+        "unreachable_selection_sparsity",
+        "select_calibration",
+        ["calibration.select_at_sparsity = 0.9 is unreachable", "at most 0.6956"],
+        {"calibration.select_at_sparsity": 0.9},
+    ),
+    # the model name: no hub is reachable in the tests (HF_HUB_OFFLINE)
+    Case(
+        "misspelt_model_name",
+        "prepare_model",
+        ["model.name_or_path = 'smollm2-135'", "did you mean 'smollm2-135m'?", "HF_HUB_OFFLINE"],
+        {"model.name_or_path": "smollm2-135"},
+    ),
+    # fine-tuning files
+    Case(
+        "finetune_file_without_output",
+        "finetune",
+        [ALPACA, "needs columns instruction and output", "has instruction, input"],
+        {"finetune.path": ALPACA},
+        alpaca([{"instruction": "Say hi", "input": ""}, {"instruction": "Add", "input": "1 2"}]),
+    ),
+    Case(
+        "finetune_file_not_json",
+        "finetune",
+        [ALPACA, "not readable as JSON lines"],
+        {"finetune.path": ALPACA},
+        lambda repo: (repo / ALPACA).write_text("instruction,output\nhi,there\n"),
+    ),
+    Case("finetune_dataset_renamed", "finetune", ["finetune.dataset is gone"], {"finetune.dataset": "x/alpaca"}),
 ]
 
 
@@ -253,6 +297,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("dense", "pruned", "finetuned"):
         (root / f"{name}.json").write_text("{}")
     (root / "data/calibration").mkdir(parents=True)
+    (root / "data/finetune").mkdir(parents=True)
     return root
 
 
@@ -262,6 +307,8 @@ def run_case(case: Case, assets: Path, repo: Path) -> subprocess.CompletedProces
     if case.spoil:
         case.spoil(repo)
     inputs, outputs = STAGES[case.stage]
+    paths = DEFAULT_PATHS | {k: v for k, v in case.params.items() if k in DEFAULT_PATHS}
+    inputs = [paths.get(name.strip("{}"), name) for name in inputs]  # dvc.yaml's ${...} in the command
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, str(ROOT / "stages" / f"{case.stage}.py"), *inputs, *outputs]
@@ -298,6 +345,7 @@ def test_bad_input_stops_the_stage(case: Case, runs: dict) -> None:
         assert part in message, f"{part!r} not in {message!r}"
     assert "Traceback" not in done.stderr
     assert not (repo / "out").exists(), sorted(p.name for p in (repo / "out").iterdir())
+    assert not (repo / "checkpoints").exists()  # the fine-tune's resume folder is not made either
 
 
 def test_the_good_inputs_pass_every_check(assets: Path) -> None:
@@ -323,3 +371,23 @@ def test_other_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.Monk
         run_stage("probe", bad_input)
     with pytest.raises(KeyError, match="bug"):
         run_stage("probe", bug)
+
+
+def test_a_wrong_model_name_asks_the_hub_once_and_fails_in_seconds() -> None:
+    """The trial's typo spent 30 s in download retries: now one request, refused at once here (nothing
+    listens on port 9), names the value, the embedded models and why the Hub did not answer."""
+    probe = (
+        "import time; from nirvana.modeling import check_name; from nirvana.errors import InputError\n"
+        "start = time.perf_counter()\n"
+        "try:\n    check_name('smollm2-135')\nexcept InputError as err:\n"
+        "    print(f'{time.perf_counter() - start:.2f}'); print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    seconds, message = done.stdout.strip().splitlines()
+    assert float(seconds) < 5, seconds
+    assert message.startswith(
+        "model.name_or_path = 'smollm2-135' is not an embedded model (did you mean 'smollm2-135m'?"
+    )
+    assert "the Hub cannot be reached (" in message, message

@@ -1,6 +1,7 @@
 """KL calibration selection: the KL itself, the search, and calibration data users bring."""
 
 import copy
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
 from nirvana.calibration import kl_to_reference, log_probs, select
+from nirvana.card import calibration_record
 from nirvana.params import CalibrationParams, Params
 from nirvana.surgery import prune_model
 
@@ -58,8 +60,9 @@ def run_select_stage(repo: Path, calibration: dict) -> subprocess.CompletedProce
     params["calibration"] |= calibration
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     outs = ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"]
+    pool = calibration.get("path", "pool.parquet")  # dvc.yaml passes calibration.path: the built-in pool by default
     return subprocess.run(
-        [sys.executable, str(ROOT / "stages/select_calibration.py"), "model", "pool.parquet", *outs],
+        [sys.executable, str(ROOT / "stages/select_calibration.py"), "model", "pool.parquet", pool, *outs],
         cwd=repo,
         capture_output=True,
         text=True,
@@ -84,6 +87,11 @@ def test_user_input_ids_are_used_verbatim(repo: Path) -> None:
     assert (
         pd.read_parquet(repo / "out/calibration.parquet")["input_ids"].map(list).tolist() == mine["input_ids"].tolist()
     )
+    # the model card names the file and its hash (and the number of windows taken from it)
+    record = calibration_record(repo / "out/calibration.json", repo / "out/candidates.parquet")
+    assert record is not None
+    assert record["pool"] == "data/calibration/mine.parquet" and record["windows"] == 3
+    assert record["pool_sha256"] == hashlib.sha256((repo / "data/calibration/mine.parquet").read_bytes()).hexdigest()
 
 
 def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> None:
@@ -93,6 +101,7 @@ def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> No
     assert done.returncode == 0, done.stderr
     table = pd.read_parquet(repo / "out/candidates.parquet")
     assert len(table) == 3 and table.selected.sum() == 1 and table.kl.notna().all()
+    assert set(table["pool"]) == {"pool.parquet"}  # the built-in pool, as the command line named it
     metrics = yaml.safe_load((repo / "out/calibration.json").read_text())
     assert metrics["kl_selected"] == table.kl.min() <= metrics["kl_median"] <= metrics["kl_worst"]
 

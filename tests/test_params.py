@@ -46,7 +46,13 @@ def test_the_committed_params_are_valid() -> None:
         ({"finetune__steps": -1}, r"finetune.steps = -1 is invalid; expected an integer >= 0"),
         ({"finetune__lora_dropout": 1.0}, r"finetune.lora_dropout = 1.0 is invalid"),
         ({"finetune__launch": "torchrun"}, r"finetune.launch = 'torchrun' is invalid; expected 'python' or an"),
-        ({"finetune__dataset": "mine.jsonl"}, r"finetune.dataset = 'mine.jsonl' is invalid; expected an existing"),
+        ({"finetune__path": "mine.jsonl"}, r"finetune.path = 'mine.jsonl' is invalid; expected a .parquet or .jsonl "),
+        ({"finetune__path": "data/finetune/none.jsonl"}, r"finetune.path = .* expected an existing file \(queued"),
+        ({"finetune__dataset": "x/y"}, r"finetune.dataset is gone; use finetune.path \(a file under data/finetune/\)"),
+        (
+            {"calibration__path": "data/calibration/README.md", "calibration__source": "x/y"},
+            r"calibration.source = 'x/y' is invalid; expected null when calibration.path is a file of yours",
+        ),
         ({"finetune__lr": "1e-4"}, r"finetune.lr = '1e-4' has the wrong type"),
         ({"allocation__mode": "global"}, r"allocation.mode = 'global' is invalid; expected null or one of nirvana, "),
         ({"allocation__mode": 1}, r"allocation.mode = 1 has the wrong type"),
@@ -89,3 +95,20 @@ def test_a_missing_or_broken_params_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("sparsity: [0.2\n")
     with pytest.raises(ParamError, match=r"params: .*params.yaml is not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_a_queued_run_names_a_file_left_untracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued experiment runs in a copy of the repo holding only what git and DVC track, with DVC_ROOT
+    naming the user's workspace: a file there but not in the copy is named as untracked."""
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    (workspace / "data/calibration").mkdir(parents=True)
+    (workspace / "data/calibration/mine.parquet").write_bytes(b"rows")
+    copy.mkdir()
+    params = write(copy, calibration__path="data/calibration/mine.parquet")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    with pytest.raises(ParamError, match=r"is in your workspace but not tracked by git or DVC.*`git add` or `dvc add`"):
+        load_params(params)
+    monkeypatch.setenv("DVC_ROOT", str(copy))  # a plain `dvc repro`: the file is simply missing
+    with pytest.raises(ParamError, match=r"expected an existing file"):
+        load_params(params)

@@ -1,5 +1,6 @@
 """The real pipeline on the embedded SmolLM2-135M, end to end through DVC, at a small size."""
 
+import hashlib
 import json
 import os
 import re
@@ -166,3 +167,25 @@ def test_a_misspelt_param_fails_repro_at_once_naming_it(repo: Path) -> None:
         assert stages_run(done.stdout + done.stderr) == {"check_params"}
     finally:
         (repo / "params.yaml").write_text(params)
+
+
+@pytest.mark.slow
+def test_calibration_depends_on_the_file_it_reads_not_on_its_folder(repo: Path) -> None:
+    """A file dropped into data/calibration/ reruns nothing; naming it in calibration.path reruns the search."""
+    other = repo / "data/calibration/other.parquet"
+    pd.DataFrame({"text": ["a passage of someone else's"]}).to_parquet(other)
+    try:
+        assert "select_calibration" not in sh(repo, "dvc", "status")
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["select_calibration"]
+        assert [d["path"] for d in lock["deps"] if d["path"].startswith("data/")] == []
+    finally:
+        other.unlink()
+
+
+@pytest.mark.slow
+def test_the_pruned_card_names_the_calibration_pool_and_its_hash(repo: Path) -> None:
+    calibration = read_card(repo / "outputs/pruned_model")["nirvana"]["calibration"]
+    pool = repo / "outputs/corpora/calibration.parquet"
+    assert calibration["pool"] == "outputs/corpora/calibration.parquet"
+    assert calibration["pool_sha256"] == hashlib.sha256(pool.read_bytes()).hexdigest()
+    assert calibration["windows"] == SMALL["calibration"]["num_samples"]
