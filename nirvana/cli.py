@@ -54,6 +54,15 @@ def export(path: str, out: str, type: str) -> None:
     print(f"{out}: {record['type']}, {record['fallbacks']} fallback tensors, sha256 {record['sha256']}")
 
 
+def tabulate(sort: str | None, wide: bool) -> None:
+    """Print every experiment's table; exit 1 with one line when the sort column does not exist."""
+    try:
+        print(report(sort, wide), end="")
+    except ValueError as error:
+        print(f"nirvana report: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nirvana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument("--type", default="f16", help=f"one of {', '.join(TYPES)} (default f16)")
     p_report = sub.add_parser("report", help="Markdown table of all DVC experiments (run in the repository)")
     p_report.add_argument("--readme", action="store_true", help="only the README's table of the committed run")
+    p_report.add_argument(
+        "--sort", metavar="METRIC", help="best first on a metric column, e.g. ppl_wiki_128 (lowest) or acc_average"
+    )
+    p_report.add_argument(
+        "--all", action="store_true", help="also allocation, parameters, each task's accuracy and the speedups"
+    )
     p_sweep = sub.add_parser("sweep", help="one DVC experiment per method and sparsity, up to evaluate@pruned")
     p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)
@@ -87,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         export(args.model, args.out, args.type)
     elif args.command == "sweep":
         sweep(args.methods, args.sparsities, args.set, args.queue)
+    elif args.readme:
+        print(readme_table(), end="")
     else:
-        print(readme_table() if args.readme else report(), end="")
+        tabulate(args.sort, args.all)
 
 
 if __name__ == "__main__":

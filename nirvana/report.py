@@ -1,5 +1,6 @@
-"""Markdown tables of results: one row per model per DVC experiment (`nirvana report`), and the README's
-table of the committed run, made from metrics/ so that the README cannot drift from the lock."""
+"""Markdown tables of results: one table with a row per model per DVC experiment and the best pruned run under it
+(`nirvana report`), and the README's table of the committed run, made from metrics/ so that the README cannot drift
+from the lock."""
 
 from __future__ import annotations
 
@@ -12,9 +13,57 @@ import yaml
 
 from nirvana.allocation import resolve_mode
 
+BUILT_IN = "outputs/corpora/calibration.parquet"  # the pool prepare_data writes; older params said null
+DATA_FILES = (".parquet", ".jsonl")
+# The settings columns in order; those in WIDE only with `--all`, which also adds each task's accuracy and the speedups.
+ORDER = ["experiment", "model", "alloc", "sparsity", "calibration", "finetune data", "ppl tokens", "zs limit", "params"]
+WIDE = {"alloc", "params"}
+
 
 def _files(data: dict, kind: str) -> dict:
     return {path: (content or {}).get("data", {}) for path, content in (data.get(kind) or {}).items()}
+
+
+def _data_label(path: str | None, source: str | None) -> str:
+    """Where the text came from, short enough for a cell: `built-in`, a file's name, or a Hugging Face id."""
+    if source:
+        return str(source)
+    if not path or Path(path).as_posix() == BUILT_IN:
+        return "built-in"
+    return Path(path).name if Path(path).suffix in DATA_FILES else str(path)
+
+
+def calibration_label(params: dict) -> str:
+    """What the calibration candidates were drawn from (`calibration.path` or `calibration.source`)."""
+    section = params.get("calibration") or {}
+    return _data_label(section.get("path"), section.get("source"))
+
+
+def finetune_label(params: dict) -> str:
+    """The fine-tuning text: `finetune.path` or `finetune.source`; older runs had one `finetune.dataset`,
+    null for the built-in corpus, else a file or a Hugging Face id."""
+    section = params.get("finetune") or {}
+    return _data_label(section.get("path") or section.get("dataset"), section.get("source"))
+
+
+def _count(section: dict, key: str) -> object:
+    """A token or example count: `all` for null (the whole set), blank where the run predates the key."""
+    if key not in section:
+        return ""
+    return "all" if section[key] is None else section[key]
+
+
+def _evaluation(params: dict) -> dict:
+    """How a row was measured: the counts it shows, and a hidden key of what makes its numbers comparable (every
+    `evaluate` setting but batch_size, and the base model, whose tokenizer perplexity is counted in)."""
+    section = params.get("evaluate") or {}
+    alike = {k: v for k, v in section.items() if k != "batch_size"}
+    alike["model"] = (params.get("model") or {}).get("name_or_path")
+    return {
+        "ppl tokens": _count(section, "max_tokens"),
+        "zs limit": _count(section, "limit"),
+        "_measured": json.dumps(alike, sort_keys=True),
+    }
 
 
 def _row(name: str, data: dict, model: str) -> dict:
@@ -22,20 +71,20 @@ def _row(name: str, data: dict, model: str) -> dict:
     params = _files(data, "params").get("params.yaml", {})
     metrics = _files(data, "metrics")
     quality = metrics.get(f"metrics/{model}.json", {})
+    row: dict = {"experiment": name, "_sparsity": params.get("sparsity", "") if model != "dense" else 0}
     if model == "dense":
-        row = {"experiment": name, "method": "dense", "allocation": "", "sparsity": 0, "realised": 0}
+        row |= {"model": "dense", "sparsity": 0, "calibration": "", "finetune data": "", "alloc": ""}
     else:
         method = params.get("method", "")
-        prune = metrics.get("metrics/prune.json", {})
-        row = {
-            "experiment": name,
-            "method": method + (" + LoRA" if model == "finetuned" else ""),
-            "allocation": resolve_mode(method, (params.get("allocation") or {}).get("mode")),
-            "sparsity": params.get("sparsity", ""),
-            "realised": prune.get("sparsity_realised", ""),
+        realised = metrics.get("metrics/prune.json", {}).get("sparsity_realised")
+        row |= {
+            "model": method + (" + LoRA" if model == "finetuned" else ""),
+            "sparsity": f"{params.get('sparsity', '')}" + (f" ({realised:.4f})" if realised is not None else ""),
+            "calibration": calibration_label(params),
+            "finetune data": finetune_label(params) if model == "finetuned" else "",
+            "alloc": resolve_mode(method, (params.get("allocation") or {}).get("mode")),
         }
-    row["zero-shot limit"] = (params.get("evaluate") or {}).get("limit", "")
-    row["params"] = quality.get("params_total", "")
+    row |= _evaluation(params) | {"params": quality.get("params_total", "")}
     row |= {k: v for k, v in quality.items() if k.startswith(("ppl_", "acc_"))}
     efficiency = metrics.get("metrics/efficiency.json", {})
     if model != "dense" and efficiency.get("pruned_digest") == metrics.get("metrics/pruned.json", {}).get(
@@ -86,20 +135,113 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def markdown(rows: list[dict]) -> str:
-    """A Markdown table with every column any row has, in first-seen order."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def _rank(key: str) -> tuple:
+    """Column order of the metrics: perplexities (wiki first, then by set and window), the zero-shot average, each
+    task, the speedups."""
+    if key.startswith("ppl_"):
+        name, _, window = key[4:].rpartition("_")
+        return (0, name != "wiki", name, int(window) if window.isdigit() else 0)
+    return (1, "") if key == "acc_average" else (2 if key.startswith("acc_") else 3, key)
 
 
-def report() -> str:
+def _metrics(rows: list[dict]) -> list[str]:
+    return sorted({k for row in rows for k in row if k.startswith(("ppl_", "acc_", "speedup_"))}, key=_rank)
+
+
+def columns(rows: list[dict], wide: bool = False) -> list[str]:
+    """What the runs differ in and how they were measured, then the perplexities and the zero-shot average; `wide`
+    adds the allocation, parameter counts, each task's accuracy and the speedups."""
+    keys = {k for row in rows for k in row}
+    settings = [c for c in ORDER if c in keys and (wide or c not in WIDE)]
+    return settings + [m for m in _metrics(rows) if wide or m.startswith("ppl_") or m == "acc_average"]
+
+
+def _line(cells: list[str], widths: list[int], right: list[bool]) -> str:
+    return (
+        "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)) + " |"
+    )
+
+
+def markdown(rows: list[dict], wide: bool = False) -> str:
+    """A Markdown table padded into aligned columns (numbers to the right), readable in a terminal as it is."""
+    names = columns(rows, wide)
+    lines = [names, *([_cell(row.get(c, "")) for c in names] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(names))]
+    right = [c == "params" or c in _metrics(rows) for c in names]
+    rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right, strict=True)) + "|"
+    return "\n".join([_line(lines[0], widths, right), rule, *(_line(line, widths, right) for line in lines[1:])]) + "\n"
+
+
+def _key(row: dict, column: str) -> tuple:
+    """Best first: perplexities ascending, accuracies and speedups descending, rows without the column last."""
+    value = row.get(column)
+    if not isinstance(value, int | float):
+        return (1, 0.0)
+    return (0, value if column.startswith("ppl_") else -value)
+
+
+def sort_rows(rows: list[dict], column: str) -> list[dict]:
+    """Best first on a metric column; the dense rows stay on top as the reference."""
+    metrics = _metrics(rows)
+    if column not in metrics:
+        raise ValueError(f"no metric column {column!r} to sort by; the table has: {', '.join(metrics) or 'none'}")
+    runs = sorted((r for r in rows if r["model"] != "dense"), key=lambda r: _key(r, column))
+    return [r for r in rows if r["model"] == "dense"] + runs
+
+
+def _best(rows: list[dict], column: str) -> str:
+    """`lowest ppl_wiki_128 47.27 (experiment: model at sparsity)`, or nothing when no row has the column."""
+    row = min(rows, key=lambda r: _key(r, column), default=None)
+    if row is None or _key(row, column)[0]:
+        return ""
+    word = "lowest" if column.startswith("ppl_") else "highest"
+    return f"{word} {column} {_cell(row[column])} ({row['experiment']}: {row['model']} at {row['_sparsity']})"
+
+
+def _label(settings: dict, groups: list[dict]) -> str:
+    """How a group was measured: the token and example counts, and whatever else sets it apart from the others."""
+    label = [f"{name} {_count(settings, key)}" for name, key in (("ppl tokens", "max_tokens"), ("zs limit", "limit"))]
+    label += [
+        f"{k} {settings.get(k)}"
+        for k in sorted({k for g in groups for k in g} - {"max_tokens", "limit"})
+        if any(g.get(k) != settings.get(k) for g in groups)
+    ]
+    return ", ".join(item for item in label if not item.endswith(" "))  # blank: the run predates the key
+
+
+def best_runs(rows: list[dict]) -> list[str]:
+    """One line per way of measuring (base model and `evaluate` settings but batch_size): the pruned or fine-tuned row
+    with the lowest wiki perplexity at the shortest window, and the one with the highest zero-shot average. Numbers
+    measured on other token counts, example counts, tasks or tokenizers are never compared."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["model"] != "dense":
+            groups.setdefault(row["_measured"], []).append(row)
+    settings = [json.loads(key) for key in groups]
+    lines = []
+    for key, same in groups.items():
+        wiki = [m for m in _metrics(same) if m.startswith("ppl_wiki_")][:1]
+        best = [b for b in (_best(same, c) for c in [*wiki, "acc_average"]) if b]
+        if best:
+            label = _label(json.loads(key), settings)
+            lines.append(
+                f"Best of {len(same)} pruned rows measured alike ({label or 'no settings'}): {'; '.join(best)}."
+            )
+    return lines
+
+
+def render(rows: list[dict], sort: str | None = None, wide: bool = False) -> str:
+    """The table, sorted when asked, and under it which pruned run was best."""
+    rows = sort_rows(rows, sort) if sort else rows
+    return markdown(rows, wide) + "".join(f"\n{line}\n" for line in best_runs(rows))
+
+
+def report(sort: str | None = None, wide: bool = False) -> str:
     """Run `dvc exp show --json` here and render it."""
     out = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
     ).stdout
-    return markdown(experiment_rows(json.loads(out)))
+    return render(experiment_rows(json.loads(out)), sort, wide)
 
 
 README_BEGIN = "<!-- results: generated by `nirvana report --readme` from metrics/; tests check it -->"

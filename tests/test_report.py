@@ -1,15 +1,25 @@
 """`nirvana report`: Markdown rows per experiment (pruned, and fine-tuned if trained) from `dvc exp show --json`."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from nirvana.report import experiment_rows, markdown, readme_table
+from nirvana import cli, report
+from nirvana.report import best_runs, experiment_rows, markdown, readme_table, sort_rows
 from nirvana.sweep import sweep_commands
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def run(method: str, sparsity: float, ppl: float, digest: str, finetuned_digest: str, speed_digest: str) -> dict:
-    """One commit's `data` as `dvc exp show --json` gives it; digests say which model a file measured."""
+
+def run(
+    method: str, sparsity: float, ppl: float, digest: str, finetuned_digest: str, speed_digest: str, **params: dict
+) -> dict:
+    """One commit's `data` as `dvc exp show --json` gives it; digests say which model a file measured, `params`
+    replaces whole sections of params.yaml (calibration, finetune, evaluate, model)."""
     quality = {"params_total": 800_000, "ppl_wiki_128": ppl, "acc_piqa": 0.55, "acc_average": 0.55}
     data = {
         "params": {
@@ -20,6 +30,7 @@ def run(method: str, sparsity: float, ppl: float, digest: str, finetuned_digest:
                     "allocation": {"mode": None},
                     "evaluate": {"limit": 100},
                 }
+                | params
             }
         },
         "metrics": {
@@ -43,7 +54,7 @@ def test_rows_cover_dense_commits_experiments_and_fine_tuned_models() -> None:
     sweep = {"revs": [{"rev": "b" * 40, "name": "exp-1", "data": run("flap", 0.4, 90.0, "new", "old", "old")}, running]}
     main = {"rev": "a" * 40, "name": "main", "data": run("nirvana", 0.2, 30.0, "d", "d", "d"), "experiments": [sweep]}
     rows = experiment_rows([{"rev": "workspace", "data": {}}, main])
-    assert [(r["experiment"], r["method"]) for r in rows] == [
+    assert [(r["experiment"], r["model"]) for r in rows] == [
         ("main", "dense"),
         ("main", "nirvana"),
         ("main", "nirvana + LoRA"),
@@ -52,12 +63,24 @@ def test_rows_cover_dense_commits_experiments_and_fine_tuned_models() -> None:
     assert rows[0]["ppl_wiki_128"] == 20.0 and "speedup_ideal" not in rows[0]
     assert rows[1]["speedup_prefill_bs1"] == 1.5 and rows[2]["ppl_wiki_128"] == 25.0
     # the sweep stopped at evaluate@pruned: no stale speedups, no stale fine-tuned row
-    assert rows[3]["allocation"] == "flap" and rows[3]["realised"] == 0.399 and "speedup_ideal" not in rows[3]
+    assert rows[3]["alloc"] == "flap" and rows[3]["sparsity"] == "0.4 (0.3990)" and "speedup_ideal" not in rows[3]
     table = markdown(rows).splitlines()
-    header = "| experiment | method | allocation | sparsity | realised | zero-shot limit | params | ppl_wiki_128 |"
-    assert table[0].startswith(header)
-    assert table[2] == "| main | dense |  | 0 | 0 | 100 | 1.0 M | 20 | 0.6 | 0.6 |  |  |"
-    assert table[5].startswith("| exp-1 | flap | flap | 0.4 | 0.399 | 100 | 0.8 M | 90 | 0.55 | 0.55 |  |")
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == [
+        "experiment", "model", "sparsity", "calibration", "finetune data", "ppl tokens", "zs limit",
+        "ppl_wiki_128", "acc_average",
+    ]  # fmt: skip
+    assert table[1].startswith("|------------|----------------|") and table[1].endswith(
+        "|-------------:|------------:|"
+    )
+    assert table[
+        2
+    ] == "| main       | dense          | 0            |             |               |            | 100      |" + (
+        "           20 |         0.6 |"
+    )
+    assert len({len(line) for line in table}) == 1  # padded into aligned columns
+    wide = markdown(rows, wide=True).splitlines()
+    assert "| alloc   |" in wide[0] and "| params |" in wide[0] and wide[0].endswith("| speedup_prefill_bs1 |")
+    assert wide[3].startswith("| main       | nirvana        | nirvana | 0.2 (0.1990) | built-in    |")
 
 
 def test_sweep_commands_cover_every_pair_and_refuse_bad_input_up_front() -> None:
@@ -86,7 +109,7 @@ def test_the_dense_model_appears_once_per_distinct_evaluation() -> None:
         "data": run("nirvana", 0.2, 30.0, "d", "d", "d"),
         "experiments": experiments,
     }
-    dense = [r for r in experiment_rows([main]) if r["method"] == "dense"]
+    dense = [r for r in experiment_rows([main]) if r["model"] == "dense"]
     assert [(r["experiment"], r["acc_average"]) for r in dense] == [("main", 0.6), ("b", 0.58)]
 
 
@@ -94,3 +117,136 @@ def test_readme_results_are_the_committed_metrics() -> None:
     """The README's results table is the committed run's: regenerate it with `nirvana report --readme`."""
     root = Path(__file__).resolve().parents[1]
     assert readme_table(root) in (root / "README.md").read_text(), "run `nirvana report --readme`, paste into README"
+
+
+def test_calibration_finetune_data_and_ppl_tokens_read_old_and_new_params() -> None:
+    """Old runs: calibration.path null and finetune.dataset (null, a file or an id); new runs: path defaults to the
+    built-in pool and source holds a Hugging Face id. evaluate.max_tokens null means the whole sets."""
+    old_file = run(
+        "nirvana", 0.2, 40.0, "a", "a", "",
+        calibration={"path": "data/calibration/mine.parquet", "source": None},
+        finetune={"dataset": "yahma/alpaca-cleaned"},
+        evaluate={"limit": 50, "max_tokens": None},
+    )  # fmt: skip
+    old_hub = run(
+        "nirvana", 0.2, 41.0, "b", "b", "",
+        calibration={"path": None, "source": "allenai/c4"},
+        finetune={"dataset": "data/finetune/chat.jsonl"},
+        evaluate={"limit": 50, "max_tokens": 2048},
+    )  # fmt: skip
+    new = run(
+        "taylor", 0.3, 42.0, "c", "c", "",
+        calibration={"path": "outputs/corpora/calibration.parquet", "source": None},
+        finetune={"path": "data/finetune/alpaca.parquet", "source": None},
+        evaluate={"limit": None, "max_tokens": 16384},
+    )  # fmt: skip
+    new_hub = run(
+        "taylor", 0.3, 43.0, "d", "d", "",
+        calibration={"path": "outputs/corpora/calibration.parquet", "source": "wikitext"},
+        finetune={"path": "outputs/corpora/calibration.parquet", "source": "yahma/alpaca-cleaned"},
+        evaluate={"limit": 50, "max_tokens": 16384},
+    )  # fmt: skip
+    commits = [
+        {"rev": c * 40, "name": n, "data": d}
+        for c, n, d in zip("abcd", "wxyz", (old_file, old_hub, new, new_hub), strict=True)
+    ]
+    rows = experiment_rows(commits)
+    seen = [
+        (r["experiment"], r["model"], r["calibration"], r["finetune data"], r["ppl tokens"], r["zs limit"])
+        for r in rows
+    ]
+    assert seen[-8:] == [
+        ("w", "nirvana", "mine.parquet", "", "all", 50),
+        ("w", "nirvana + LoRA", "mine.parquet", "yahma/alpaca-cleaned", "all", 50),
+        ("x", "nirvana", "allenai/c4", "", 2048, 50),
+        ("x", "nirvana + LoRA", "allenai/c4", "chat.jsonl", 2048, 50),
+        ("y", "taylor", "built-in", "", 16384, "all"),
+        ("y", "taylor + LoRA", "built-in", "alpaca.parquet", 16384, "all"),
+        ("z", "taylor", "wikitext", "", 16384, 50),
+        ("z", "taylor + LoRA", "wikitext", "yahma/alpaca-cleaned", 16384, 50),
+    ]
+    dense = [r for r in rows if r["model"] == "dense"]
+    assert {(r["calibration"], r["finetune data"]) for r in dense} == {("", "")}
+    assert sorted(str(r["ppl tokens"]) for r in dense) == ["16384", "16384", "2048", "all"]
+
+
+def sweep_of(*runs: tuple[str, dict]) -> list[dict]:
+    """`dvc exp show --json` of a commit (the first run) with the others as its experiments."""
+    (name, data), *rest = runs
+    experiments = [{"revs": [{"rev": f"{i}" * 40, "name": n, "data": d}]} for i, (n, d) in enumerate(rest)]
+    return [{"rev": "f" * 40, "name": name, "data": data, "experiments": experiments}]
+
+
+def test_sort_puts_the_best_run_first_and_keeps_dense_on_top() -> None:
+    runs = [
+        (n, run(m, 0.2, ppl, n, "", ""))
+        for n, m, ppl in (("a", "flap", 60.0), ("b", "taylor", 45.0), ("c", "random", 99.0))
+    ]
+    rows = experiment_rows(sweep_of(*runs))
+    rows[2]["acc_average"] = 0.7  # b's
+    del rows[3]["ppl_wiki_128"]  # c's: not measured, so last
+    by_ppl = [(r["experiment"], r["model"], r.get("ppl_wiki_128")) for r in sort_rows(rows, "ppl_wiki_128")]
+    assert by_ppl == [("a", "dense", 20.0), ("b", "taylor", 45.0), ("a", "flap", 60.0), ("c", "random", None)]
+    assert [(r["experiment"], r["acc_average"]) for r in sort_rows(rows, "acc_average")] == [
+        ("a", 0.6),
+        ("b", 0.7),
+        ("a", 0.55),
+        ("c", 0.55),
+    ]
+    with pytest.raises(ValueError, match=r"no metric column 'ppl_wiki' to sort by; the table has: ppl_wiki_128, acc_"):
+        sort_rows(rows, "ppl_wiki")
+
+
+def test_best_runs_compare_only_rows_measured_alike() -> None:
+    """A run over 2,048 tokens has the lowest perplexity, but it is not compared with runs over 16,384."""
+    short = {"limit": 100, "max_tokens": 2048, "batch_size": 8}
+    rows = experiment_rows(
+        sweep_of(
+            ("long", run("nirvana", 0.2, 50.0, "x", "x", "", evaluate={"limit": 100, "max_tokens": 16384})),
+            ("short", run("nirvana", 0.2, 30.0, "y", "", "", evaluate=short)),
+            ("big-batch", run("taylor", 0.2, 48.0, "z", "", "", evaluate=short | {"batch_size": 32})),
+        )
+    )
+    lines = best_runs(rows)
+    assert lines == [
+        "Best of 2 pruned rows measured alike (ppl tokens 16384, zs limit 100): lowest ppl_wiki_128 45 "
+        "(long: nirvana + LoRA at 0.2); highest acc_average 0.55 (long: nirvana at 0.2).",
+        "Best of 2 pruned rows measured alike (ppl tokens 2048, zs limit 100): lowest ppl_wiki_128 30 "
+        "(short: nirvana at 0.2); highest acc_average 0.55 (short: nirvana at 0.2).",
+    ]
+    other_model = run("nirvana", 0.2, 10.0, "w", "", "", model={"name_or_path": "gemma3-270m"})
+    lines = best_runs(
+        experiment_rows(sweep_of(("smol", run("nirvana", 0.2, 50.0, "x", "", "")), ("gemma", other_model)))
+    )
+    assert len(lines) == 2 and "model gemma3-270m" in lines[1] and "(gemma: nirvana at 0.2)" in lines[1]
+
+
+def test_cli_report_sorts_summarises_and_names_a_missing_column(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown = sweep_of(("a", run("flap", 0.2, 60.0, "x", "", "")), ("b", run("taylor", 0.2, 45.0, "y", "", "")))
+    done = subprocess.CompletedProcess([], 0, stdout=json.dumps(shown), stderr="")
+    monkeypatch.setattr(report.subprocess, "run", lambda *args, **kwargs: done)
+    cli.main(["report", "--sort", "ppl_wiki_128"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[2].strip() for line in out[2:5]] == ["dense", "taylor", "flap"]
+    assert out[-1] == (
+        "Best of 2 pruned rows measured alike (zs limit 100): lowest ppl_wiki_128 45 (b: taylor at 0.2); "
+        "highest acc_average 0.55 (b: taylor at 0.2)."
+    )  # a tie goes to the row listed first
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["report", "--sort", "ppl_wiki"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("nirvana report: no metric column 'ppl_wiki' to sort by")
+
+
+def test_report_reads_this_repository_experiments() -> None:
+    """The real `dvc exp show --json` of this checkout: the committed run's rows carry its settings."""
+    show = lambda *args: subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    params = yaml.safe_load(show("git", "show", "HEAD:params.yaml"))
+    rows = experiment_rows(json.loads(show(sys.executable, "-m", "dvc", "exp", "show", "--json")))
+    tokens = params["evaluate"]["max_tokens"] or "all"
+    assert any(r["model"] == "dense" and r["ppl tokens"] == tokens for r in rows)
+    pruned = [r for r in rows if r["model"] == params["method"] and r["ppl tokens"] == tokens]
+    assert pruned and pruned[0]["calibration"] == report.calibration_label(params)
+    assert best_runs(rows)[0].startswith("Best of ")
