@@ -87,9 +87,20 @@ def build_corpora(overlap_ngram: int) -> dict[str, pd.DataFrame]:
     }
 
 
-def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """All texts, separated by blank lines, as one token sequence."""
-    return tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+STREAM_MARGIN = 64  # tokens past `limit` that a prefix must reach, so its end cannot change the first `limit`
+
+
+def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int | None = None) -> list[int]:
+    """All texts, separated by blank lines, as one token sequence; with `limit`, its first `limit` tokens,
+    from as few texts as give them with a margin (a text's last tokens may merge with what follows)."""
+    if limit is None:
+        return tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    count = 1
+    while True:
+        ids = tokenizer("\n\n".join(texts[:count]), add_special_tokens=False)["input_ids"]
+        if len(ids) > limit + STREAM_MARGIN or count >= len(texts):
+            return ids[:limit]
+        count *= 2
 
 
 def bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

@@ -17,7 +17,7 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, inf
     model, tokenizer = load_model(model_dir, params.model), load_tokenizer(model_dir)
     metrics: dict = param_counts(model) | {"model_digest": folder_digest(model_dir)}
     for name in EVAL_SETS:
-        stream = token_stream(read_texts(f"{corpora_dir}/{name}.parquet"), tokenizer)[: e.max_tokens]
+        stream = token_stream(read_texts(f"{corpora_dir}/{name}.parquet"), tokenizer, e.max_tokens)
         for seq_len in e.windows:
             cut = windows(stream, seq_len, bos_id(tokenizer))
             ppl = perplexity(model, cut, e.batch_size, desc=f"{name}@{seq_len}")

@@ -5,7 +5,8 @@ from transformers import AutoTokenizer
 
 from conftest import save_tokenizer
 from nirvana.calibration import draw
-from nirvana.data import bos_id, build_corpora, drop_overlapping, ngrams, windows
+from nirvana.data import bos_id, build_corpora, drop_overlapping, ngrams, token_stream, windows
+from nirvana.modeling import EMBEDDED
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,17 @@ def test_a_dataset_folder_with_a_text_column_is_a_calibration_source(tmp_path) -
         tmp_path / "ds" / "train.parquet"
     )
     assert dataset_texts(str(tmp_path / "ds")) == ["one passage", "another passage"]
+
+
+
+def test_a_limited_token_stream_is_the_prefix_of_the_whole_one(corpora: dict) -> None:
+    """evaluate tokenises only as many passages as its first evaluate.max_tokens need: the same tokens,
+    with the real (byte-level BPE) SmolLM2 tokenizer on the real evaluation texts."""
+    embedded = EMBEDDED["smollm2-135m"]
+    with embedded.gguf() as path:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for name in ("wiki", "books"):
+        texts = corpora[name]["text"].tolist()[:400]
+        whole = token_stream(texts, tokenizer)
+        for limit in (1, 100, 8192, len(whole) + 10):
+            assert token_stream(texts, tokenizer, limit) == whole[:limit]
