@@ -69,7 +69,6 @@ def test_a_dataset_folder_with_a_text_column_is_a_calibration_source(tmp_path) -
     assert dataset_texts(str(tmp_path / "ds")) == ["one passage", "another passage"]
 
 
-
 def test_a_limited_token_stream_is_the_prefix_of_the_whole_one(corpora: dict) -> None:
     """evaluate tokenises only as many passages as its first evaluate.max_tokens need: the same tokens,
     with the real (byte-level BPE) SmolLM2 tokenizer on the real evaluation texts."""
