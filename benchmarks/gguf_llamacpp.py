@@ -392,15 +392,15 @@ def measure_kv(folders: dict[str, Path], files: dict, models: dict) -> None:
         }
 
 
-def measure_ppl(folders: dict[str, Path], files: dict, models: dict, sets: dict, types: list[str]) -> None:
-    """Into `models` and `files`: transformers perplexity of each model, llama.cpp's of each of its GGUFs in `types`."""
+def measure_ppl(folders: dict[str, Path], files: dict, models: dict, sets: dict, type: str) -> None:
+    """Into `files`: llama.cpp perplexity of every model's GGUF of `type`; into `models` (once): transformers'."""
     for name, folder in folders.items():
-        hf = models[name]["ppl_transformers"] = ppl_hf(folder, sets)
-        for type in types:
-            f = files[name][type]
-            cpp = f["ppl_llama_cpp"] = ppl_cpp(Path(f["path"]), sets)
-            f["ppl_ratio_to_transformers"] = {s: round(cpp[s] / hf[s], 4) for s in sets}
-            print(f"{name} {type}: llama.cpp {cpp}, transformers {hf}", flush=True)
+        if "ppl_transformers" not in models[name]:
+            models[name]["ppl_transformers"] = ppl_hf(folder, sets)
+        hf, f = models[name]["ppl_transformers"], files[name][type]
+        cpp = f["ppl_llama_cpp"] = ppl_cpp(Path(f["path"]), sets)
+        f["ppl_ratio_to_transformers"] = {s: round(cpp[s] / hf[s], 4) for s in sets}
+        print(f"{name} {type}: llama.cpp {cpp}, transformers {hf}", flush=True)
 
 
 def measure_speed(files: dict, types: list[str], prompt: list[int], warmup: int, repeats: int) -> dict[str, dict]:
@@ -465,8 +465,9 @@ def main() -> None:
     ppl_types = args.types if args.ppl_types is None else args.ppl_types
     report["perplexity"] = {"seq_len": SEQ_LEN, "max_tokens": MAX_TOKENS, "types": ppl_types}
     report["perplexity"]["windows"] = {s: len(c) for s, c in sets.items()}
-    measure_ppl(folders, report["files"], report["models"], sets, ppl_types)
-    save(report, started, "perplexity")
+    for type in ppl_types:  # saved after each type: a run cut short keeps what it measured
+        measure_ppl(folders, report["files"], report["models"], sets, type)
+        save(report, started, f"perplexity {type}")
     print(markdown(report))
 
 
