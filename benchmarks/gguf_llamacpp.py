@@ -367,7 +367,8 @@ def markdown(report: dict) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and core count, and the instruction sets llama.cpp was built for."""
+    """CPU model and core count, the instruction sets llama.cpp was built for, and the load average when the
+    report was written (other work on the machine skews the timings)."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -377,6 +378,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -419,6 +421,7 @@ def measure_speed(files: dict, types: list[str], prompt: list[int], warmup: int,
 def save(report: dict[str, Any], started: float, done: str) -> None:
     """Write the report as far as it got (`phases_done`), JSON and markdown."""
     report["phases_done"] = [*report.get("phases_done", []), done]
+    report["machine"] = machine()
     report["wall_s"] = round(time.perf_counter() - started, 1)
     if "speed" in report:
         report["speedups"] = speedups(report)
