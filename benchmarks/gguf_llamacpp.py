@@ -168,16 +168,7 @@ def window_nll(llm: llama_cpp.Llama, window: list[int]) -> float:
 
 def ppl_cpp(path: Path, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     """llama.cpp perplexity of a GGUF per held-out set (default f16 KV cache, flash attention off)."""
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=SEQ_LEN,
-        n_batch=SEQ_LEN,
-        n_ubatch=SEQ_LEN,
-        logits_all=True,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-        verbose=False,
-    )
+    llm = open_model(path, SEQ_LEN, flash=False, batch=SEQ_LEN, logits_all=True)
     out = {}
     for name, cut in sets.items():
         total = sum(window_nll(llm, row.tolist()) for row in cut)
@@ -195,13 +186,15 @@ def ppl_hf(folder: Path, sets: dict[str, torch.Tensor]) -> dict[str, float]:
 # ---- speed ----
 
 
-def open_model(path: Path, n_ctx: int, flash: bool) -> llama_cpp.Llama:
-    """A llama.cpp context with last-token logits only, THREADS threads for prompts and generation."""
+def open_model(path: Path, n_ctx: int, flash: bool, batch: int = PROMPT, logits_all: bool = False) -> llama_cpp.Llama:
+    """A llama.cpp context with THREADS threads for prompts and generation; last-token logits only
+    unless `logits_all` (perplexity)."""
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,
-        n_batch=PROMPT,
-        n_ubatch=PROMPT,
+        n_batch=batch,
+        n_ubatch=batch,
+        logits_all=logits_all,
         n_threads=THREADS,
         n_threads_batch=THREADS,
         flash_attn=flash,
