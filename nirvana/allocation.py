@@ -1,7 +1,8 @@
 """Sparsity allocation: NIRVANA's two global pools and gamma (method §2), and the baselines' own
-allocations: the same counts in every layer (uniform, Wanda-sp) and FLAP's one global threshold
-on standardised scores. For a given sparsity all three remove the same attention+MLP parameter
-count up to the granularity of one attention unit and one MLP block."""
+allocations: the same counts in every layer (uniform, Wanda-sp's; layer by layer: nirvana.plan), the
+same counts in every layer of a band (LLM-Pruner) and FLAP's one global threshold on standardised
+scores. For a given sparsity all of them remove the same attention+MLP parameter count up to the
+granularity of one attention unit and one MLP block."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from nirvana.errors import InputError
 from nirvana.models import get_adapter, pool
 from nirvana.params import Params
 
-METHOD_MODES = {"wanda_sp": "uniform", "flap": "flap"}
+METHOD_MODES = {"wanda_sp": "uniform", "flap": "flap", "taylor": "llm_pruner"}
 """Each baseline's published allocation; every other method uses NIRVANA's two pools."""
+
+LLM_PRUNER_BAND = (4, 30, 32)
+"""LLM-Pruner's Llama commands prune layers 4 to 29 of 32 (--block_*_layer_start 4, _end 30)."""
 
 
 def resolve_mode(method: str, mode: str | None) -> str:
@@ -177,16 +181,32 @@ def uniform_counts(
     return attn, aligned if layers * abs(aligned - exact) <= mlp_multiple else exact
 
 
-def allocate_uniform(
-    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int, attn_multiple: int = 1
-) -> pd.DataFrame:
-    """Wanda-sp's allocation: every layer removes the same number of attention units and of MLP
-    channels (`uniform_counts`), its lowest-scoring ones (each attention module alike). Gamma does not apply."""
+def llm_pruner_band(layers: int, band: list[int] | None = None) -> tuple[int, int]:
+    """The layers [start, end) that LLM-Pruner prunes: `band`, or its Llama default scaled to `layers`."""
+    if band is not None:
+        return band[0], band[1]
+    start, end, depth = LLM_PRUNER_BAND
+    return round(start * layers / depth), round(end * layers / depth)
+
+
+def uniform_layer_counts(
+    scores: pd.DataFrame,
+    sparsity: float,
+    attn_params: int,
+    mlp_params: int,
+    mlp_multiple: int,
+    attn_multiple: int = 1,
+    band: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Attention units (per module) and MLP channels removed in every layer of `band` (default: all
+    layers) so that the whole model loses `sparsity` of its attention+MLP parameters (`uniform_counts`)."""
     sizes = scores.groupby(["layer", "module"]).size()
-    is_mlp = sizes.index.get_level_values("module") == "mlp"
-    attn_sizes, mlp_sizes = sizes[~is_mlp], sizes[is_mlp]
-    attn, mlp = uniform_counts(
-        sparsity,
+    layer, module = (sizes.index.get_level_values(k) for k in ("layer", "module"))
+    inside = (layer >= band[0]) & (layer < band[1]) if band else np.ones(len(sizes), dtype=bool)
+    params = np.where(module == "mlp", mlp_params, attn_params) * sizes.to_numpy()
+    attn_sizes, mlp_sizes = sizes[inside & (module != "mlp")], sizes[inside & (module == "mlp")]
+    return uniform_counts(
+        sparsity * params.sum() / params[inside].sum(),
         len(mlp_sizes),
         attn_params,
         int(attn_sizes.min()),
@@ -196,9 +216,25 @@ def allocate_uniform(
         attn_modules=len(attn_sizes),
         attn_multiple=attn_multiple,
     )
+
+
+def allocate_uniform(
+    scores: pd.DataFrame,
+    sparsity: float,
+    attn_params: int,
+    mlp_params: int,
+    mlp_multiple: int,
+    attn_multiple: int = 1,
+    band: tuple[int, int] | None = None,
+) -> pd.DataFrame:
+    """Every layer (of `band`, LLM-Pruner's; else all, Wanda-sp's) removes the same number of attention
+    units and of MLP channels, its lowest-scoring ones (each attention module alike); layers outside
+    the band stay dense. Gamma does not apply."""
+    attn, mlp = uniform_layer_counts(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple, band)
     ranked = scores.sort_values(["score", "unit"])
     rank = ranked.groupby(["layer", "module"]).cumcount().to_numpy()
-    return _plan(scores, set(ranked.index[rank < np.where(ranked["module"] == "mlp", mlp, attn)]))
+    inside = ranked["layer"].between(*band, inclusive="left") if band else True
+    return _plan(scores, set(ranked.index[(rank < np.where(ranked["module"] == "mlp", mlp, attn)) & inside]))
 
 
 def standardise(scores: pd.DataFrame) -> pd.Series:
@@ -210,12 +246,19 @@ def standardise(scores: pd.DataFrame) -> pd.Series:
 
 
 def allocate_flap(
-    scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int, mlp_multiple: int, attn_multiple: int = 1
+    scores: pd.DataFrame,
+    sparsity: float,
+    attn_params: int,
+    mlp_params: int,
+    mlp_multiple: int,
+    attn_multiple: int = 1,
+    standardised: bool = False,
 ) -> pd.DataFrame:
-    """FLAP's allocation: standardised scores, one global ranking of attention units and MLP blocks
-    (`mlp_multiple` channels, as in NIRVANA's allocation), removed lowest first up to the prefix whose
-    parameter count is closest to the budget. Each layer keeps its best attention unit and top block."""
-    z = scores.assign(score=standardise(scores))
+    """FLAP's allocation: standardised scores (FLAP's own criterion comes `standardised` already), one
+    global ranking of attention units and MLP blocks (`mlp_multiple` channels, as in NIRVANA's
+    allocation), removed lowest first up to the prefix whose parameter count is closest to the
+    budget, each unit weighted by its parameters. Each layer keeps its best attention unit and top block."""
+    z = scores if standardised else scores.assign(score=standardise(scores))
     if attn_multiple > 1:
         blocks = _blocks(z[z["module"] != "mlp"], attn_multiple)
         items = [(score, 0, layer, position, chunk) for score, layer, _, position, chunk in blocks]
@@ -252,44 +295,61 @@ def allocate_for_model(
     mlp_multiple: int,
     mode: str,
     attn_multiple: int = 1,
+    band: list[int] | None = None,
+    standardised: bool = False,
 ) -> pd.DataFrame:
     """The plan under allocation `mode` (see `allocation_mode`), with the per-unit parameter counts
-    read off the model (`unit_sizes`)."""
+    read off the model (`unit_sizes`); `band` is llm_pruner's, `standardised` flap's."""
     attn_params, mlp_params = unit_sizes(model)
     if mode == "nirvana":
         return allocate(scores, sparsity, gamma, attn_params, mlp_params, mlp_multiple, attn_multiple)
     if mode == "uniform":
         return allocate_uniform(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple)
+    if mode == "llm_pruner":
+        layers = llm_pruner_band(int(scores["layer"].max()) + 1, band)
+        return allocate_uniform(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple, layers)
     if mode == "flap":
-        return allocate_flap(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple)
+        return allocate_flap(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple, standardised)
     raise ValueError(f"unknown allocation mode {mode!r}")
 
 
-def max_sparsity(model: PreTrainedModel, mlp_multiple: int, attn_multiple: int) -> float:
-    """The most attention+MLP parameters any allocation can remove: every attention module keeps
-    `attn_multiple` units and every MLP `mlp_multiple` channels (all of them where it has fewer)."""
+def max_sparsity(
+    model: PreTrainedModel, mlp_multiple: int, attn_multiple: int, band: tuple[int, int] | None = None
+) -> float:
+    """The most attention+MLP parameters an allocation can remove: every attention module keeps
+    `attn_multiple` units and every MLP `mlp_multiple` channels (all of them where it has fewer);
+    layers outside `band` keep everything."""
     adapter = get_adapter(model.config)
     sizes = dict(zip(("attn", "mlp"), unit_sizes(model), strict=True))
     multiples = {"attn": attn_multiple, "mlp": mlp_multiple}
     total = removable = 0
-    for layer in adapter.layers(model):
+    for index, layer in enumerate(adapter.layers(model)):
         for module in adapter.modules(layer):
             n, kind = adapter.unit_count(layer, module), pool(module)
             total += n * sizes[kind]
-            removable += (n - min(n, multiples[kind])) * sizes[kind]
+            if band is None or band[0] <= index < band[1]:
+                removable += (n - min(n, multiples[kind])) * sizes[kind]
     return removable / total
 
 
 def check_reachable(model: PreTrainedModel, params: Params) -> None:
     """Refuse, before any work, a sparsity the guards make unreachable (it would silently fall short)."""
     a, at = params.allocation, params.calibration.select_at_sparsity
-    reachable = max_sparsity(model, a.mlp_multiple, a.attn_multiple)
+    band, where = None, ""
+    if allocation_mode(params) == "llm_pruner":
+        layers = len(get_adapter(model.config).layers(model))
+        band = llm_pruner_band(layers, a.band)
+        if band[1] > layers:
+            raise InputError(f"allocation.band = {a.band} ends past this model's {layers} layers")
+        where = f" and only layers {band[0]}-{band[1] - 1} are pruned (allocation.band, llm_pruner)"
+    reachable = max_sparsity(model, a.mlp_multiple, a.attn_multiple, band)
     for key, value in (("sparsity", params.sparsity), ("calibration.select_at_sparsity", at)):
         if value is not None and value > reachable:
             raise InputError(
                 f"{key} = {value} is unreachable: every layer keeps at least {a.attn_multiple} attention "
-                f"unit(s) and {a.mlp_multiple} MLP channels (allocation.attn_multiple, allocation.mlp_multiple), "
-                f"so at most {math.floor(reachable * 1e4) / 1e4} of this model's attention+MLP parameters can go"
+                f"unit(s) and {a.mlp_multiple} MLP channels (allocation.attn_multiple, allocation.mlp_multiple)"
+                f"{where}, so at most {math.floor(reachable * 1e4) / 1e4} of this model's attention+MLP "
+                "parameters can go"
             )
 
 

@@ -12,11 +12,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nirvana.allocation import allocate_for_model, allocation_mode
 from nirvana.criteria import CRITERIA
 from nirvana.data import bos_id, dataset_texts, hold_out, token_stream, user_windows, windows
 from nirvana.forward import model_inputs
 from nirvana.params import CalibrationParams, Params
+from nirvana.plan import plan_for
 from nirvana.saliency import enable_checkpointing
 from nirvana.surgery import prune_model
 
@@ -68,11 +68,8 @@ def draw(pool: torch.Tensor, num_samples: int, seed: int) -> np.ndarray:
 def prune_with(model: PreTrainedModel, windows: torch.Tensor, params: Params, sparsity: float) -> PreTrainedModel:
     """A pruned copy of `model`, scored on `windows` with the configured criterion and allocation."""
     scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
-    a = params.allocation
-    mode = allocation_mode(params)
-    plan = allocate_for_model(model, scores, sparsity, params.gamma, a.mlp_multiple, mode, a.attn_multiple)
     pruned = copy.deepcopy(model)
-    prune_model(pruned, plan)
+    prune_model(pruned, plan_for(pruned, scores, params, sparsity, windows))
     return pruned
 
 

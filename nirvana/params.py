@@ -51,7 +51,7 @@ USER_CALIBRATION_DIR = Path("data/calibration")
 
 
 def _check_data_file(key: str, value: str, folder: Path, suffixes: tuple[str, ...]) -> None:
-    """A user's data file: under `folder` (which DVC tracks), with one of `suffixes`, existing; in a
+    """A user's data file: under `folder`, with one of `suffixes`, existing; in a
     queued experiment's copy of the repo, a file git and DVC do not track is missing: say so."""
     path = Path(value)
     kinds = " or ".join(suffixes)
@@ -126,17 +126,21 @@ class AttentionParams:
 
 @dataclass(frozen=True)
 class AllocationParams:
-    MODES: typing.ClassVar[tuple[str, ...]] = ("nirvana", "uniform", "flap")
+    MODES: typing.ClassVar[tuple[str, ...]] = ("nirvana", "uniform", "llm_pruner", "flap")
 
     mlp_multiple: int = 8
     attn_multiple: int = 1  # kept attention units per layer are a multiple of this (where the layer has more)
     mode: str | None = None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
+    band: list[int] | None = None  # llm_pruner's pruned layers [start, end); null = LLM-Pruner's, scaled
 
     def __post_init__(self) -> None:
         _check(self.mlp_multiple > 0, "allocation.mlp_multiple", self.mlp_multiple, "a positive integer")
         _check(self.attn_multiple > 0, "allocation.attn_multiple", self.attn_multiple, "a positive integer")
         modes = ", ".join(self.MODES)
         _check(self.mode is None or self.mode in self.MODES, "allocation.mode", self.mode, f"null or one of {modes}")
+        b = self.band
+        ok = b is None or (len(b) == 2 and all(type(i) is int for i in b) and 0 <= b[0] < b[1])
+        _check(ok, "allocation.band", b, "null or [start, end], layer indices with 0 <= start < end")
 
 
 @dataclass(frozen=True)

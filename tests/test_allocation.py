@@ -12,7 +12,9 @@ from nirvana.allocation import (
     allocate_flap,
     allocate_uniform,
     allocation_mode,
+    check_reachable,
     layer_widths,
+    llm_pruner_band,
     max_sparsity,
     pool_fractions,
     standardise,
@@ -133,14 +135,16 @@ def smol_scores(seed: int) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.3, 0.5])
-@pytest.mark.parametrize("mode", ["nirvana", "uniform", "flap"])
+@pytest.mark.parametrize("mode", ["nirvana", "uniform", "llm_pruner", "flap"])
 def test_every_mode_meets_the_budget_on_the_smollm2_shape(mode: str, sparsity: float) -> None:
     df = smol_scores(seed=5)
     a, m, multiple = SMOL["attn"], SMOL["mlp"], 8
-    if mode == "nirvana":
-        plan = allocate(df, sparsity, 3.0, a, m, multiple)
-    else:
-        plan = (allocate_uniform if mode == "uniform" else allocate_flap)(df, sparsity, a, m, multiple)
+    plan = {
+        "nirvana": lambda: allocate(df, sparsity, 3.0, a, m, multiple),
+        "uniform": lambda: allocate_uniform(df, sparsity, a, m, multiple),
+        "llm_pruner": lambda: allocate_uniform(df, sparsity, a, m, multiple, band=llm_pruner_band(SMOL["layers"])),
+        "flap": lambda: allocate_flap(df, sparsity, a, m, multiple),
+    }[mode]()
     gone = plan[~plan.keep]
     removed = a * (gone.module == "attn").sum() + m * (gone.module == "mlp").sum()
     budget = sparsity * SMOL["layers"] * (a * SMOL["heads"] + m * SMOL["channels"])
@@ -194,6 +198,41 @@ def test_uniform_removes_the_same_lowest_units_in_every_layer() -> None:
     pd.testing.assert_frame_equal(plan, allocate_uniform(df, 0.3, A, M, mlp_multiple=1))
 
 
+def test_llm_pruner_band_scales_its_llama_defaults_to_the_depth() -> None:
+    assert llm_pruner_band(32) == (4, 30)  # LLM-Pruner's README: --block_*_layer_start 4 --..._end 30
+    assert llm_pruner_band(30) == (4, 28)  # SmolLM2: 3.75 -> 4, 28.1 -> 28
+    assert llm_pruner_band(2) == (0, 2)
+    assert llm_pruner_band(30, [2, 10]) == (2, 10)
+
+
+def test_llm_pruner_prunes_the_band_uniformly_and_keeps_the_rest_dense() -> None:
+    """Layers 1-4 of 6 lose the same lowest units; layers 0 and 5 keep all; the whole model's budget is
+    met, so the band's own ratio is higher (0.3 x 6/4 = 0.45)."""
+    df = scores(seed=13)
+    plan = allocate_uniform(df, 0.3, A, M, mlp_multiple=1, band=(1, 5))
+    widths = layer_widths(plan).set_index("layer")
+    assert (widths.loc[[0, 5], "attn_kept"] == HEADS).all() and (widths.loc[[0, 5], "mlp_kept"] == CHANNELS).all()
+    attn, mlp = uniform_counts(0.45, 4, A, HEADS, M, CHANNELS, 1)
+    assert (widths.loc[1:4, "attn_kept"] == HEADS - attn).all() and (
+        widths.loc[1:4, "mlp_kept"] == CHANNELS - mlp
+    ).all()
+    assert abs(removed_params(plan) - 0.3 * LAYERS * (A * HEADS + M * CHANNELS)) <= 4 * M
+    for _, part in plan[plan.layer.between(1, 4)].groupby(["layer", "module"]):
+        assert part[~part.keep].score.max() < part[part.keep].score.min()
+
+
+def test_llm_pruner_refuses_a_band_past_the_model_or_a_sparsity_it_cannot_reach() -> None:
+    from nirvana.errors import InputError
+
+    model = tiny_llama("gqa")  # 2 layers
+    with pytest.raises(InputError, match=r"allocation.band = \[0, 3\] ends past this model's 2 layers"):
+        check_reachable(model, Params(method="taylor", allocation=AllocationParams(band=[0, 3])))
+    half = Params(method="taylor", sparsity=0.4, allocation=AllocationParams(band=[1, 2]))
+    with pytest.raises(InputError, match=r"sparsity = 0.4 is unreachable.*only layers 1-1 are pruned"):
+        check_reachable(model, half)
+    check_reachable(model, Params(method="taylor", sparsity=0.4))  # the default band: both layers
+
+
 def test_standardise_per_layer_and_module() -> None:
     df = scores(seed=7)
     df.loc[(df.layer == 2) & (df.module == "attn"), "score"] = 5.0  # a constant group
@@ -236,7 +275,8 @@ def test_flap_keeps_one_unit_and_a_block_per_layer_at_extreme_sparsity() -> None
     [
         ("nirvana", None, "nirvana"),
         ("magnitude", None, "nirvana"),
-        ("taylor", None, "nirvana"),
+        ("taylor", None, "llm_pruner"),
+        ("taylor", "nirvana", "nirvana"),
         ("random", None, "nirvana"),
         ("wanda_sp", None, "uniform"),
         ("flap", None, "flap"),

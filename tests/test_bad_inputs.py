@@ -42,7 +42,7 @@ DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parq
 
 # stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
 STAGES = {
-    "allocate_sparsity": (["model", "saliency.parquet"], ["out/plan.parquet", "out/widths.csv"]),
+    "allocate_sparsity": (["model", "calibration.parquet", "saliency.parquet"], ["out/plan.parquet", "out/widths.csv"]),
     "prepare_model": ([], ["out/base_model"]),
     "select_calibration": (
         ["model", "pool.parquet", "{calibration.path}"],
@@ -230,6 +230,18 @@ CASES = [
         "allocate_sparsity",
         ["sparsity = 0.95 is unreachable", "8 MLP channels", "at most 0.6956 of this model"],
         {"sparsity": 0.95},
+    ),
+    Case(
+        "bad_llm_pruner_band",
+        "allocate_sparsity",
+        ["allocation.band = [5, 2]", "0 <= start < end"],
+        {"method": "taylor", "allocation.band": [5, 2]},
+    ),
+    Case(
+        "llm_pruner_band_past_the_model",
+        "allocate_sparsity",
+        ["allocation.band = [0, 9] ends past this model's 2 layers"],
+        {"method": "taylor", "allocation.band": [0, 9]},
     ),
     Case(
         "unreachable_selection_sparsity",

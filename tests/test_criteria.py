@@ -21,6 +21,7 @@ from nirvana.criteria import (
     random_scores,
     taylor_scores,
     wanda_sp_scores,
+    wanda_sp_sequential,
 )
 from nirvana.evaluation import param_counts
 from nirvana.params import AllocationParams
@@ -65,11 +66,13 @@ def param(model: LlamaForCausalLM, layer: int, name: str, kind: str) -> torch.Te
     return getattr(model.model.layers[layer].get_submodule(name), kind).detach().double()
 
 
-def assert_scores(table: pd.DataFrame, expected: dict[tuple[int, str, int], float], rtol: float = 1e-5) -> None:
+def assert_scores(
+    table: pd.DataFrame, expected: dict[tuple[int, str, int], float], rtol: float = 1e-5, atol: float = 1e-9
+) -> None:
     got = {(r.layer, r.module, r.unit): r.score for r in table.itertuples()}
     assert got.keys() == expected.keys() and len(table) == len(expected)
     for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=rtol, abs=1e-9), key
+        assert got[key] == pytest.approx(value, rel=rtol, abs=atol), key
 
 
 @torch.no_grad()
@@ -125,35 +128,86 @@ def test_taylor_matches_the_autograd_gradient_of_the_mean_lm_loss(kind: str, bat
     assert_scores(taylor_scores(model, WINDOWS, batch_size), expected)
 
 
+OUTPUTS = (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
+
+
+def unit_size(model: LlamaForCausalLM, module: str) -> int:
+    """Output-projection columns per unit: a KV group's query heads x head_dim, or one MLP channel."""
+    c = model.config
+    return c.head_dim * c.num_attention_heads // c.num_key_value_heads if module == "attn" else 1
+
+
+def wanda_sp_by_hand(model: LlamaForCausalLM, windows: torch.Tensor, layers: range) -> dict:
+    """FLAP's prune_wanda_sp: column j of o_proj / down_proj scores mean_i |W_ij| * ||x_j||, a unit the
+    sum over its columns (q/k/v and gate/up do not enter)."""
+    inputs, expected = linear_inputs(model, windows), {}
+    for i in layers:
+        for module, name in OUTPUTS:
+            column = param(model, i, name, "weight").abs().mean(dim=0) * inputs[(i, name)].norm(dim=0)
+            for unit, total in enumerate(column.view(-1, unit_size(model, module)).sum(dim=1)):
+                expected[(i, module, unit)] = total.item()
+    return expected
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_wanda_sp_weights_every_slice_by_its_input_column_norm(kind: str, batch_size: int) -> None:
+def test_wanda_sp_scores_output_columns_by_mean_weight_times_input_norm(kind: str, batch_size: int) -> None:
     model = tiny_llama(kind)
-    inputs = linear_inputs(model, WINDOWS)
-
-    def per_weight(i: int, name: str, kind_: str) -> torch.Tensor:
-        if kind_ == "bias":  # the weight of a constant-1 input: its norm is sqrt(tokens)
-            return param(model, i, name, "bias").abs() * WINDOWS.numel() ** 0.5
-        return param(model, i, name, "weight").abs() * inputs[(i, name)].norm(dim=0)[None, :]
-
-    assert_scores(wanda_sp_scores(model, WINDOWS, batch_size), expected_units(model, per_weight))
+    assert_scores(wanda_sp_scores(model, WINDOWS, batch_size), wanda_sp_by_hand(model, WINDOWS, range(2)))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_flap_is_input_variance_times_squared_column_norm(kind: str, batch_size: int) -> None:
+def test_wanda_sp_scores_each_layer_after_the_earlier_layers_are_pruned(kind: str, batch_size: int) -> None:
+    """Layer 0 is scored on the dense model; layer 1 on the model whose layer 0 lost its lowest units:
+    scores and plan equal a by-hand recomputation on that masked model, and differ from the dense
+    model's layer-1 scores."""
+    model = tiny_llama(kind)
+    remove = {"attn": 1, "mlp": 15}
+    plan = wanda_sp_sequential(copy.deepcopy(model), WINDOWS, batch_size, remove)
+    dense = wanda_sp_by_hand(model, WINDOWS, range(2))
+    masked = copy.deepcopy(model)
+    for module, name in OUTPUTS:  # zeroing a unit's o_proj / down_proj columns removes it exactly
+        layer0 = {u: dense[(0, m, u)] for (i, m, u) in dense if (i, m) == (0, module)}
+        size = unit_size(model, module)
+        with torch.no_grad():
+            for unit in sorted(layer0, key=layer0.get)[: remove[module]]:
+                masked.model.layers[0].get_submodule(name).weight[:, unit * size : (unit + 1) * size] = 0
+    expected = {k: v for k, v in dense.items() if k[0] == 0} | wanda_sp_by_hand(masked, WINDOWS, range(1, 2))
+    assert_scores(plan, expected)
+    assert any(abs(expected[k] - dense[k]) > 1e-3 * dense[k] for k in expected if k[0] == 1)
+    for (layer, module), group in plan.groupby(["layer", "module"]):
+        lowest = set(group.nsmallest(remove[module], "score").unit)
+        assert set(group.loc[~group.keep, "unit"]) == lowest, (layer, module)
+
+
+def flap_fluctuation_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """FLAP's running estimate in closed form: with window k's squared deviations S_k around the mean
+    of the first k+1 window means, fluct = sum_{k>=1} k/(k+1) * S_k / (N - 1) over N windows."""
+    n, total = x.shape[0], torch.zeros(x.shape[-1], dtype=torch.float64)
+    for k in range(1, n):
+        mean = x[: k + 1].mean(dim=1).mean(dim=0)
+        total += k / (k + 1) * (x[k] - mean).pow(2).sum(dim=0)
+    return total / (n - 1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_flap_is_the_standardised_weighted_fluctuation_squared_for_attention(kind: str, batch_size: int) -> None:
+    """WIFV per column (fluctuation x squared column norm), squared for o_proj, z-scored over the layer's
+    columns (std with n - 1), a unit's mean z; input_mean the columns' calibration means."""
     model = tiny_llama(kind)
     inputs = linear_inputs(model, WINDOWS)
     table = flap_scores(model, WINDOWS, batch_size)
-    c = model.config
-    group = c.head_dim * c.num_attention_heads // c.num_key_value_heads
     expected, means = {}, {}
     for i in range(2):
-        for module, name, size in (("attn", "self_attn.o_proj", group), ("mlp", "mlp.down_proj", 1)):
-            x = inputs[(i, name)]
-            column = x.var(dim=0, unbiased=False) * param(model, i, name, "weight").pow(2).sum(dim=0)
-            for unit in range(x.shape[1] // size):
-                expected[(i, module, unit)] = column[unit * size : (unit + 1) * size].sum().item()
-                means[(i, module, unit)] = x[:, unit * size : (unit + 1) * size].mean(dim=0)
-    assert_scores(table, expected)
+        for module, name in OUTPUTS:
+            x = inputs[(i, name)].view(len(WINDOWS), WINDOWS.shape[1], -1)
+            metric = flap_fluctuation_by_hand(x) * param(model, i, name, "weight").pow(2).sum(dim=0)
+            metric = metric.pow(2) if module == "attn" else metric
+            z = (metric - metric.mean()) / metric.std()
+            size = unit_size(model, module)
+            for unit in range(x.shape[-1] // size):
+                expected[(i, module, unit)] = z[unit * size : (unit + 1) * size].mean().item()
+                means[(i, module, unit)] = x.flatten(0, 1)[:, unit * size : (unit + 1) * size].mean(dim=0)
+    assert_scores(table, expected, atol=1e-5)  # z-scores near 0: float32 activations against float64
     for r in table.itertuples():
         torch.testing.assert_close(torch.tensor(r.input_mean, dtype=torch.float64), means[(r.layer, r.module, r.unit)])
 
@@ -173,7 +227,8 @@ def test_every_criterion_scores_each_unit_once_and_leaves_the_model_alone(method
     table = CRITERIA[method](model, WINDOWS, 2)
     units = [(i, m, u) for i in range(2) for m, n in (("attn", 3), ("mlp", 40)) for u in range(n)]
     assert sorted(zip(table.layer, table.module, table.unit, strict=True)) == sorted(units)
-    assert torch.isfinite(torch.tensor(table.score.values)).all() and (table.score >= 0).all()
+    assert torch.isfinite(torch.tensor(table.score.values)).all()
+    assert method == "flap" or (table.score >= 0).all()  # FLAP's scores are z-scores
     assert table.score.dtype == "float64" and table.score.nunique() > len(table) // 2
     assert model.training
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
