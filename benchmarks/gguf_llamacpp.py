@@ -17,18 +17,17 @@ import json
 import os
 import platform
 import re
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
+from nirvana import llamacpp
 from nirvana.allocation import allocate_for_model
 from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
 from nirvana.efficiency import forward_flops
@@ -156,25 +155,9 @@ def eval_windows(outputs: Path, folder: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def window_nll(llm: llama_cpp.Llama, window: list[int]) -> float:
-    """Summed next-token NLL over one window, every position's logits from one llama.cpp batch."""
-    llm.reset()
-    llm.eval(window)
-    logits = llm.scores[: len(window) - 1].astype(np.float64)
-    top = logits.max(axis=1)
-    log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-    return float((log_z - logits[np.arange(len(window) - 1), window[1:]]).sum())
-
-
 def ppl_cpp(path: Path, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     """llama.cpp perplexity of a GGUF per held-out set (default f16 KV cache, flash attention off)."""
-    llm = open_model(path, SEQ_LEN, flash=False, batch=SEQ_LEN, logits_all=True)
-    out = {}
-    for name, cut in sets.items():
-        total = sum(window_nll(llm, row.tolist()) for row in cut)
-        out[name] = round(float(np.exp(total / (cut.shape[0] * (cut.shape[1] - 1)))), 4)
-    llm.close()
-    return out
+    return {name: round(llamacpp.perplexity(path, cut, THREADS), 4) for name, cut in sets.items()}
 
 
 def ppl_hf(folder: Path, sets: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -186,59 +169,14 @@ def ppl_hf(folder: Path, sets: dict[str, torch.Tensor]) -> dict[str, float]:
 # ---- speed ----
 
 
-def open_model(path: Path, n_ctx: int, flash: bool, batch: int = PROMPT, logits_all: bool = False) -> llama_cpp.Llama:
-    """A llama.cpp context with THREADS threads for prompts and generation; last-token logits only
-    unless `logits_all` (perplexity)."""
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_batch=batch,
-        n_ubatch=batch,
-        logits_all=logits_all,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-        flash_attn=flash,
-        verbose=False,
-    )
-
-
-def run_once(llm: llama_cpp.Llama, prompt: list[int]) -> tuple[float, float]:
-    """Seconds for the prompt (one batch, empty cache), then for NEW_TOKENS greedy tokens one at a time."""
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    prompt_s = time.perf_counter() - start
-    vocab = llm.n_vocab()
-    start = time.perf_counter()
-    for _ in range(NEW_TOKENS):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-        llm.eval([int(logits.argmax())])
-    return prompt_s, time.perf_counter() - start
+def open_model(path: Path, n_ctx: int, flash: bool) -> llama_cpp.Llama:
+    """A llama.cpp context with THREADS threads, batches of PROMPT tokens, last-token logits only."""
+    return llamacpp.open_model(path, n_ctx, THREADS, PROMPT, flash=flash)
 
 
 def speed(paths: dict[str, Path], prompt: list[int], flash: bool, warmup: int, repeats: int) -> dict[str, dict]:
-    """Median prompt and generation throughput of every model, one warm-up each, then `repeats` rounds that
-    run every model once, in reversed order every other round, so drift hits all of them alike."""
-    llms = {name: open_model(path, PROMPT + NEW_TOKENS, flash) for name, path in paths.items()}
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in llms}
-    for _ in range(warmup):
-        for llm in llms.values():
-            run_once(llm, prompt)
-    for round_ in range(repeats):
-        for name in list(llms)[:: -1 if round_ % 2 else 1]:
-            times[name].append(run_once(llms[name], prompt))
-    for llm in llms.values():
-        llm.close()
-    out = {}
-    for name, pairs in times.items():
-        prompt_s, gen_s = statistics.median(p for p, _ in pairs), statistics.median(g for _, g in pairs)
-        out[name] = {
-            "prompt_tokens_per_s": round(PROMPT / prompt_s, 1),
-            "gen_tokens_per_s": round(NEW_TOKENS / gen_s, 1),
-            "prompt_s": [round(p, 5) for p, _ in pairs],
-            "gen_s": [round(g, 5) for _, g in pairs],
-        }
-    return out
+    """Median prompt and generation throughput of every model, timed alternately (nirvana.llamacpp.speed)."""
+    return llamacpp.speed(paths, prompt, NEW_TOKENS, THREADS, warmup, repeats, flash)
 
 
 # ---- KV cache ----

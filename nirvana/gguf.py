@@ -534,7 +534,7 @@ def export(model_dir: str | Path, out_path: str | Path, type: str = "f16") -> di
             "fallback_tensors": fell_back,
             "layers": [vars(layer) for layer in source.layers],
             "output_bias": bool(getattr(source.config, BIAS_KEY, False)),
-            "source": {"path": str(source.folder.resolve()), "digest": folder_digest(source.folder)},
+            "source": {"path": str(source.folder), "digest": folder_digest(source.folder)},
         }
         record_tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record

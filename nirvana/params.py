@@ -23,6 +23,14 @@ class ParamError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# nirvana.gguf.TYPES (tests/test_gguf.py checks they agree)
+GGUF_TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    *("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"),
+)
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,24 @@ class EfficiencyParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    threads: int = 2
+    prompt_len: int = 128
+    new_tokens: int = 64
+    warmup: int = 1
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        ok = len(self.types) > 0 and len(set(self.types)) == len(self.types)
+        ok = ok and all(t in GGUF_TYPES for t in self.types)
+        _check(ok, "export.types", self.types, f"a non-empty list of distinct types from {', '.join(GGUF_TYPES)}")
+        for key in ("threads", "prompt_len", "new_tokens", "repeats"):
+            _check(getattr(self, key) > 0, f"export.{key}", getattr(self, key), "a positive integer")
+        _check(self.warmup >= 0, "export.warmup", self.warmup, "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     method: str = "nirvana"
     sparsity: float = 0.2
@@ -249,6 +275,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")

@@ -231,6 +231,7 @@ CASES = [
         ["sparsity = 0.95 is unreachable", "8 MLP channels", "at most 0.6956 of this model"],
         {"sparsity": 0.95},
     ),
+    Case("unknown_gguf_type", "allocate_sparsity", ["export.types = ['q9_0']", "q4_k_m"], {"export.types": ["q9_0"]}),
     Case(
         "bad_llm_pruner_band",
         "allocate_sparsity",

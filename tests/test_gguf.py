@@ -314,7 +314,7 @@ def test_record_beside_the_file(project: Path) -> None:
     data = (project / "outputs/m.gguf").read_bytes()
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
     assert record["type"] == "f16" and record["fallbacks"] == 0
-    assert record["source"] == {"path": str(folder.resolve()), "digest": folder_digest(folder)}
+    assert record["source"] == {"path": str(folder), "digest": folder_digest(folder)}
     assert sorted(p.name for p in (project / "outputs").iterdir()) == ["m.gguf", "m.gguf.json"]
 
 
@@ -472,3 +472,11 @@ def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(project: Path) -> None:
     with pytest.raises(ExportError, match=r"pre-tokenizer \{\"type\": \"Whitespace\"\} has no llama.cpp equivalent"):
         export(project / "bpe", "outputs/m.gguf", "f16")
     assert nothing_written(project)
+
+
+def test_params_list_the_types_export_writes() -> None:
+    """params.yaml's export.types is checked against this list before the pipeline starts."""
+    from nirvana.gguf import TYPES
+    from nirvana.params import GGUF_TYPES
+
+    assert GGUF_TYPES == TYPES

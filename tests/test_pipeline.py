@@ -33,6 +33,7 @@ SMALL = {
     "finetune": {"steps": 4, "seq_len": 32, "batch_size": 2, "save_steps": 2},
     "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8, "tasks": ["piqa"], "limit": 8},
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
+    "export": {"types": ["f16"], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
 }
 
 
@@ -80,6 +81,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = checkout(tmp_path_factory.mktemp("pipeline"), SMALL)
     log = sh(repo, "dvc", "repro")
     expected = {"check_params", "prepare_model", "compute_saliency", "prune", "finetune", "compare", "publish"}
+    expected |= {"export_gguf", "measure_gguf"}
     assert expected | {"evaluate@dense", "evaluate@pruned", "evaluate@finetuned"} <= stages_run(log)
     return repo
 
@@ -109,6 +111,24 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
 
 
 @pytest.mark.slow
+def test_llama_cpp_runs_the_exported_models_as_evaluate_measured_them(repo: Path) -> None:
+    """f16 GGUFs in a real llama.cpp: perplexity within 0.5% of transformers' on the same windows, for the
+    dense, pruned and fine-tuned models; the files are the ones the manifest hashes."""
+    report = json.loads((repo / "metrics/gguf.json").read_text())
+    manifest = json.loads((repo / "outputs/gguf/export.json").read_text())
+    f16 = report["f16"]
+    for name in ("dense", "pruned", "finetuned"):
+        evaluated = json.loads((repo / f"metrics/{name}.json").read_text())["ppl_wiki_64"]
+        assert f16[name]["ppl_wiki_64"] == pytest.approx(evaluated, rel=0.005), name
+        assert f16[name]["fallbacks"] == 0 and f16[name]["prompt_tokens_per_s"] > 0
+        gguf = repo / "outputs/gguf" / manifest["exported"][name]["f16"]["gguf"]
+        assert hashlib.sha256(gguf.read_bytes()).hexdigest() == manifest["exported"][name]["f16"]["sha256"]
+    assert f16["pruned"]["mib"] < f16["dense"]["mib"] and f16["pruned_bytes_ratio"] > 1
+    assert 1 < report["ideal_flop_ratio"] < 1.5 and f16["pruned_gen_speedup"] > 0
+    assert report["pruned_digest"] == json.loads((repo / "metrics/pruned.json").read_text())["model_digest"]
+
+
+@pytest.mark.slow
 def test_real_pruned_model_equals_masked_dense_and_generates(repo: Path) -> None:
     pruned = AutoModelForCausalLM.from_pretrained(repo / "outputs/pruned_model").eval()
     dense = AutoModelForCausalLM.from_pretrained(repo / "outputs/base_model").eval()
@@ -131,6 +151,7 @@ def test_second_repro_does_nothing_and_a_sparsity_change_reruns_only_downstream(
     # The search reruns (it depends on sparsity) but is pinned at 0.2: same windows, same bytes,
     # so the cached saliency and the dense evaluation are reused.
     downstream = {"allocate_sparsity", "prune", "finetune", "evaluate@pruned", "evaluate@finetuned", "compare"}
+    downstream |= {"export_gguf", "measure_gguf"}
     # check_params reruns (params.yaml changed) but writes the same schema: nothing after it reruns for it
     assert stages_run(log) == {"check_params", "select_calibration", "publish"} | downstream
     assert (repo / "outputs/calibration.parquet").read_bytes() == selected

@@ -1,0 +1,71 @@
+"""Stage measure_gguf: the exported GGUF files in llama.cpp: size, fallback tensors, perplexity on
+`evaluate`'s wiki windows, and prompt and generation throughput of dense, pruned and fine-tuned
+timed alternately, with the speedups next to the ideal FLOP ratio and the file-bytes ratio. A stage
+apart from export_gguf so that re-exporting identical files does not re-time them."""
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from nirvana.checks import check_model
+from nirvana.data import bos_id, read_texts, token_stream, windows
+from nirvana.efficiency import forward_flops
+from nirvana.io import log, write_json
+from nirvana.llamacpp import perplexity, speed
+from nirvana.modeling import load_tokenizer, skeleton
+from nirvana.params import Params
+from nirvana.stage import run_stage
+
+
+def wiki_windows(params: Params, corpora_dir: str, tokenizer_dir: str) -> tuple[str, torch.Tensor]:
+    """The wiki windows `evaluate` scores at its first window length, and its metric name (books, twice
+    the llama.cpp time, is in benchmarks/gguf_llamacpp.py)."""
+    e, tokenizer = params.evaluate, load_tokenizer(tokenizer_dir)
+    stream = token_stream(read_texts(f"{corpora_dir}/wiki.parquet"), tokenizer, e.max_tokens)
+    return f"ppl_wiki_{e.windows[0]}", windows(stream, e.windows[0], bos_id(tokenizer))
+
+
+def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned_dir: str, metrics_out: str) -> None:
+    x = params.export
+    manifest = json.loads(Path(gguf_dir, "export.json").read_text())
+    if "unsupported" in manifest:
+        write_json({"unsupported": manifest["unsupported"]}, metrics_out)
+        log.warning("nothing to measure: %s", manifest["unsupported"])
+        return
+    check_model(dense_dir, [("export.prompt_len + export.new_tokens", x.prompt_len + x.new_tokens)])
+    ppl_key, wiki = wiki_windows(params, corpora_dir, dense_dir)
+    prompt = wiki.flatten()[: x.prompt_len].tolist()  # held-out text, not random ids
+    dense, pruned = (forward_flops(skeleton(folder), x.prompt_len) for folder in (dense_dir, pruned_dir))
+    report: dict = {
+        "llama_cpp_python": version("llama-cpp-python"),
+        "threads": x.threads,
+        "flash_attn": False,
+        "ideal_flop_ratio": round(dense / pruned, 4),
+        "pruned_digest": next(iter(manifest["exported"]["pruned"].values()))["source"]["digest"],
+    }
+    for type in x.types:
+        paths = {name: Path(gguf_dir, files[type]["gguf"]) for name, files in manifest["exported"].items()}
+        timed = speed(paths, prompt, x.new_tokens, x.threads, x.warmup, x.repeats)
+        by_model: dict = {}
+        for name, path in paths.items():
+            by_model[name] = {
+                "mib": round(path.stat().st_size / 2**20, 2),
+                "fallbacks": manifest["exported"][name][type]["fallbacks"],
+                ppl_key: round(perplexity(path, wiki, x.threads), 4),
+                "prompt_tokens_per_s": timed[name]["prompt_tokens_per_s"],
+                "gen_tokens_per_s": timed[name]["gen_tokens_per_s"],
+            }
+            log.info("%s %s: %s", name, type, by_model[name])
+        for name in ("pruned", "finetuned"):
+            m, d = by_model[name], by_model["dense"]
+            by_model[f"{name}_bytes_ratio"] = round(d["mib"] / m["mib"], 4)
+            by_model[f"{name}_prompt_speedup"] = round(m["prompt_tokens_per_s"] / d["prompt_tokens_per_s"], 4)
+            by_model[f"{name}_gen_speedup"] = round(m["gen_tokens_per_s"] / d["gen_tokens_per_s"], 4)
+        report[type] = by_model
+    write_json(report, metrics_out)
+
+
+if __name__ == "__main__":
+    run_stage("measure_gguf", main)
