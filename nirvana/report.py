@@ -91,7 +91,21 @@ def _row(name: str, data: dict, model: str) -> dict:
         "model_digest"
     ):
         row |= {k: v for k, v in efficiency.items() if k.startswith("speedup_")}
-    return row
+    return row | _llamacpp(metrics, model)
+
+
+def _llamacpp(metrics: dict, model: str) -> dict:
+    """llama.cpp speedups of a pruned or fine-tuned row per GGUF type (`speedup_llamacpp_q8_0_gen`), when
+    metrics/gguf.json is about this run's pruned model."""
+    gguf = metrics.get("metrics/gguf.json", {})
+    if model == "dense" or gguf.get("pruned_digest") != metrics.get("metrics/pruned.json", {}).get("model_digest"):
+        return {}
+    out = {}
+    for type, by_model in gguf.items():
+        if isinstance(by_model, dict) and f"{model}_gen_speedup" in by_model:
+            for kind in ("prompt", "gen"):
+                out[f"speedup_llamacpp_{type}_{kind}"] = by_model[f"{model}_{kind}_speedup"]
+    return out
 
 
 def _run_rows(name: str, data: dict) -> list[dict]:
@@ -274,4 +288,35 @@ def readme_table(root: str | Path = ".") -> str:
     kinds = ("prefill_bs1", "prefill_bs8", "generate_bs1", "generate_bs8", "ideal")
     ratios = ", ".join(f"{k.replace('_', ' ')} x{speed[f'speedup_{k}']:.2f}" for k in kinds if f"speedup_{k}" in speed)
     lines += ["", f"Pruned against dense in the same run (compare stage, timed alternately): {ratios}."]
+    gguf = root / "metrics" / "gguf.json"
+    if gguf.is_file():
+        lines += ["", *llamacpp_table(json.loads(gguf.read_text()))]
     return "\n".join([README_BEGIN, *lines, README_END]) + "\n"
+
+
+def llamacpp_table(gguf: dict) -> list[str]:
+    """The committed run in llama.cpp (measure_gguf): per GGUF type and model, size, wiki perplexity and
+    throughput, and the pruned model's speedups against the ideal ratios."""
+    if "unsupported" in gguf:
+        return [f"No GGUF export for this model: {gguf['unsupported']}."]
+    types = [t for t, v in gguf.items() if isinstance(v, dict) and "dense" in v]
+    ppl = next(k for k in gguf[types[0]]["dense"] if k.startswith("ppl_"))
+    lines = [
+        f"In llama.cpp ({gguf['threads']} threads; measure_gguf, dense, pruned and fine-tuned timed alternately):",
+        "",
+        f"| type | model | MiB | wiki ppl @{ppl.rsplit('_', 1)[1]} | prompt tok/s | generation tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for type in types:
+        for name in ("dense", "pruned", "finetuned"):
+            m = gguf[type][name]
+            cells = [type, name, f"{m['mib']:.1f}", f"{m[ppl]:.2f}", f"{m['prompt_tokens_per_s']:.0f}"]
+            lines.append("| " + " | ".join([*cells, f"{m['gen_tokens_per_s']:.1f}"]) + " |")
+    lines += ["", f"Pruned against dense (ideal FLOP ratio x{gguf['ideal_flop_ratio']:.2f}):"]
+    for type in types:
+        t = gguf[type]
+        lines.append(
+            f"{type}: bytes x{t['pruned_bytes_ratio']:.2f}, prompt x{t['pruned_prompt_speedup']:.2f}, "
+            f"generation x{t['pruned_gen_speedup']:.2f}."
+        )
+    return lines

@@ -250,3 +250,25 @@ def test_report_reads_this_repository_experiments() -> None:
     pruned = [r for r in rows if r["model"] == params["method"] and r["ppl tokens"] == tokens]
     assert pruned and pruned[0]["calibration"] == report.calibration_label(params)
     assert best_runs(rows)[0].startswith("Best of ")
+
+
+def test_llama_cpp_speedups_join_the_wide_table_only_for_the_model_they_measured() -> None:
+    gguf = {
+        "pruned_digest": "d",
+        "threads": 2,
+        "q8_0": {"pruned_prompt_speedup": 1.1, "pruned_gen_speedup": 1.2, "finetuned_prompt_speedup": 1.05}
+        | {"finetuned_gen_speedup": 1.15, "dense": {"mib": 130.0}},
+    }
+    fresh = run("nirvana", 0.2, 30.0, "d", "d", "d")
+    fresh["metrics"]["metrics/gguf.json"] = {"data": gguf}
+    stale = run("flap", 0.4, 90.0, "new", "old", "old")
+    stale["metrics"]["metrics/gguf.json"] = {"data": gguf}
+    main = {"rev": "a" * 40, "name": "main", "data": fresh}
+    other = {"rev": "b" * 40, "name": "exp-1", "data": stale}
+    rows = experiment_rows([main, other])
+    by = {(r["experiment"], r["model"]): r for r in rows}
+    assert by[("main", "nirvana")]["speedup_llamacpp_q8_0_gen"] == 1.2
+    assert by[("main", "nirvana + LoRA")]["speedup_llamacpp_q8_0_prompt"] == 1.05
+    assert "speedup_llamacpp_q8_0_gen" not in by[("main", "dense")]
+    assert "speedup_llamacpp_q8_0_gen" not in by[("exp-1", "flap")]  # gguf.json measured another pruned model
+    assert "speedup_llamacpp_q8_0_gen" in markdown(rows, wide=True) and "llamacpp" not in markdown(rows)
