@@ -35,6 +35,7 @@ SMALL = {
     "finetune": {"steps": 2, "seq_len": 16, "batch_size": 2},
     "evaluate": {"windows": [32], "max_tokens": 256, "tasks": ["piqa"], "limit": 4},
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
+    "allocation": {"mlp_multiple": 8},  # the tiny model has 40 MLP channels a layer
 }
 MINE = "data/calibration/mine.parquet"  # a user calibration file (calibration.path)
 ALPACA = "data/finetune/alpaca.jsonl"  # a user fine-tuning file (finetune.path)

@@ -58,6 +58,7 @@ def test_one_candidate_is_a_seeded_draw_without_a_model() -> None:
 def run_select_stage(repo: Path, calibration: dict) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["calibration"] |= calibration
+    params["allocation"] |= {"mlp_multiple": 8}  # the tiny model has 40 MLP channels a layer
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     outs = ["out/calibration.parquet", "out/candidates.parquet", "out/calibration.json"]
     pool = calibration.get("path", "pool.parquet")  # dvc.yaml passes calibration.path: the built-in pool by default

@@ -34,6 +34,7 @@ SMALL = {
     "evaluate": {"windows": [64], "max_tokens": 512, "batch_size": 8, "tasks": ["piqa"], "limit": 8},
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
     "export": {"types": ["f16"], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
+    "allocation": {"mlp_multiple": 8},  # the tiny checkouts that share these sizes have 40 MLP channels
 }
 
 
