@@ -25,7 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from nirvana.allocation import allocation_mode
+from nirvana.allocation import allocation_mode, llm_pruner_band
 from nirvana.io import folder_digest, sha256_file
 from nirvana.modeling import hub_id
 from nirvana.params import FinetuneParams, Params
@@ -143,6 +143,15 @@ def calibration_record(metrics: str | Path, candidates: str | Path) -> dict[str,
     return record
 
 
+def allocation_label(params: Params, layers: int) -> str:
+    """The allocation a model was pruned with; LLM-Pruner's with the band of layers it pruned."""
+    mode = allocation_mode(params)
+    if mode != "llm_pruner":
+        return mode
+    start, end = llm_pruner_band(layers, params.allocation.band)
+    return f"llm_pruner (layers {start}-{end - 1})"
+
+
 def prune_record(
     params: Params, base_dir: str | Path, model: PreTrainedModel, metrics: dict, calibration: dict | None
 ) -> dict[str, Any]:
@@ -159,7 +168,7 @@ def prune_record(
         "method": params.method,
         "sparsity": {"requested": params.sparsity, "realised": metrics["sparsity_realised"]},
         "gamma": params.gamma,
-        "allocation_mode": allocation_mode(params),
+        "allocation_mode": allocation_label(params, len(layer_units(model))),
         "attention_granularity": params.attention.granularity,
         "calibration": calibration,
         "params": {"dense": metrics["dense"], "pruned": metrics["pruned"]},

@@ -259,3 +259,14 @@ def test_lock_hash_covers_only_the_stages_upstream() -> None:
         path.write_text(yaml.safe_dump({"stages": entries}))
         assert lock_state(path, "prune") == first and first["stages"] == ["prepare_model"]
         assert lock_state(path, "finetune")["stages"] == ["prepare_model", "prune"]
+
+
+def test_the_card_names_llm_pruners_band_of_pruned_layers() -> None:
+    from nirvana.card import allocation_label
+    from nirvana.params import AllocationParams, Params
+
+    assert allocation_label(Params(method="taylor"), 30) == "llm_pruner (layers 4-27)"
+    assert allocation_label(Params(method="taylor", allocation=AllocationParams(band=[1, 3])), 30) == (
+        "llm_pruner (layers 1-2)"
+    )
+    assert allocation_label(Params(method="wanda_sp"), 30) == "uniform"
