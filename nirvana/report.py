@@ -312,11 +312,11 @@ def llamacpp_table(gguf: dict) -> list[str]:
             m = gguf[type][name]
             cells = [type, name, f"{m['mib']:.1f}", f"{m[ppl]:.2f}", f"{m['prompt_tokens_per_s']:.0f}"]
             lines.append("| " + " | ".join([*cells, f"{m['gen_tokens_per_s']:.1f}"]) + " |")
-    lines += ["", f"Pruned against dense (ideal FLOP ratio x{gguf['ideal_flop_ratio']:.2f}):"]
+    lines += ["", f"Pruned against dense in llama.cpp (ideal FLOP ratio x{gguf['ideal_flop_ratio']:.2f}):", ""]
     for type in types:
         t = gguf[type]
         lines.append(
-            f"{type}: bytes x{t['pruned_bytes_ratio']:.2f}, prompt x{t['pruned_prompt_speedup']:.2f}, "
+            f"- {type}: bytes x{t['pruned_bytes_ratio']:.2f}, prompt x{t['pruned_prompt_speedup']:.2f}, "
             f"generation x{t['pruned_gen_speedup']:.2f}."
         )
     return lines
