@@ -35,6 +35,7 @@ from nirvana.evaluation import param_counts, perplexity
 from nirvana.gguf import export, stored_types
 from nirvana.io import folder_digest
 from nirvana.modeling import load_model, load_tokenizer
+from nirvana.selection import by_method
 from nirvana.surgery import CONFIG_KEY, layer_units, prune_model, save_model
 
 GAMMA, SEQ_LEN, MAX_TOKENS = 3.0, 128, 8192
@@ -66,7 +67,7 @@ def build_models(outputs: Path, scratch: Path) -> tuple[dict[str, Path], dict[st
     widths, parameter counts and forward FLOPs."""
     base = outputs / "base_model"
     dense, tokenizer = load_model(base, on="cpu", granularity="group"), load_tokenizer(base)
-    scores = pd.read_parquet(outputs / "saliency.parquet")
+    scores = by_method(pd.read_parquet(outputs / "saliency.parquet"))["nirvana"]
     folders, info = {"dense": base}, {"dense": describe(dense, dense)}
     for sparsity, multiple in VARIANTS:
         pruned = copy.deepcopy(dense)

@@ -30,7 +30,8 @@ def resolve_mode(method: str, mode: str | None) -> str:
 
 
 def allocation_mode(params: Params) -> str:
-    """The allocation a run uses (`resolve_mode` of its method and `allocation.mode`)."""
+    """The allocation a run of one criterion uses (`resolve_mode` of its method and `allocation.mode`)."""
+    assert isinstance(params.method, str), "one criterion at a time (nirvana.selection.choices)"
     return resolve_mode(params.method, params.allocation.mode)
 
 
@@ -115,6 +116,12 @@ def _plan(scores: pd.DataFrame, removed: set[int]) -> pd.DataFrame:
     plan = scores.copy()
     plan["keep"] = ~plan.index.isin(list(removed))
     return plan
+
+
+def planned_sparsity(plan: pd.DataFrame, attn_params: int, mlp_params: int) -> float:
+    """The share of attention+MLP parameters a plan removes (what prune then measures on the model)."""
+    size = np.where(plan["module"] == "mlp", mlp_params, attn_params)
+    return float(size[~plan["keep"].to_numpy()].sum() / size.sum())
 
 
 def _budget(scores: pd.DataFrame, sparsity: float, attn_params: int, mlp_params: int) -> float:
@@ -291,7 +298,7 @@ def allocate_for_model(
     model: PreTrainedModel,
     scores: pd.DataFrame,
     sparsity: float,
-    gamma: float,
+    gamma: float | None,
     mlp_multiple: int,
     mode: str,
     attn_multiple: int = 1,
@@ -299,9 +306,10 @@ def allocate_for_model(
     standardised: bool = False,
 ) -> pd.DataFrame:
     """The plan under allocation `mode` (see `allocation_mode`), with the per-unit parameter counts
-    read off the model (`unit_sizes`); `band` is llm_pruner's, `standardised` flap's."""
+    read off the model (`unit_sizes`); `gamma` is nirvana's, `band` llm_pruner's, `standardised` flap's."""
     attn_params, mlp_params = unit_sizes(model)
     if mode == "nirvana":
+        assert gamma is not None, "NIRVANA's allocation needs a gamma"
         return allocate(scores, sparsity, gamma, attn_params, mlp_params, mlp_multiple, attn_multiple)
     if mode == "uniform":
         return allocate_uniform(scores, sparsity, attn_params, mlp_params, mlp_multiple, attn_multiple)
@@ -333,10 +341,16 @@ def max_sparsity(
 
 
 def check_reachable(model: PreTrainedModel, params: Params) -> None:
-    """Refuse, before any work, a sparsity the guards make unreachable (it would silently fall short)."""
+    """Refuse, before any work, a sparsity the guards make unreachable (it would silently fall short),
+    under the allocation of every criterion of `method`."""
+    for method in params.methods:
+        _check_reachable(model, params, resolve_mode(method, params.allocation.mode))
+
+
+def _check_reachable(model: PreTrainedModel, params: Params, mode: str) -> None:
     a, at = params.allocation, params.calibration.select_at_sparsity
     band, where = None, ""
-    if allocation_mode(params) == "llm_pruner":
+    if mode == "llm_pruner":
         layers = len(get_adapter(model.config).layers(model))
         band = llm_pruner_band(layers, a.band)
         if band[1] > layers:

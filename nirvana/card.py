@@ -143,6 +143,23 @@ def calibration_record(metrics: str | Path, candidates: str | Path) -> dict[str,
     return record
 
 
+def chosen(params: Params, choices: pd.DataFrame) -> Params:
+    """`params` with the criterion and gamma of the plan allocate_sparsity chose (`choices`, its table)."""
+    row = choices[choices["selected"]].iloc[0]
+    gamma = params.gamma if pd.isna(row["gamma"]) else float(row["gamma"])
+    return dataclasses.replace(params, method=str(row["method"]), gamma=gamma)
+
+
+def selection_record(params: Params, choices: pd.DataFrame) -> dict[str, Any] | None:
+    """The plan selection (nirvana.selection): what was searched (`method`, `gamma`) and every choice's
+    held-out KL; None when there was one plan and nothing to choose."""
+    if len(choices) == 1:
+        return None
+    columns = ["method", "allocation", "gamma", "kl", "sparsity_realised", "selected"]
+    rows = choices[columns].astype(object).where(choices[columns].notna(), None)
+    return {"method": params.method, "gamma": params.gamma, "choices": rows.to_dict(orient="records")}
+
+
 def allocation_label(params: Params, layers: int) -> str:
     """The allocation a model was pruned with; LLM-Pruner's with the band of layers it pruned."""
     mode = allocation_mode(params)
@@ -153,9 +170,15 @@ def allocation_label(params: Params, layers: int) -> str:
 
 
 def prune_record(
-    params: Params, base_dir: str | Path, model: PreTrainedModel, metrics: dict, calibration: dict | None
+    params: Params,
+    base_dir: str | Path,
+    model: PreTrainedModel,
+    metrics: dict,
+    calibration: dict | None,
+    selection: dict | None = None,
 ) -> dict[str, Any]:
-    """The provenance of a freshly pruned model; `metrics` are the prune stage's (counts, sparsity)."""
+    """The provenance of a freshly pruned model; `params` name the chosen criterion and gamma
+    (`nirvana.selection.winner`), `metrics` are the prune stage's (counts, sparsity)."""
     return {
         "stage": "prune",
         "base_model": {
@@ -171,6 +194,7 @@ def prune_record(
         "allocation_mode": allocation_label(params, len(layer_units(model))),
         "attention_granularity": params.attention.granularity,
         "calibration": calibration,
+        "plan_selection": selection,
         "params": {"dense": metrics["dense"], "pruned": metrics["pruned"]},
         "layers": layer_units(model),
         "finetune": None,
@@ -278,10 +302,24 @@ def _pruning(r: dict[str, Any]) -> str:
     rows += [
         (f"parameters {k}, dense / pruned", f"{v:,} / {counts['pruned'][k]:,}") for k, v in counts["dense"].items()
     ]
-    text = "## Pruning\n\n" + _table(rows, ("", ""))
+    text = "## Pruning\n\n" + _table(rows, ("", "")) + _selection(r.get("plan_selection"))
     if cal is None:
         return text + "\n\nCalibration selection: not recorded (no metrics/calibration.json when pruning)."
     return text + "\n\n### Calibration selection (KL to the dense model)\n\n" + _table(list(cal.items()), ("", ""))
+
+
+def _choice(c: dict[str, Any]) -> tuple[Any, ...]:
+    mark = "chosen" if c["selected"] else ""
+    return c["method"], c["allocation"], c["gamma"] or "", f"{c['kl']:.5f}", c["sparsity_realised"], mark
+
+
+def _selection(s: dict[str, Any] | None) -> str:
+    if not s:
+        return ""
+    header = ("method", "allocation", "gamma", "KL", "sparsity realised", "")
+    searched = f"`method: {s['method']}`, `gamma: {s['gamma']}`"
+    title = "\n\n### Plan selection (KL to the dense model on the held-out set)\n\n"
+    return f"{title}Searched {searched}:\n\n" + _table([_choice(c) for c in s["choices"]], header)
 
 
 def _finetune(r: dict[str, Any]) -> str:

@@ -139,6 +139,7 @@ class AllocationParams:
     mlp_multiple: int = 8
     attn_multiple: int = 1  # kept attention units per layer are a multiple of this (where the layer has more)
     mode: str | None = None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
+    gamma_candidates: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     band: list[int] | None = None  # llm_pruner's pruned layers [start, end); null = LLM-Pruner's, scaled
 
     def __post_init__(self) -> None:
@@ -146,6 +147,9 @@ class AllocationParams:
         _check(self.attn_multiple > 0, "allocation.attn_multiple", self.attn_multiple, "a positive integer")
         modes = ", ".join(self.MODES)
         _check(self.mode is None or self.mode in self.MODES, "allocation.mode", self.mode, f"null or one of {modes}")
+        g = self.gamma_candidates
+        ok = len(g) > 0 and len(set(g)) == len(g) and all(0 < x < math.inf for x in g)
+        _check(ok, "allocation.gamma_candidates", g, "a non-empty list of distinct numbers > 0 (and finite)")
         b = self.band
         ok = b is None or (len(b) == 2 and all(type(i) is int for i in b) and 0 <= b[0] < b[1])
         _check(ok, "allocation.band", b, "null or [start, end], layer indices with 0 <= start < end")
@@ -263,9 +267,9 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class Params:
-    method: str = "nirvana"
+    method: str | list[str] = "nirvana"  # or several: the plan of lowest held-out KL wins (nirvana.selection)
     sparsity: float = 0.2
-    gamma: float = 3.0
+    gamma: float | str = 3.0  # or "auto": the allocation.gamma_candidates value of lowest held-out KL
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
@@ -278,9 +282,17 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        ms = self.methods
+        ok = len(ms) > 0 and len(set(ms)) == len(ms) and all(m in METHODS for m in ms)
+        _check(ok, "method", self.method, f"one of {', '.join(METHODS)}, or a list of distinct ones")
         _check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number with 0 <= sparsity < 1")
-        _check(0 < self.gamma < math.inf, "gamma", self.gamma, "a number > 0 (and finite)")
+        ok = self.gamma == "auto" or (not isinstance(self.gamma, str) and 0 < self.gamma < math.inf)
+        _check(ok, "gamma", self.gamma, "a number > 0 (and finite), or auto")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The criteria of `method`: one, or the several that the plan selection chooses among."""
+        return (self.method,) if isinstance(self.method, str) else tuple(self.method)
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:

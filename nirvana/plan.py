@@ -21,8 +21,9 @@ def layer_by_layer(params: Params) -> bool:
 def plan_for(
     model: PreTrainedModel, scores: pd.DataFrame, params: Params, sparsity: float, windows: torch.Tensor | None = None
 ) -> pd.DataFrame:
-    """The run's plan at `sparsity`. Layer by layer (`layer_by_layer`) it needs the dense `model` and
-    the calibration `windows`, and zeroes the removed units in `model`."""
+    """The plan of a run of one criterion (one of `nirvana.selection.choices`) at `sparsity`. Layer by
+    layer (`layer_by_layer`) it needs the dense `model` and the calibration `windows`, and zeroes the
+    removed units in `model`."""
     a = params.allocation
     if layer_by_layer(params):
         assert windows is not None, "Wanda-sp's layer-by-layer plan needs the calibration windows"
@@ -30,6 +31,7 @@ def plan_for(
         return wanda_sp_sequential(model, windows, params.saliency.batch_size, {"attn": attn, "mlp": mlp})
     mode = allocation_mode(params)
     standardised = params.method == "flap"  # FLAP's criterion already standardises its columns
+    gamma = None if isinstance(params.gamma, str) else params.gamma  # auto: one number per choice (selection)
     return allocate_for_model(
-        model, scores, sparsity, params.gamma, a.mlp_multiple, mode, a.attn_multiple, a.band, standardised
+        model, scores, sparsity, gamma, a.mlp_multiple, mode, a.attn_multiple, a.band, standardised
     )

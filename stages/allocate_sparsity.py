@@ -1,35 +1,66 @@
 """Stage allocate_sparsity: which units to keep, from two global pools and gamma (method §2) or a
-baseline's allocation (`allocation.mode`, by default the method's own). Wanda-sp's own allocation
-prunes layer by layer on the calibration windows (FLAP's code), so it loads the weights; every other
-allocation reads only the model's shape."""
+baseline's allocation (`allocation.mode`, by default the method's own). With several criteria in
+`method` or `gamma: auto` it prunes the model in memory once per choice and keeps the plan of lowest
+held-out KL (nirvana.selection), so it loads the weights; so does Wanda-sp's own allocation, which
+prunes layer by layer on the calibration windows (FLAP's code). Otherwise it reads only the shape."""
 
 import pandas as pd
 
-from nirvana.allocation import allocation_mode, check_reachable, layer_widths
+from nirvana.allocation import check_reachable, layer_widths
+from nirvana.calibration import kl_set
 from nirvana.checks import check_model, check_windows
-from nirvana.data import read_windows
-from nirvana.io import log, write_csv, write_parquet
-from nirvana.modeling import load_model, skeleton
+from nirvana.data import read_texts, read_windows
+from nirvana.errors import InputError
+from nirvana.io import log, write_csv, write_json, write_parquet
+from nirvana.modeling import load_model, load_tokenizer, skeleton
 from nirvana.params import Params
-from nirvana.plan import layer_by_layer, plan_for
+from nirvana.plan import layer_by_layer
+from nirvana.selection import HeldOut, by_method, choices, choose, summary
 from nirvana.stage import run_stage
 
 
-def main(params: Params, model_dir: str, calibration: str, scores: str, plan_out: str, widths_out: str) -> None:
-    granularity = params.attention.granularity
-    model, windows = skeleton(model_dir, granularity), None
+def main(
+    params: Params,
+    model_dir: str,
+    calibration: str,
+    builtin: str,
+    saliency: str,
+    plan_out: str,
+    choices_out: str,
+    metrics_out: str,
+    widths_out: str,
+) -> None:
+    """`calibration` is select_calibration's windows; `builtin` prepare_data's pool, whose tail is the
+    held-out KL set."""
+    granularity, runs = params.attention.granularity, choices(params)
+    model, windows, held_out = skeleton(model_dir, granularity), None, None
     check_reachable(model, params)
-    if layer_by_layer(params):
-        check_windows(calibration, check_model(model_dir, tokenizer=False))
+    scores = by_method(pd.read_parquet(saliency))
+    missing = [m for m in params.methods if m not in scores]
+    if missing:
+        raise InputError(f"{saliency} has no scores for method {', '.join(missing)}: rerun compute_saliency")
+    search = len(runs) > 1
+    if search or any(layer_by_layer(run) for run in runs):
+        lengths = [("calibration.kl_seq_len", params.calibration.kl_seq_len)] if search else []
+        check_windows(calibration, check_model(model_dir, lengths, tokenizer=search))
         model, windows = load_model(model_dir, params.model, granularity=granularity), read_windows(calibration)
-    plan = plan_for(model, pd.read_parquet(scores), params, params.sparsity, windows)
+    if search:
+        kl_windows = kl_set(params.calibration, load_tokenizer(model_dir), read_texts(builtin))
+        held_out = HeldOut.of(model, kl_windows, params.calibration.kl_batch_size)
+    plan, table = choose(model, scores, params, params.sparsity, windows, held_out)
     write_parquet(plan, plan_out)
+    write_parquet(table, choices_out)
+    write_json(summary(table), metrics_out)
     widths = layer_widths(plan)
     write_csv(widths, widths_out)
+    chosen = table[table.selected].iloc[0]
     log.info(
-        "wrote %s (%s allocation): keeps %d/%d attention units, %d/%d MLP channels",
+        "wrote %s (%s, %s allocation, gamma %s; %d choices): keeps %d/%d attention units, %d/%d MLP channels",
         plan_out,
-        allocation_mode(params),
+        chosen.method,
+        chosen.allocation,
+        chosen.gamma,
+        len(table),
         widths.attn_kept.sum(),
         widths.attn_dense.sum(),
         widths.mlp_kept.sum(),

@@ -1,5 +1,7 @@
-"""Stage compute_saliency: one score per attention unit and MLP channel, with the `method` criterion
-(NIRVANA's of method §1 or a baseline's)."""
+"""Stage compute_saliency: one score per attention unit and MLP channel with each criterion of `method`
+(NIRVANA's of method §1 or a baseline's; several when the plan selection chooses among them)."""
+
+import pandas as pd
 
 from nirvana.checks import check_model, check_windows
 from nirvana.criteria import CRITERIA
@@ -17,9 +19,10 @@ def main(params: Params, model_dir: str, calibration: str, out: str) -> None:
     model = load_model(model_dir, params.model, granularity=params.attention.granularity)
     if params.saliency.gradient_checkpointing:
         enable_checkpointing(model)
-    scores = CRITERIA[params.method](model, windows, params.saliency.batch_size)
+    tables = [CRITERIA[m](model, windows, params.saliency.batch_size).assign(method=m) for m in params.methods]
+    scores = pd.concat(tables, ignore_index=True)
     write_parquet(scores, out)
-    log.info("wrote %s: %d units scored with %s", out, len(scores), params.method)
+    log.info("wrote %s: %d units scored with %s", out, len(tables[0]), ", ".join(params.methods))
 
 
 if __name__ == "__main__":

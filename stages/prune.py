@@ -4,7 +4,7 @@ from functools import partial
 
 import pandas as pd
 
-from nirvana.card import calibration_record, model_card, prune_record
+from nirvana.card import calibration_record, chosen, model_card, prune_record, selection_record
 from nirvana.checks import check_model
 from nirvana.evaluation import param_counts
 from nirvana.io import log, write_json
@@ -15,9 +15,17 @@ from nirvana.surgery import prune_model, save_model
 
 
 def main(
-    params: Params, model_dir: str, plan: str, calibration: str, candidates: str, out_dir: str, metrics_out: str
+    params: Params,
+    model_dir: str,
+    plan: str,
+    plans: str,
+    calibration: str,
+    candidates: str,
+    out_dir: str,
+    metrics_out: str,
 ) -> None:
-    """`calibration` and `candidates` are select_calibration's outputs, read for the model card."""
+    """`plans` (allocate_sparsity's choices), `calibration` and `candidates` (select_calibration's
+    outputs) are read for the model card: what was chosen, among what."""
     check_model(model_dir)
     model = load_model(model_dir, params.model, granularity=params.attention.granularity)
     dense = param_counts(model)
@@ -30,7 +38,9 @@ def main(
         "sparsity_requested": params.sparsity,
         "sparsity_realised": round(removed, 6),
     }
-    record = prune_record(params, model_dir, model, metrics, calibration_record(calibration, candidates))
+    choices = pd.read_parquet(plans)
+    calibrated, selected = calibration_record(calibration, candidates), selection_record(params, choices)
+    record = prune_record(chosen(params, choices), model_dir, model, metrics, calibrated, selected)
     save_model(model, load_tokenizer(model_dir), out_dir, card=partial(model_card, record))
     write_json(metrics, metrics_out)
     log.info(

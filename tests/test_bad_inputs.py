@@ -43,7 +43,10 @@ DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parq
 
 # stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
 STAGES = {
-    "allocate_sparsity": (["model", "calibration.parquet", "saliency.parquet"], ["out/plan.parquet", "out/widths.csv"]),
+    "allocate_sparsity": (
+        ["model", "calibration.parquet", "pool.parquet", "saliency.parquet"],
+        ["out/plan.parquet", "out/plans.parquet", "out/plan.json", "out/widths.csv"],
+    ),
     "prepare_model": ([], ["out/base_model"]),
     "select_calibration": (
         ["model", "pool.parquet", "{calibration.path}"],
@@ -51,7 +54,7 @@ STAGES = {
     ),
     "compute_saliency": (["model", "calibration.parquet"], ["out/saliency.parquet"]),
     "prune": (
-        ["model", "plan.parquet", "calibration.json", "candidates.parquet"],
+        ["model", "plan.parquet", "plans.parquet", "calibration.json", "candidates.parquet"],
         ["out/pruned_model", "out/prune.json"],
     ),
     "finetune": (["pruned", "{finetune.path}"], ["out/finetuned_model", "out/finetune.json"]),
@@ -129,10 +132,39 @@ def ids(rows: int, token: int = 1, length: int = 16) -> pd.DataFrame:
     return pd.DataFrame({"input_ids": [[token] * length for _ in range(rows)]})
 
 
+KEY = "allocation.gamma_candidates"
+
 CASES = [
     # params.yaml, through the cheapest stage
     Case("sparsity_one", "allocate_sparsity", ["sparsity = 1.0", "0 <= sparsity < 1"], {"sparsity": 1.0}),
     Case("gamma_zero", "allocate_sparsity", ["gamma = 0", "> 0"], {"gamma": 0}),
+    Case("gamma_word", "allocate_sparsity", ["gamma = 'best'", "or auto"], {"gamma": "best"}),
+    # gamma: auto's candidates, refused even when gamma is a number
+    *(
+        Case(f"gamma_candidates_{name}", "allocate_sparsity", [f"{KEY} = {text}"], {KEY: value})
+        for name, text, value in (
+            ("empty", "[]", []),
+            ("negative", "[1.0, -2.0]", [1.0, -2.0]),
+            ("zero", "[0.0, 3.0]", [0.0, 3.0]),
+            ("infinite", "[3.0, inf]", [3.0, float("inf")]),
+            ("nan", "[nan]", [float("nan")]),
+        )
+    ),
+    Case(
+        "method_list_unknown", "allocate_sparsity", ["method = ['nirvana', 'magic']"], {"method": ["nirvana", "magic"]}
+    ),
+    Case(
+        "method_list_twice",
+        "allocate_sparsity",
+        ["method = ['taylor', 'taylor']", "distinct"],
+        {"method": ["taylor"] * 2},
+    ),
+    Case(
+        "saliency_without_a_method",
+        "allocate_sparsity",
+        ["saliency.parquet has no scores for method taylor", "rerun compute_saliency"],
+        {"method": ["nirvana", "taylor"]},
+    ),
     Case(
         "unknown_nested_key",
         "allocate_sparsity",
@@ -298,7 +330,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = AutoModelForCausalLM.from_pretrained(root / "model")
     plan = random_plan(model)
     plan.to_parquet(root / "plan.parquet")
-    plan.drop(columns="keep").to_parquet(root / "saliency.parquet")
+    plan.drop(columns="keep").assign(method="nirvana").to_parquet(root / "saliency.parquet")
+    pd.DataFrame({"method": ["nirvana"], "gamma": [3.0], "selected": [True]}).to_parquet(root / "plans.parquet")
     prune_model(model, plan)
     model.save_pretrained(root / "pruned")
     AutoTokenizer.from_pretrained(root / "model").save_pretrained(root / "pruned")

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
-from nirvana.calibration import kl_to_reference, log_probs, select
+from nirvana.calibration import select
 from nirvana.card import calibration_record
 from nirvana.params import CalibrationParams, Params
+from nirvana.selection import kl_to_reference, log_probs
 from nirvana.surgery import prune_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,6 +69,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (repo / "metrics/calibration.json").write_text(json.dumps(CALIBRATION))
     table = pd.DataFrame({"candidate": [0, 1, 2], "seed": [7, 8, 9], "kl": [0.5, 0.25, 0.75]})
     table.assign(selected=table.candidate == 1).to_parquet(repo / "outputs/calibration_candidates.parquet")
+    PLANS.to_parquet(repo / "outputs/plan_candidates.parquet")
     lock = {
         "schema": "2.0",
         "stages": {"allocate_sparsity": {"cmd": "a", "outs": [{"md5": "1"}]}, "prune": {"cmd": "p"}},
@@ -80,13 +81,28 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
     ):
         assert sh(repo, "git", *args).returncode == 0
-    stage(repo, "prune", Params(model=ModelParams(name_or_path=BASE)), *prune_paths("outputs/pruned_model"))
+    stage(repo, "prune", PARAMS, *prune_paths("outputs/pruned_model"))
     return repo
+
+
+PARAMS = Params(gamma="auto", model=ModelParams(name_or_path=BASE))
+PLANS = pd.DataFrame(
+    {
+        "method": ["nirvana", "nirvana"],
+        "allocation": ["nirvana", "nirvana"],
+        "gamma": [3.0, 6.0],
+        "kl": [0.3, 0.2],
+        "sparsity_realised": [0.2, 0.2],
+        "selected": [False, True],
+    }
+)
+"""allocate_sparsity's table of a `gamma: auto` run in which gamma 6 won (the fixture's plan is random)."""
 
 
 def prune_paths(out: str) -> tuple[str, ...]:
     calibration = ("metrics/calibration.json", "outputs/calibration_candidates.parquet")
-    return ("outputs/base_model", "outputs/plan.parquet", *calibration, out, "metrics/prune.json")
+    plans = ("outputs/plan.parquet", "outputs/plan_candidates.parquet")
+    return ("outputs/base_model", *plans, *calibration, out, "metrics/prune.json")
 
 
 def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
@@ -101,10 +117,15 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert card["params"] == {"dense": metrics["dense"], "pruned": metrics["pruned"]}
     assert (card["method"], card["gamma"], card["allocation_mode"], card["attention_granularity"]) == (
         "nirvana",
-        3.0,
+        6.0,
         "nirvana",
         "group",
     )
+    assert card["plan_selection"]["gamma"] == "auto" and card["plan_selection"]["method"] == "nirvana"
+    assert [(c["gamma"], c["kl"], c["selected"]) for c in card["plan_selection"]["choices"]] == [
+        (3.0, 0.3, False),
+        (6.0, 0.2, True),
+    ]
     assert card["calibration"] == CALIBRATION | {"selected_candidate": 1, "seed": 8}
     assert card["layers"] == layer_units(AutoModelForCausalLM.from_pretrained(pruned))
     assert card["code"] == code_state("prune") and len(card["code"]["sha256"]) == 64
@@ -117,6 +138,7 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert up["dtype"] == "F32" and up["shape"] == [card["layers"][0]["mlp"], 24] and len(up["sha256"]) == 64
     text = (pruned / CARD).read_text()
     assert "## Per-layer widths" in text and "### Calibration selection" in text
+    assert "### Plan selection" in text and "| nirvana | nirvana | 6.0 | 0.20000 | 0.2 | chosen |" in text
     done = verify(pruned)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and "OK" in done.stdout
@@ -225,7 +247,7 @@ def test_the_card_is_the_same_at_another_commit_and_time(repo: Path) -> None:
     (repo / "unrelated.txt").write_text("a later commit")
     for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "later"]):
         assert sh(repo, "git", *args).returncode == 0
-    stage(repo, "prune", Params(model=ModelParams(name_or_path=BASE)), *prune_paths("outputs/again"))
+    stage(repo, "prune", PARAMS, *prune_paths("outputs/again"))
     assert (repo / "outputs/again" / CARD).read_bytes() == (repo / "outputs/pruned_model" / CARD).read_bytes()
 
 

@@ -1,0 +1,186 @@
+"""Choosing the plan by held-out KL: gamma: auto and several criteria in `method` (nirvana.selection)."""
+
+import copy
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import random_text, save_tokenizer, tiny_llama
+from nirvana.calibration import search
+from nirvana.criteria import CRITERIA
+from nirvana.evaluation import param_counts
+from nirvana.io import write_parquet
+from nirvana.params import AllocationParams, CalibrationParams, Params
+from nirvana.plan import plan_for
+from nirvana.selection import HeldOut, by_method, choices, choose, summary
+from nirvana.surgery import prune_model
+
+KL_WINDOWS = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(5))
+WINDOWS = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(6))
+GAMMAS = [0.5, 1.0, 3.0, 8.0]
+
+
+def auto(gammas: list[float] = GAMMAS, **changes) -> Params:
+    """gamma: auto over `gammas`, single MLP channels, so that each gamma makes its own plan."""
+    allocation = AllocationParams(mlp_multiple=1, gamma_candidates=gammas)
+    return Params(**{"sparsity": 0.4, "gamma": "auto", "allocation": allocation, **changes})
+
+
+def kl_of(model, scores: pd.DataFrame, run: Params, held_out: HeldOut) -> float:
+    """The KL of one run's plan, computed from scratch."""
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, plan_for(pruned, scores, run, 0.4, WINDOWS))
+    return held_out.kl(pruned)
+
+
+def test_auto_keeps_the_gamma_of_lowest_kl_and_records_every_candidate() -> None:
+    model = tiny_llama("gqa")
+    scores = CRITERIA["nirvana"](model, WINDOWS, 2)
+    held_out = HeldOut.of(model, KL_WINDOWS, 4)
+    plan, table = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
+    assert table["gamma"].tolist() == GAMMAS and table["kl"].nunique() == len(GAMMAS)
+    for row in table.itertuples():
+        run = dataclasses.replace(auto(), gamma=row.gamma)
+        assert row.kl == pytest.approx(kl_of(model, scores, run, held_out), rel=1e-6)
+    best = table.loc[table["kl"].idxmin()]
+    assert table["selected"].sum() == 1 and table.loc[table["selected"], "gamma"].item() == best.gamma
+    expected = plan_for(model, scores, dataclasses.replace(auto(), gamma=best.gamma), 0.4)
+    pd.testing.assert_frame_equal(plan, expected)
+    # a higher gamma takes more from the MLP and less from attention
+    assert table["mlp_kept"].is_monotonic_decreasing and table["attn_kept"].is_monotonic_increasing
+    assert table["mlp_kept"].iloc[0] > table["mlp_kept"].iloc[-1]
+    metrics = summary(table)
+    assert metrics["gamma"] == best.gamma and metrics["kl_selected"] == best.kl == table["kl"].min()
+    assert metrics["kl_runner_up"] == sorted(table["kl"])[1] and metrics["kl_worst"] == table["kl"].max()
+
+
+def test_the_realised_sparsity_is_what_prune_measures() -> None:
+    model = tiny_llama("gqa_bias")
+    scores = CRITERIA["magnitude"](model, WINDOWS, 2)
+    _, table = choose(
+        model, {"magnitude": scores}, auto(method="magnitude"), 0.4, WINDOWS, HeldOut.of(model, KL_WINDOWS, 6)
+    )
+    for row in table.itertuples():
+        pruned = copy.deepcopy(model)
+        prune_model(pruned, plan_for(pruned, scores, auto(method="magnitude", gamma=row.gamma), 0.4))
+        realised = 1 - param_counts(pruned)["params_attn_mlp"] / param_counts(model)["params_attn_mlp"]
+        assert row.sparsity_realised == pytest.approx(realised, abs=1e-6)
+        assert abs(realised - 0.4) < 0.05
+
+
+def test_auto_with_one_candidate_is_the_fixed_gamma_plan_and_measures_nothing() -> None:
+    model = tiny_llama("gqa")
+    scores = CRITERIA["nirvana"](model, WINDOWS, 2)
+    fixed = Params(sparsity=0.4, gamma=2.0, allocation=AllocationParams(mlp_multiple=1))  # as a user writes it
+    assert [(r.method, r.gamma) for r in choices(auto([2.0]))] == [("nirvana", 2.0)]
+    plan, table = choose(model, {"nirvana": scores}, auto([2.0]), 0.4)
+    pd.testing.assert_frame_equal(plan, plan_for(model, scores, fixed, 0.4))
+    assert table["selected"].all() and table["kl"].isna().all() and table["gamma"].tolist() == [2.0]
+    realised = table["sparsity_realised"].item()
+    assert summary(table) == {"choices": 1, "method": "nirvana", "gamma": 2.0, "sparsity_realised": realised}
+
+
+def test_choices_cross_criteria_with_gammas_only_under_nirvanas_allocation() -> None:
+    runs = choices(auto([1.0, 4.0], method=["nirvana", "taylor", "flap"]))
+    assert [(r.method, r.gamma) for r in runs] == [
+        ("nirvana", 1.0),
+        ("nirvana", 4.0),
+        ("taylor", "auto"),  # LLM-Pruner's band allocation has no gamma
+        ("flap", "auto"),
+    ]
+    forced = auto(
+        [1.0, 4.0],
+        method=["nirvana", "taylor"],
+        allocation=AllocationParams(mode="nirvana", gamma_candidates=[1.0, 4.0]),
+    )
+    assert [(r.method, r.gamma) for r in choices(forced)] == [
+        ("nirvana", 1.0),
+        ("nirvana", 4.0),
+        ("taylor", 1.0),
+        ("taylor", 4.0),
+    ]
+    assert [(r.method, r.gamma) for r in choices(Params(gamma=2.5))] == [("nirvana", 2.5)]
+
+
+def test_several_criteria_each_under_its_own_allocation() -> None:
+    model = tiny_llama("gqa")
+    params = Params(
+        method=["magnitude", "taylor", "wanda_sp"], sparsity=0.4, allocation=AllocationParams(mlp_multiple=1)
+    )
+    scores = {m: CRITERIA[m](model, WINDOWS, 2) for m in params.methods}
+    held_out = HeldOut.of(model, KL_WINDOWS, 3)
+    dense = copy.deepcopy(model)
+    _, table = choose(model, scores, params, 0.4, WINDOWS, held_out)
+    assert table[["method", "allocation"]].values.tolist() == [
+        ["magnitude", "nirvana"],
+        ["taylor", "llm_pruner"],
+        ["wanda_sp", "uniform"],
+    ]
+    assert table["gamma"].tolist()[0] == 3.0 and table["gamma"].iloc[1:].isna().all()
+    for row, run in zip(table.itertuples(), choices(params), strict=True):
+        assert row.kl == pytest.approx(kl_of(model, scores[row.method], run, held_out), rel=1e-6)
+    winner = table.loc[table["kl"].idxmin()]
+    assert table.loc[table["selected"], "method"].item() == winner.method
+    # Wanda-sp's layer-by-layer plan zeroes units in the model it is made on: a copy, never the dense model
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), dense.parameters(), strict=True))
+
+
+def test_the_calibration_search_judges_each_candidate_at_its_best_gamma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saliency once per candidate set and criterion, however many gammas: no backward pass per gamma."""
+    calls = []
+    nirvana = CRITERIA["nirvana"]
+    monkeypatch.setitem(CRITERIA, "nirvana", lambda *args: calls.append(1) or nirvana(*args))
+    pool = torch.randint(0, 64, (30, 10), generator=torch.Generator().manual_seed(7))
+    params = auto(calibration=CalibrationParams(num_samples=4, candidates=3, kl_batch_size=3))
+    model = tiny_llama("gqa")
+    table = search(model, pool, KL_WINDOWS, params)
+    assert len(calls) == 3
+    held_out = HeldOut.of(model, KL_WINDOWS, 3)
+    for row in table.itertuples():
+        windows = pool[torch.tensor(row.windows)]
+        _, plans = choose(model, {"nirvana": nirvana(model, windows, 4)}, params, 0.4, windows, held_out)
+        assert row.kl == pytest.approx(plans["kl"].min(), rel=1e-6)
+        assert row.gamma == plans.loc[plans["selected"], "gamma"].item()
+    assert table.loc[table["selected"], "kl"].item() == table["kl"].min()
+
+
+def test_by_method_splits_the_saliency_table() -> None:
+    a = pd.DataFrame({"layer": [0], "module": ["mlp"], "unit": [0], "score": [1.0], "method": ["nirvana"]})
+    b = a.assign(score=2.0, method="flap", input_mean=0.5)
+    split = by_method(pd.concat([a, b], ignore_index=True))
+    assert list(split) == ["nirvana", "flap"]
+    assert list(split["nirvana"].columns) == ["layer", "module", "unit", "score"]
+    assert split["flap"]["input_mean"].tolist() == [0.5] and split["flap"].index.tolist() == [0]
+
+
+def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """allocate_sparsity with gamma: auto reuses compute_saliency's scores: a backward pass would fail here."""
+    model = tiny_llama("gqa")
+    model.save_pretrained(tmp_path / "model")
+    save_tokenizer(tmp_path / "model")
+    pd.DataFrame({"text": [random_text(400, seed) for seed in range(6)]}).to_parquet(tmp_path / "pool.parquet")
+    pd.DataFrame({"input_ids": WINDOWS.tolist()}).to_parquet(tmp_path / "calibration.parquet")
+    write_parquet(CRITERIA["nirvana"](model, WINDOWS, 2).assign(method="nirvana"), tmp_path / "saliency.parquet")
+    params = auto(calibration=CalibrationParams(kl_samples=4, kl_seq_len=16, kl_batch_size=2))
+    spec = importlib.util.spec_from_file_location("allocate", Path(__file__).parents[1] / "stages/allocate_sparsity.py")
+    assert spec is not None and spec.loader is not None
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("a backward pass")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    monkeypatch.setattr(torch.autograd, "backward", no_backward)
+    monkeypatch.chdir(tmp_path)
+    outs = ["plan.parquet", "plans.parquet", "plan.json", "widths.csv"]
+    stage.main(params, "model", "calibration.parquet", "pool.parquet", "saliency.parquet", *outs)
+    table, metrics = pd.read_parquet("plans.parquet"), json.loads(Path("plan.json").read_text())
+    assert table["gamma"].tolist() == GAMMAS and metrics["choices"] == len(GAMMAS)
+    assert metrics["gamma"] == table.loc[table["kl"].idxmin(), "gamma"]
+    assert pd.read_parquet("plan.parquet")["keep"].sum() < len(pd.read_parquet("plan.parquet"))
