@@ -16,8 +16,19 @@ from nirvana.allocation import resolve_mode
 BUILT_IN = "outputs/corpora/calibration.parquet"  # the pool prepare_data writes; older params said null
 DATA_FILES = (".parquet", ".jsonl")
 # The settings columns in order; those in WIDE only with `--all`, which also adds each task's accuracy and the speedups.
-ORDER = ["experiment", "model", "alloc", "sparsity", "calibration", "finetune data", "ppl tokens", "zs limit", "params"]
-WIDE = {"alloc", "params"}
+ORDER = [
+    "experiment",
+    "model",
+    "alloc",
+    "gamma",
+    "sparsity",
+    "calibration",
+    "finetune data",
+    "ppl tokens",
+    "zs limit",
+    "params",
+]
+WIDE = {"alloc", "gamma", "params"}
 
 
 def _files(data: dict, kind: str) -> dict:
@@ -66,6 +77,18 @@ def _evaluation(params: dict) -> dict:
     }
 
 
+def plan_labels(params: dict, plan: dict) -> tuple[str, str, str]:
+    """(criterion, allocation, gamma) of a pruned run as cells: a searched criterion or gamma shows what won,
+    `nirvana|taylor -> taylor`, `auto -> 6.0` (from metrics/plan.json); gamma only where the allocation has one."""
+    method, gamma = params.get("method", ""), params.get("gamma", "")
+    chosen = plan.get("method", method if isinstance(method, str) else "?")
+    label = f"{'|'.join(method)} -> {chosen}" if isinstance(method, list) else method
+    alloc = resolve_mode(chosen, (params.get("allocation") or {}).get("mode"))
+    if alloc != "nirvana":
+        return label, alloc, ""
+    return label, alloc, f"auto -> {plan.get('gamma', '?')}" if gamma == "auto" else str(gamma)
+
+
 def _row(name: str, data: dict, model: str) -> dict:
     """One model of one run: `dense`, `pruned` or `finetuned` (the pruned model after LoRA)."""
     params = _files(data, "params").get("params.yaml", {})
@@ -73,16 +96,17 @@ def _row(name: str, data: dict, model: str) -> dict:
     quality = metrics.get(f"metrics/{model}.json", {})
     row: dict = {"experiment": name, "_sparsity": params.get("sparsity", "") if model != "dense" else 0}
     if model == "dense":
-        row |= {"model": "dense", "sparsity": 0, "calibration": "", "finetune data": "", "alloc": ""}
+        row |= {"model": "dense", "sparsity": 0, "calibration": "", "finetune data": "", "alloc": "", "gamma": ""}
     else:
-        method = params.get("method", "")
+        method, alloc, gamma = plan_labels(params, metrics.get("metrics/plan.json", {}))
         realised = metrics.get("metrics/prune.json", {}).get("sparsity_realised")
         row |= {
             "model": method + (" + LoRA" if model == "finetuned" else ""),
             "sparsity": f"{params.get('sparsity', '')}" + (f" ({realised:.4f})" if realised is not None else ""),
             "calibration": calibration_label(params),
             "finetune data": finetune_label(params) if model == "finetuned" else "",
-            "alloc": resolve_mode(method, (params.get("allocation") or {}).get("mode")),
+            "alloc": alloc,
+            "gamma": gamma,
         }
     row |= _evaluation(params) | {"params": quality.get("params_total", "")}
     row |= {k: v for k, v in quality.items() if k.startswith(("ppl_", "acc_"))}
@@ -269,9 +293,11 @@ def readme_table(root: str | Path = ".") -> str:
     params, prune = yaml.safe_load((root / "params.yaml").read_text()), read("prune")
     steps = read("finetune").get("steps", 0)
     realised = f"{params['sparsity']} ({prune['sparsity_realised']:.4f})"
-    names = {"dense": ("dense", "0"), "pruned": (params["method"], realised)}
+    method, _, gamma = plan_labels(params, read("plan"))
+    method += f" (gamma {gamma})" if gamma else ""
+    names = {"dense": ("dense", "0"), "pruned": (method, realised)}
     if steps:
-        names["finetuned"] = (f"{params['method']} + LoRA ({steps} steps)", realised)
+        names["finetuned"] = (f"{method} + LoRA ({steps} steps)", realised)
     ppl = [k for k in read("dense") if k.startswith("ppl_")]  # ppl_<set>_<window>: wiki first, then by window
     quality = [*sorted(ppl, key=lambda k: (k.split("_")[1] != "wiki", int(k.split("_")[2]))), "acc_average"]
     header = ["model", "sparsity (realised)", "params"]

@@ -27,6 +27,7 @@ def run(
                 "data": {
                     "method": method,
                     "sparsity": sparsity,
+                    "gamma": 3.0,
                     "allocation": {"mode": None},
                     "evaluate": {"limit": 100},
                 }
@@ -80,7 +81,25 @@ def test_rows_cover_dense_commits_experiments_and_fine_tuned_models() -> None:
     assert len({len(line) for line in table}) == 1  # padded into aligned columns
     wide = markdown(rows, wide=True).splitlines()
     assert "| alloc   |" in wide[0] and "| params |" in wide[0] and wide[0].endswith("| speedup_prefill_bs1 |")
-    assert wide[3].startswith("| main       | nirvana        | nirvana | 0.2 (0.1990) | built-in    |")
+    assert wide[3].startswith("| main       | nirvana        | nirvana | 3.0   | 0.2 (0.1990) | built-in    |")
+    assert wide[5].startswith("| exp-1      | flap           | flap    |       | 0.4 (0.3990) |")  # no gamma in FLAP's
+
+
+def test_a_searched_criterion_and_gamma_show_what_won() -> None:
+    data = run("nirvana", 0.3, 40.0, "d", "d", "d", gamma="auto")
+    data["metrics"]["metrics/plan.json"] = {"data": {"method": "nirvana", "gamma": 6.0, "kl_selected": 0.9}}
+    both = run("nirvana", 0.3, 40.0, "e", "e", "e", gamma="auto")
+    both["params"]["params.yaml"]["data"]["method"] = ["nirvana", "taylor"]
+    both["metrics"]["metrics/plan.json"] = {"data": {"method": "taylor", "gamma": None}}
+    exps = {"revs": [{"rev": "b" * 40, "name": "exp-2", "data": both}]}
+    rows = experiment_rows([{"rev": "a" * 40, "name": "main", "data": data, "experiments": [exps]}])
+    pruned = [(r["model"], r["alloc"], r["gamma"]) for r in rows if r["model"] != "dense"]
+    assert pruned == [
+        ("nirvana", "nirvana", "auto -> 6.0"),
+        ("nirvana + LoRA", "nirvana", "auto -> 6.0"),
+        ("nirvana|taylor -> taylor", "llm_pruner", ""),  # taylor's own allocation has no gamma
+        ("nirvana|taylor -> taylor + LoRA", "llm_pruner", ""),
+    ]
 
 
 def test_sweep_commands_cover_every_pair_and_refuse_bad_input_up_front() -> None:
