@@ -158,6 +158,27 @@ def test_by_method_splits_the_saliency_table() -> None:
     assert split["flap"]["input_mean"].tolist() == [0.5] and split["flap"].index.tolist() == [0]
 
 
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"stages/{name}.py")
+    assert spec is not None and spec.loader is not None
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+def test_compute_saliency_scores_every_criterion_of_a_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama("gqa")
+    model.save_pretrained(tmp_path / "model")
+    pd.DataFrame({"input_ids": WINDOWS.tolist()}).to_parquet(tmp_path / "calibration.parquet")
+    monkeypatch.chdir(tmp_path)
+    params = Params(method=["taylor", "flap"], saliency=dataclasses.replace(Params().saliency, batch_size=2))
+    load_stage("compute_saliency").main(params, "model", "calibration.parquet", "saliency.parquet")
+    scores = by_method(pd.read_parquet("saliency.parquet"))
+    assert list(scores) == ["taylor", "flap"]
+    for method, table in scores.items():
+        pd.testing.assert_frame_equal(table, CRITERIA[method](model, WINDOWS, 2), check_exact=False, rtol=1e-6)
+
+
 def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """allocate_sparsity with gamma: auto reuses compute_saliency's scores: a backward pass would fail here."""
     model = tiny_llama("gqa")
@@ -167,10 +188,7 @@ def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch:
     pd.DataFrame({"input_ids": WINDOWS.tolist()}).to_parquet(tmp_path / "calibration.parquet")
     write_parquet(CRITERIA["nirvana"](model, WINDOWS, 2).assign(method="nirvana"), tmp_path / "saliency.parquet")
     params = auto(calibration=CalibrationParams(kl_samples=4, kl_seq_len=16, kl_batch_size=2))
-    spec = importlib.util.spec_from_file_location("allocate", Path(__file__).parents[1] / "stages/allocate_sparsity.py")
-    assert spec is not None and spec.loader is not None
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = load_stage("allocate_sparsity")
 
     def no_backward(*args, **kwargs):
         raise AssertionError("a backward pass")
