@@ -139,7 +139,7 @@ class AllocationParams:
     mlp_multiple: int = 8
     attn_multiple: int = 1  # kept attention units per layer are a multiple of this (where the layer has more)
     mode: str | None = None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
-    gamma_candidates: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
+    gamma_candidates: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0])
     band: list[int] | None = None  # llm_pruner's pruned layers [start, end); null = LLM-Pruner's, scaled
 
     def __post_init__(self) -> None:
