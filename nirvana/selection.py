@@ -119,20 +119,17 @@ def choose(
         plan = plan_for(model, scores[str(runs[0].method)], runs[0], sparsity, windows)
         row = _row(runs[0], plan, sizes) | {"kl": float("nan"), "selected": True}
         return plan, pd.DataFrame([row])
-    rows, best = [], None
+    plans, rows = [], []
     for run in tqdm(runs, desc="plans", unit="plan", disable=len(runs) == 1):
         pruned = copy.deepcopy(model)  # a layer-by-layer plan zeroes units in the model it is made on
-        plan = plan_for(pruned, scores[str(run.method)], run, sparsity, windows)
-        prune_model(pruned, plan)
-        kl = held_out.kl(pruned)
-        rows.append(_row(run, plan, sizes) | {"kl": kl} | (measure(pruned) if measure else {}))
-        if best is None or kl < best[0]:
-            best = (kl, plan)
+        plans.append(plan_for(pruned, scores[str(run.method)], run, sparsity, windows))
+        prune_model(pruned, plans[-1])
+        rows.append(_row(run, plans[-1], sizes) | {"kl": held_out.kl(pruned)} | (measure(pruned) if measure else {}))
         del pruned
     table = pd.DataFrame(rows)
-    table["selected"] = table.index == int(table["kl"].idxmin())
-    assert best is not None
-    return best[1], table
+    winner = int(table["kl"].idxmin())  # the first of equal minima: ties go to the earlier choice
+    table["selected"] = table.index == winner
+    return plans[winner], table
 
 
 def summary(table: pd.DataFrame) -> dict[str, object]:
