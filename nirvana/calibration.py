@@ -3,7 +3,11 @@ keep the one whose pruned model shifts the output distribution least on a held-o
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.criteria import CRITERIA
 from nirvana.data import bos_id, dataset_texts, hold_out, token_stream, user_windows, windows
+from nirvana.io import write_json
 from nirvana.params import CalibrationParams, Params
 from nirvana.saliency import enable_checkpointing
 from nirvana.selection import HeldOut, choose
@@ -44,25 +49,50 @@ def draw(pool: torch.Tensor, num_samples: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(len(pool), size=num_samples, replace=False))
 
 
+def resume_key(model_digest: str, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params) -> str:
+    """Hash of everything a candidate's row depends on (not the number of candidates), so that finished
+    candidates are reused only by the same search, or one that asks for more candidates."""
+    settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("finetune", "evaluate", "export")}
+    settings["calibration"].pop("candidates")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode() + model_digest.encode())
+    for tensor in (pool, kl_windows):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def finished_candidates(folder: Path | None) -> dict[int, dict]:
+    """The candidate rows an interrupted search saved in `folder` (`candidate-<i>.json`), by candidate."""
+    if folder is None or not folder.is_dir():
+        return {}
+    rows = (json.loads(path.read_text()) for path in folder.glob("candidate-*.json"))
+    return {row["candidate"]: row for row in rows}
+
+
 def search(
     model: PreTrainedModel,
     pool: torch.Tensor,
     kl_windows: torch.Tensor,
     params: Params,
     measure: Callable[[PreTrainedModel], dict] | None = None,
+    checkpoints: Path | None = None,
 ) -> pd.DataFrame:
     """One row per candidate: candidate, seed, kl, the method and gamma of its best plan, windows (pool
     indices), selected; plus what `measure` reports on that plan's pruned model (benchmarks use it).
+    Each finished row is saved in `checkpoints`, and rows found there are not computed again.
 
     A candidate is judged by the plan the run would make from it: with several criteria or `gamma: auto`,
     the lowest-KL one of `nirvana.selection.choices` (saliency once per criterion, then every gamma)."""
     c = params.calibration
     sparsity = params.sparsity if c.select_at_sparsity is None else c.select_at_sparsity
-    held_out = HeldOut.of(model, kl_windows, c.kl_batch_size)  # the dense model's work, once
+    finished = finished_candidates(checkpoints)
+    held_out = HeldOut.of(model, kl_windows, c.kl_batch_size) if len(finished) < c.candidates else None
     if params.saliency.gradient_checkpointing:
         enable_checkpointing(model)
     rows = []
     for candidate in tqdm(range(c.candidates), desc="candidates", unit="set"):
+        if candidate in finished:
+            rows.append(finished[candidate])
+            continue
         seed = c.seed + candidate
         picks = draw(pool, c.num_samples, seed)
         windows = pool[torch.from_numpy(picks)]
@@ -70,15 +100,22 @@ def search(
         _, plans = choose(model, scores, params, sparsity, windows, held_out, measure)
         best = plans[plans["selected"]].iloc[0].drop(["selected", "allocation"])
         rows.append({"candidate": candidate, "seed": seed, **best.to_dict(), "windows": picks.tolist()})
+        if checkpoints is not None:
+            write_json(rows[-1], checkpoints / f"candidate-{candidate}.json")
     table = pd.DataFrame(rows)
     table["selected"] = table.index == int(table["kl"].idxmin())
     return table
 
 
 def select(
-    model: PreTrainedModel | None, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params, verbatim: bool = False
+    model: PreTrainedModel | None,
+    pool: torch.Tensor,
+    kl_windows: torch.Tensor,
+    params: Params,
+    verbatim: bool = False,
+    checkpoints: Path | None = None,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
-    """The selected windows and the candidates table.
+    """The selected windows and the candidates table (a search resumes from `checkpoints`).
 
     With one candidate there is no search: a seeded draw, or the whole pool if `verbatim`."""
     c = params.calibration
@@ -87,7 +124,7 @@ def select(
         row = {"candidate": 0, "seed": c.seed, "kl": float("nan"), "windows": picks.tolist(), "selected": True}
         return pool[torch.from_numpy(picks)], pd.DataFrame([row])
     assert model is not None, "a search needs the dense model"
-    table = search(model, pool, kl_windows, params)
+    table = search(model, pool, kl_windows, params, checkpoints=checkpoints)
     return pool[torch.tensor(table.loc[table["selected"], "windows"].iloc[0])], table
 
 

@@ -458,4 +458,7 @@ def verify_folder(folder: str | Path) -> tuple[bool, str]:
     problems += compare_weights(card, found)
     if problems:
         return False, f"{folder}: {len(problems)} problem(s) against {folder / CARD}:\n  " + "\n  ".join(problems)
-    return True, f"{folder}: OK, {len(found['tensors'])} tensors in {len(found['files'])} safetensors file(s) match"
+    weights = [name for name in found["files"] if name.endswith(".safetensors")]
+    others = len(found["files"]) - len(weights)
+    also = f" and {others} Python file(s)" if others else ""
+    return True, f"{folder}: OK, {len(found['tensors'])} tensors in {len(weights)} safetensors file(s){also} match"

@@ -4,3 +4,7 @@ nothing, so a module that only needs to raise or catch them pulls no other code 
 
 class InputError(ValueError):
     """An input file or folder is missing, corrupt, or disagrees with the model or params.yaml."""
+
+
+class NativeCrash(RuntimeError):
+    """Native code (llama.cpp) died by a signal in a child process; the message names the file and signal."""

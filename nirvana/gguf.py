@@ -484,13 +484,18 @@ def stored_types(path: Path) -> dict[str, tuple[int, gguf.GGMLQuantizationType]]
 
 
 def fallbacks(path: Path, type: str) -> list[str]:
-    """2-D weights the file stores in another type than asked (for k-quants: in no k-quant type)."""
+    """2-D weights the file stores in another type than asked (for k-quants: in no k-quant type), counted as
+    llama.cpp counts them: its k-quant mixes store the output matrix (the token embedding where it is tied) in
+    q8_0 on purpose when its rows are not whole 256-value blocks, which is no fallback."""
+    types = stored_types(path)
+    output = "output.weight" if "output.weight" in types else "token_embd.weight"
     out = []
-    for name, (n_dims, stored) in stored_types(path).items():
+    for name, (n_dims, stored) in types.items():
         if n_dims < 2:
             continue
         ok = stored in K_TYPES if type in K_QUANTS else stored == DIRECT[type]
-        if not ok:
+        chosen = type in K_QUANTS and name == output and stored == gguf.GGMLQuantizationType.Q8_0
+        if not (ok or chosen):
             out.append(f"{name}:{stored.name.lower()}")
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -229,6 +230,29 @@ class FinetuneParams:
         )
         if user_file:
             _check_data_file("finetune.path", self.path, USER_FINETUNE_DIR, (".parquet", ".jsonl"))
+            columns = _columns(self.path)
+            ok = {"instruction", "output"} <= columns or "text" in columns
+            found = f"has {', '.join(sorted(columns)) or 'no column'}"
+            _check(ok, "finetune.path", self.path, f"a file with columns instruction and output, or text; it {found}")
+
+
+def _columns(path: str) -> set[str]:
+    """The columns of a parquet file (its schema) or a JSON-lines file (its first row), read before any work:
+    a file the fine-tuning cannot use must not wait for the search, saliency and pruning to run first."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "{}")
+        try:
+            row = json.loads(first)
+        except ValueError as err:
+            raise ParamError(f"params: finetune.path = {path!r}: its first line is not JSON ({err})") from err
+        return set(row) if isinstance(row, dict) else set()
+    import pyarrow.parquet  # only for a user's parquet file
+
+    try:
+        return set(pyarrow.parquet.read_schema(path).names)
+    except (OSError, ValueError) as err:
+        raise ParamError(f"params: finetune.path = {path!r}: not a readable parquet file ({err})") from err
 
 
 @dataclass(frozen=True)

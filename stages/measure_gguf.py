@@ -1,7 +1,8 @@
 """Stage measure_gguf: the exported GGUF files in llama.cpp: size, fallback tensors, perplexity on
 `evaluate`'s wiki windows, and prompt and generation throughput of dense, pruned and fine-tuned
 timed alternately, with the speedups next to the ideal FLOP ratio and the file-bytes ratio. A stage
-apart from export_gguf so that re-exporting identical files does not re-time them."""
+apart from export_gguf so that re-exporting identical files does not re-time them. llama.cpp runs in a
+child process: if it dies by a signal, the stage stops with one line naming the file and the signal."""
 
 import json
 from importlib.metadata import version
@@ -13,7 +14,7 @@ from nirvana.checks import check_model
 from nirvana.data import bos_id, read_texts, token_stream, windows
 from nirvana.efficiency import forward_flops
 from nirvana.io import log, write_json
-from nirvana.llamacpp import perplexity, speed
+from nirvana.llamacpp import isolated, measure
 from nirvana.modeling import load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -45,17 +46,20 @@ def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned
         "ideal_flop_ratio": round(dense / pruned, 4),
         "pruned_digest": next(iter(manifest["exported"]["pruned"].values()))["source"]["digest"],
     }
-    for type in x.types:
-        paths = {name: Path(gguf_dir, files[type]["gguf"]) for name, files in manifest["exported"].items()}
-        timed = speed(paths, prompt, x.new_tokens, x.threads, x.warmup, x.repeats)
+    files = {
+        type: {name: Path(gguf_dir, exported[type]["gguf"]) for name, exported in manifest["exported"].items()}
+        for type in x.types
+    }
+    measured = isolated(measure, files, wiki.tolist(), prompt, x.new_tokens, x.threads, x.warmup, x.repeats)
+    for type, by_name in measured.items():
         by_model: dict = {}
-        for name, path in paths.items():
+        for name, m in by_name.items():
             by_model[name] = {
-                "mib": round(path.stat().st_size / 2**20, 2),
+                "mib": round(files[type][name].stat().st_size / 2**20, 2),
                 "fallbacks": manifest["exported"][name][type]["fallbacks"],
-                ppl_key: round(perplexity(path, wiki, x.threads), 4),
-                "prompt_tokens_per_s": timed[name]["prompt_tokens_per_s"],
-                "gen_tokens_per_s": timed[name]["gen_tokens_per_s"],
+                ppl_key: round(m["ppl"], 4),
+                "prompt_tokens_per_s": m["prompt_tokens_per_s"],
+                "gen_tokens_per_s": m["gen_tokens_per_s"],
             }
             log.info("%s %s: %s", name, type, by_model[name])
         for name in ("pruned", "finetuned"):

@@ -1,18 +1,22 @@
 """Stage select_calibration: the candidate calibration set whose pruned model has the lowest
-KL divergence from the dense model on a held-out KL set (method §3)."""
+KL divergence from the dense model on a held-out KL set (method §3). Each finished candidate is kept
+under checkpoints/ until the stage succeeds, so an interrupted search resumes where it stopped."""
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from nirvana.allocation import check_reachable
-from nirvana.calibration import candidate_pool, select, summary
+from nirvana.calibration import candidate_pool, resume_key, select, summary
 from nirvana.checks import check_calibration
 from nirvana.data import read_texts
-from nirvana.io import log, sha256_file, write_json, write_parquet
+from nirvana.io import folder_digest, log, sha256_file, write_json, write_parquet
 from nirvana.modeling import load_model, load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
+
+CHECKPOINTS = Path("checkpoints/select_calibration")  # outside every DVC output; removed on success
 
 
 def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, table_out: str, metrics_out: str) -> None:
@@ -24,12 +28,14 @@ def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, tabl
     check_reachable(skeleton(model_dir, params.attention.granularity), params)
     windows, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(builtin), user_file)
     model = load_model(model_dir, params.model, granularity=params.attention.granularity) if c.candidates > 1 else None
-    selected, table = select(model, windows, kl_windows, params, verbatim=user_file is not None)
+    checkpoints = CHECKPOINTS / resume_key(folder_digest(model_dir), windows, kl_windows, params)
+    selected, table = select(model, windows, kl_windows, params, user_file is not None, checkpoints)
     table["pool"] = c.source or pool  # provenance, read into the model card by prune
     table["pool_sha256"] = "" if c.source else sha256_file(pool)
     write_parquet(pd.DataFrame({"input_ids": selected.tolist()}), out)
     write_parquet(table, table_out)
     write_json(summary(table), metrics_out)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     winner = table.loc[table.selected].iloc[0]
     log.info(
         "wrote %s: candidate %d of %d (%d windows x %d tokens from %s), KL %.5f",

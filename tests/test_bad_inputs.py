@@ -43,6 +43,7 @@ DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parq
 
 # stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
 STAGES = {
+    "check_params": ([], ["out/params_schema.json"]),
     "allocate_sparsity": (
         ["model", "calibration.parquet", "pool.parquet", "saliency.parquet"],
         ["out/plan.parquet", "out/plans.parquet", "out/plan.json", "out/widths.csv"],
@@ -291,20 +292,29 @@ CASES = [
         {"model.name_or_path": "smollm2-135"},
     ),
     # fine-tuning files
+    # refused by check_params, the first stage, not minutes later when finetune runs (a new user's file)
+    Case(
+        "finetune_file_without_instruction",
+        "check_params",
+        ["finetune.path", ALPACA, "columns instruction and output, or text", "it has input, output"],
+        {"finetune.path": ALPACA},
+        alpaca([{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]),
+    ),
     Case(
         "finetune_file_without_output",
-        "finetune",
-        [ALPACA, "needs columns instruction and output", "has instruction, input"],
+        "check_params",
+        [ALPACA, "columns instruction and output", "it has input, instruction"],
         {"finetune.path": ALPACA},
         alpaca([{"instruction": "Say hi", "input": ""}, {"instruction": "Add", "input": "1 2"}]),
     ),
     Case(
         "finetune_file_not_json",
-        "finetune",
-        [ALPACA, "not readable as JSON lines"],
+        "check_params",
+        ["finetune.path", ALPACA, "its first line is not JSON"],
         {"finetune.path": ALPACA},
         lambda repo: (repo / ALPACA).write_text("instruction,output\nhi,there\n"),
     ),
+
     Case("finetune_dataset_renamed", "finetune", ["finetune.dataset is gone"], {"finetune.dataset": "x/alpaca"}),
 ]
 

@@ -142,6 +142,8 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     done = verify(pruned)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and "OK" in done.stdout
+    # one weight file and the modeling file: counted apart (a new user read "2 safetensors file(s)")
+    assert done.stdout.rstrip().endswith("in 1 safetensors file(s) and 1 Python file(s) match"), done.stdout
 
 
 def tensor_span(path: Path, name: str) -> tuple[int, int]:
