@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.criteria import CRITERIA
 from nirvana.data import bos_id, dataset_texts, hold_out, token_stream, user_windows, windows
-from nirvana.io import write_json
+from nirvana.io import atomic_path
 from nirvana.params import CalibrationParams, Params
 from nirvana.saliency import enable_checkpointing
 from nirvana.selection import HeldOut, choose
@@ -100,8 +100,9 @@ def search(
         _, plans = choose(model, scores, params, sparsity, windows, held_out, measure)
         best = plans[plans["selected"]].iloc[0].drop(["selected", "allocation"])
         rows.append({"candidate": candidate, "seed": seed, **best.to_dict(), "windows": picks.tolist()})
-        if checkpoints is not None:
-            write_json(rows[-1], checkpoints / f"candidate-{candidate}.json")
+        if checkpoints is not None:  # in the row's own key order: the table's columns come from it
+            with atomic_path(checkpoints / f"candidate-{candidate}.json") as tmp:
+                tmp.write_text(json.dumps(rows[-1]))
     table = pd.DataFrame(rows)
     table["selected"] = table.index == int(table["kl"].idxmin())
     return table

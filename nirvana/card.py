@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,20 @@ def lock_state(path: str | Path = "dvc.lock", stage: str = "prune") -> dict[str,
     """SHA-256 of the dvc.lock entries of `stage`'s upstream stages (canonical JSON), or why there is
     none. Only upstream entries: they are final when the stage runs, so the hash is reproducible."""
     path = Path(path)
-    entries = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.is_file() else {}
-    upstream = {name: entries[name] for name in UPSTREAM.get(stage, ()) if name in entries}
-    if not upstream:
+    digest, upstream = lock_hash(path.read_text() if path.is_file() else "", UPSTREAM.get(stage, ()))
+    if digest is None:
         return {"sha256": None, "note": f"no dvc.lock entries upstream of {stage} (not run by DVC)"}
+    return {"sha256": digest, "stages": upstream, "note": LOCK_NOTE}
+
+
+def lock_hash(lock_text: str, stages: tuple[str, ...] | list[str]) -> tuple[str | None, list[str]]:
+    """SHA-256 of a dvc.lock's entries of `stages` (canonical JSON), and which of them it has."""
+    entries = (yaml.safe_load(lock_text) or {}).get("stages", {}) if lock_text else {}
+    upstream = {name: entries[name] for name in stages if name in entries}
+    if not upstream:
+        return None, []
     text = json.dumps(upstream, sort_keys=True, separators=(",", ":"))
-    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "stages": sorted(upstream), "note": LOCK_NOTE}
+    return hashlib.sha256(text.encode()).hexdigest(), sorted(upstream)
 
 
 # --- what the stages know ------------------------------------------------------------------------
@@ -442,6 +451,34 @@ def compare_weights(card: dict[str, Any], found: dict[str, Any]) -> list[str]:
                 diff = "SHA-256 differs" if kind == "files" else _tensor_difference(recorded[name], present[name])
                 problems.append(f"{where}: {diff}")
     return problems
+
+
+def lock_commits(lock: dict[str, Any], repo: str | Path = ".") -> list[str] | None:
+    """The commits of `repo` whose committed dvc.lock has the entries a card's `dvc_lock` hash covers, oldest
+    first: the commit of the run that made the model (later ones kept those entries). None outside git."""
+    if not lock.get("sha256"):
+        return []
+    git = ["git", "-C", str(repo)]
+    history = subprocess.run([*git, "log", "--format=%H", "--", "dvc.lock"], capture_output=True, text=True)
+    if history.returncode != 0:
+        return None
+    found = []
+    for commit in reversed(history.stdout.split()):
+        text = subprocess.run([*git, "show", f"{commit}:dvc.lock"], capture_output=True, text=True).stdout
+        if lock_hash(text, lock.get("stages", []))[0] == lock["sha256"]:
+            found.append(commit)
+    return found
+
+
+def provenance_line(card: dict[str, Any], repo: str | Path = ".") -> str:
+    """Where the card's dvc.lock hash leads in this repository's history, in one line."""
+    commits = lock_commits(card.get("dvc_lock") or {}, repo)
+    if commits is None:
+        return "not in a git repository: clone the project to find the commit that made it"
+    if not commits:
+        return "no commit here has the dvc.lock entries its card names (an uncommitted run, or another repository)"
+    later = f" (and {len(commits) - 1} later commit(s) that kept them)" if len(commits) > 1 else ""
+    return f"made by the run committed in {commits[0][:12]}{later}: `git checkout {commits[0][:12]}` to reproduce it"
 
 
 def verify_folder(folder: str | Path) -> tuple[bool, str]:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from nirvana.card import verify_folder
+from nirvana.card import provenance_line, read_card, verify_folder
 from nirvana.evaluation import param_counts
 from nirvana.gguf import TYPES, ExportError
 from nirvana.gguf import export as export_gguf
@@ -36,12 +36,13 @@ def generate(path: str, prompt: str, max_new_tokens: int) -> None:
 
 
 def verify(path: str) -> None:
-    """Recompute a model folder's tensor hashes and check them against its card (README.md);
-    exit 1 naming every missing, extra or changed file and tensor."""
+    """Recompute a model folder's tensor hashes and check them against its card (README.md), and name the
+    commit whose dvc.lock made it; exit 1 naming every missing, extra or changed file and tensor."""
     ok, message = verify_folder(path)
     if not ok:
         sys.exit(message)
     print(message)
+    print(f"{path}: {provenance_line(read_card(path).get('nirvana') or {}, path)}")
 
 
 def export(path: str, out: str, type: str) -> None:
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     p_report.add_argument(
         "--all", action="store_true", help="also allocation, parameters, each task's accuracy and the speedups"
     )
-    p_sweep = sub.add_parser("sweep", help="one DVC experiment per method and sparsity, up to evaluate@pruned")
+    p_sweep = sub.add_parser(
+        "sweep", help="one DVC experiment per method and sparsity, through fine-tuning and compare"
+    )
     p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)
     p_sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` settings")

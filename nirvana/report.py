@@ -89,11 +89,30 @@ def plan_labels(params: dict, plan: dict) -> tuple[str, str, str]:
     return label, alloc, f"auto -> {plan.get('gamma', '?')}" if gamma == "auto" else str(gamma)
 
 
+# the metrics file of the stage that made each model, whose digest evaluate's numbers must carry
+MADE_BY = {"pruned": "metrics/prune.json", "finetuned": "metrics/finetune.json"}
+
+
+def measured(metrics: dict, model: str) -> bool:
+    """Whether metrics/<model>.json measured this run's own model: a run stopped before `evaluate` (say at
+    `prune`) leaves an earlier run's numbers there. Runs older than the digest in prune.json pass."""
+    made = metrics.get(MADE_BY.get(model, ""), {}).get("model_digest")
+    return made is None or made == metrics.get(f"metrics/{model}.json", {}).get("model_digest")
+
+
+def pruned_digest(metrics: dict) -> str | None:
+    """This run's pruned model: the digest prune wrote, or for older runs the one evaluate@pruned measured."""
+    made = metrics.get("metrics/prune.json", {}).get("model_digest")
+    return made or metrics.get("metrics/pruned.json", {}).get("model_digest")
+
+
 def _row(name: str, data: dict, model: str) -> dict:
-    """One model of one run: `dense`, `pruned` or `finetuned` (the pruned model after LoRA)."""
+    """One model of one run: `dense`, `pruned` or `finetuned` (the pruned model after LoRA); no quality
+    numbers when evaluate did not measure this run's model (`measured`)."""
     params = _files(data, "params").get("params.yaml", {})
     metrics = _files(data, "metrics")
-    quality = metrics.get(f"metrics/{model}.json", {})
+    ours = measured(metrics, model)
+    quality = metrics.get(f"metrics/{model}.json", {}) if ours else {}
     row: dict = {"experiment": name, "_sparsity": params.get("sparsity", "") if model != "dense" else 0}
     if model == "dense":
         row |= {"model": "dense", "sparsity": 0, "calibration": "", "finetune data": "", "alloc": "", "gamma": ""}
@@ -101,7 +120,7 @@ def _row(name: str, data: dict, model: str) -> dict:
         method, alloc, gamma = plan_labels(params, metrics.get("metrics/plan.json", {}))
         realised = metrics.get("metrics/prune.json", {}).get("sparsity_realised")
         row |= {
-            "model": method + (" + LoRA" if model == "finetuned" else ""),
+            "model": method + (" + LoRA" if model == "finetuned" else "") + ("" if ours else " (not evaluated)"),
             "sparsity": f"{params.get('sparsity', '')}" + (f" ({realised:.4f})" if realised is not None else ""),
             "calibration": calibration_label(params),
             "finetune data": finetune_label(params) if model == "finetuned" else "",
@@ -111,9 +130,7 @@ def _row(name: str, data: dict, model: str) -> dict:
     row |= _evaluation(params) | {"params": quality.get("params_total", "")}
     row |= {k: v for k, v in quality.items() if k.startswith(("ppl_", "acc_"))}
     efficiency = metrics.get("metrics/efficiency.json", {})
-    if model != "dense" and efficiency.get("pruned_digest") == metrics.get("metrics/pruned.json", {}).get(
-        "model_digest"
-    ):
+    if model != "dense" and efficiency.get("pruned_digest") == pruned_digest(metrics):
         row |= {k: v for k, v in efficiency.items() if k.startswith("speedup_")}
     return row | _llamacpp(metrics, model)
 
@@ -122,7 +139,7 @@ def _llamacpp(metrics: dict, model: str) -> dict:
     """llama.cpp speedups of a pruned or fine-tuned row per GGUF type (`speedup_llamacpp_q8_0_gen`), when
     metrics/gguf.json is about this run's pruned model."""
     gguf = metrics.get("metrics/gguf.json", {})
-    if model == "dense" or gguf.get("pruned_digest") != metrics.get("metrics/pruned.json", {}).get("model_digest"):
+    if model == "dense" or gguf.get("pruned_digest") != pruned_digest(metrics):
         return {}
     out = {}
     for type, by_model in gguf.items():
@@ -141,9 +158,7 @@ def _run_rows(name: str, data: dict) -> list[dict]:
         return []
     rows = [_row(name, data, "pruned")]
     finetune = metrics.get("metrics/finetune.json", {})
-    if finetune.get("steps") and finetune.get("base_digest") == metrics.get("metrics/pruned.json", {}).get(
-        "model_digest"
-    ):
+    if finetune.get("steps") and finetune.get("base_digest") == pruned_digest(metrics):
         rows.append(_row(name, data, "finetuned"))
     return rows
 

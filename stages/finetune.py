@@ -37,7 +37,8 @@ def main(params: Params, model_dir: str, data: str, out_dir: str, metrics_out: s
             with atomic_path(out_dir) as tmp:
                 shutil.copytree(model_dir, tmp)
                 (tmp / CARD).write_text(model_card(record, tmp))
-            write_json({"steps": 0, "base_digest": folder_digest(model_dir)}, metrics_out)
+            digests = {"base_digest": folder_digest(model_dir), "model_digest": folder_digest(out_dir)}
+            write_json({"steps": 0, **digests}, metrics_out)
             log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
         return
     rows = load_rows(data, f.source)  # a bad file fails here, before the model is loaded
@@ -54,7 +55,7 @@ def main(params: Params, model_dir: str, data: str, out_dir: str, metrics_out: s
         }
         card = partial(model_card, finetune_record(model_dir, f, summary | provenance, merged))
         save_model(merged, load_tokenizer(model_dir), out_dir, card=card)
-        write_json(summary | {"base_digest": base}, metrics_out)
+        write_json(summary | {"base_digest": base, "model_digest": folder_digest(out_dir)}, metrics_out)
         remove_checkpoints(checkpoints)
         log.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in summary.items()))
     wait_for_everyone()

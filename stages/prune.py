@@ -7,7 +7,7 @@ import pandas as pd
 from nirvana.card import calibration_record, chosen, model_card, prune_record, selection_record
 from nirvana.checks import check_model
 from nirvana.evaluation import param_counts
-from nirvana.io import log, write_json
+from nirvana.io import folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -42,7 +42,8 @@ def main(
     calibrated, selected = calibration_record(calibration, candidates), selection_record(params, choices)
     record = prune_record(chosen(params, choices), model_dir, model, metrics, calibrated, selected)
     save_model(model, load_tokenizer(model_dir), out_dir, card=partial(model_card, record))
-    write_json(metrics, metrics_out)
+    # which model this run made: `nirvana report` credits evaluate's numbers only to the model they measured
+    write_json(metrics | {"model_digest": folder_digest(out_dir)}, metrics_out)
     log.info(
         "wrote %s (with its model card): %d -> %d parameters, attention+MLP sparsity %.4f (requested %.4f)",
         out_dir,

@@ -314,7 +314,6 @@ CASES = [
         {"finetune.path": ALPACA},
         lambda repo: (repo / ALPACA).write_text("instruction,output\nhi,there\n"),
     ),
-
     Case("finetune_dataset_renamed", "finetune", ["finetune.dataset is gone"], {"finetune.dataset": "x/alpaca"}),
 ]
 

@@ -19,7 +19,16 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
-from nirvana.card import CARD, code_state, finetune_record, lock_state, model_card, read_card, verify_folder
+from nirvana.card import (
+    CARD,
+    code_state,
+    finetune_record,
+    lock_commits,
+    lock_state,
+    model_card,
+    read_card,
+    verify_folder,
+)
 from nirvana.cli import main as cli
 from nirvana.params import FinetuneParams, ModelParams, Params
 from nirvana.surgery import layer_units, save_model
@@ -55,7 +64,7 @@ def verify_here(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         cli(["verify", str(folder)])
     except SystemExit as exit_:  # sys.exit(message): status 1, the message on stderr
         return 1, [line.strip() for line in str(exit_.code).splitlines()[1:]]
-    assert capsys.readouterr().out.count("\n") == 1  # the one-line summary
+    assert capsys.readouterr().out.count("\n") == 2  # the summary and the commit that made it
     return 0, []
 
 
@@ -141,9 +150,10 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert "### Plan selection" in text and "| nirvana | nirvana | 6.0 | 0.20000 | 0.2 | chosen |" in text
     done = verify(pruned)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("\n") == 1 and "OK" in done.stdout
+    ok, provenance = done.stdout.splitlines()
     # one weight file and the modeling file: counted apart (a new user read "2 safetensors file(s)")
-    assert done.stdout.rstrip().endswith("in 1 safetensors file(s) and 1 Python file(s) match"), done.stdout
+    assert "OK" in ok and ok.endswith("in 1 safetensors file(s) and 1 Python file(s) match"), done.stdout
+    assert "no commit here has the dvc.lock entries its card names" in provenance  # the test repo commits none
 
 
 def tensor_span(path: Path, name: str) -> tuple[int, int]:
@@ -294,3 +304,22 @@ def test_the_card_names_llm_pruners_band_of_pruned_layers() -> None:
         "llm_pruner (layers 1-2)"
     )
     assert allocation_label(Params(method="wanda_sp"), 30) == "uniform"
+
+
+def test_the_lock_hash_of_a_card_leads_to_the_commit_that_made_it(tmp_path: Path) -> None:
+    """The card's dvc.lock hash names the commit whose lock holds its upstream entries (item 7 of issue 25):
+    the run's own commit first, then later ones that left those entries alone; a changed entry breaks it."""
+    lock = lambda seed: {"stages": {name: {"cmd": f"{name} {seed}"} for name in ("prepare_model", "prune")}}  # noqa: E731
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    commits = []
+    for text in (lock(1), lock(2), {**lock(2), "extra": 1}, lock(3)):
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump(text))
+        git("add", "dvc.lock")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+        commits.append(git("rev-parse", "HEAD").stdout.strip())
+    card = lock_state(tmp_path / "dvc.lock", "finetune")  # of the last run
+    assert lock_commits(card, tmp_path) == [commits[3]]
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock(2)))
+    assert lock_commits(lock_state(tmp_path / "dvc.lock", "finetune"), tmp_path) == commits[1:3]
+    assert lock_commits(card, tmp_path.parent / "elsewhere") is None

@@ -70,7 +70,8 @@ if HOLD and MARK and sys.argv and sys.argv[0].replace(os.sep, "/").startswith("s
         CallbackHandler.on_save = on_save
 '''
 # the parts of metrics/finetune.json that describe how the run went, not the model it made
-RUN_RECORD = {"resumed_from_step", "steps_per_process", "train_loss"}
+# model_digest covers the folder's card, which records resumed_from_step
+RUN_RECORD = {"resumed_from_step", "steps_per_process", "train_loss", "model_digest"}
 # A model folder's card (nirvana/card.py) records that run too (resumed_from_step, ...) and the
 # SHA-256 dvc.lock had when the stage ran, so a resumed run writes the same weights, config and
 # tokenizer but another README.md, and so another folder hash in dvc.lock.
@@ -115,6 +116,7 @@ class Pipeline:
                 start_new_session=True,
             )
         self.started.append(proc)
+        self.log = log  # what dvc and the stage printed
         deadline = time.monotonic() + 600
         while not mark.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -175,6 +177,11 @@ def test_select_calibration_killed_mid_write_leaves_no_partial_output(pipeline: 
     assert (repo / f"outputs/.tmp-calibration.parquet-{pid}").is_file()  # the kill lands mid-write
     os.killpg(proc.pid, signal.SIGINT)
     assert stop(proc) != 0
+    printed = pipeline.log.read_text()  # Ctrl-C: one line from the stage, no traceback (issue 25)
+    assert "[select_calibration] interrupted: no output of this stage was written" in printed, printed[-3000:]
+    assert "Traceback" not in printed
+    # every candidate had finished: each is kept for the rerun, which does not compute it again
+    assert len(list(repo.glob("checkpoints/select_calibration/*/candidate-*.json"))) == 2
     pipeline.assert_absent_or_unchanged("select_calibration")
     assert not pipeline.leftovers()  # KeyboardInterrupt ran atomic_path's cleanup
     assert read_lock(repo) == pipeline.lock  # nothing recorded for the interrupted run

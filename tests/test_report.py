@@ -85,6 +85,26 @@ def test_rows_cover_dense_commits_experiments_and_fine_tuned_models() -> None:
     assert wide[5].startswith("| exp-1      | flap           | flap    |       | 0.4 (0.3990) |")  # no gamma in FLAP's
 
 
+def test_a_run_stopped_before_evaluate_gets_no_numbers_of_another_run() -> None:
+    """An experiment run only up to `prune` keeps the committed run's metrics/pruned.json (another model): its row
+    says "not evaluated" and shows neither those numbers nor the committed run's speedups, nor wins the summary."""
+    main = {"rev": "a" * 40, "name": "main", "data": run("nirvana", 0.2, 30.0, "d", "d", "d")}
+    main["data"]["metrics"]["metrics/prune.json"]["data"]["model_digest"] = "d"
+    stopped = run("flap", 0.3, 10.0, "d", "d", "d")  # its pruned.json, finetune.json and speeds are main's ("d")
+    stopped["metrics"]["metrics/prune.json"]["data"]["model_digest"] = "new"
+    main["experiments"] = [{"revs": [{"rev": "b" * 40, "name": "exp-1", "data": stopped}]}]
+    rows = experiment_rows([main])
+    assert [(r["experiment"], r["model"]) for r in rows] == [
+        ("main", "dense"),
+        ("main", "nirvana"),
+        ("main", "nirvana + LoRA"),
+        ("exp-1", "flap (not evaluated)"),
+    ]
+    assert not [k for k in rows[3] if k.startswith(("ppl_", "acc_", "speedup_"))] and rows[3]["params"] == ""
+    assert rows[1]["ppl_wiki_128"] == 30.0 and rows[1]["speedup_prefill_bs1"] == 1.5
+    assert "lowest ppl_wiki_128 25 (main: nirvana + LoRA at 0.2)" in best_runs(rows)[0]
+
+
 def test_a_searched_criterion_and_gamma_show_what_won() -> None:
     data = run("nirvana", 0.3, 40.0, "d", "d", "d", gamma="auto")
     data["metrics"]["metrics/plan.json"] = {"data": {"method": "nirvana", "gamma": 6.0, "kl_selected": 0.9}}
@@ -105,7 +125,7 @@ def test_a_searched_criterion_and_gamma_show_what_won() -> None:
 def test_sweep_commands_cover_every_pair_and_refuse_bad_input_up_front() -> None:
     commands = sweep_commands(["flap", "random"], [0.1, 0.4], ["evaluate.limit=50"], queue=True)
     assert len(commands) == 4 and commands[0][2:] == [
-        "dvc", "exp", "run", "--queue", "evaluate@dense", "evaluate@pruned",
+        "dvc", "exp", "run", "--queue", "compare",  # its plots/models.csv: each experiment's own bars
         "-S", "method=flap", "-S", "sparsity=0.1", "-S", "evaluate.limit=50",
     ]  # fmt: skip
     assert commands[3][-5:] == ["method=random", "-S", "sparsity=0.4", "-S", "evaluate.limit=50"]
