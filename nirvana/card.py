@@ -304,7 +304,7 @@ def _pruning(r: dict[str, Any]) -> str:
     rows = [
         ("method", r["method"]),
         ("sparsity (attention+MLP), requested / realised", f"{s['requested']} / {s['realised']}"),
-        ("gamma (MLP / attention pruning fraction)", r["gamma"]),
+        ("gamma (MLP / attention pruning fraction)", r["gamma"] if r.get("allocation_mode") == "nirvana" else "n/a"),
         ("allocation mode", r["allocation_mode"]),
         ("attention granularity", r["attention_granularity"]),
     ]
@@ -319,7 +319,7 @@ def _pruning(r: dict[str, Any]) -> str:
 
 def _choice(c: dict[str, Any]) -> tuple[Any, ...]:
     mark = "chosen" if c["selected"] else ""
-    return c["method"], c["allocation"], c["gamma"] or "", f"{c['kl']:.5f}", c["sparsity_realised"], mark
+    return c["method"], c["allocation"], _figure(c["gamma"], None), _figure(c["kl"]), c["sparsity_realised"], mark
 
 
 def _selection(s: dict[str, Any] | None) -> str:
@@ -349,6 +349,22 @@ def _layers(layers: list[dict[str, int]] | None) -> str:
     return "## Per-layer widths (kept units)\n\n" + _table(rows, ("layer", *modules))
 
 
+# A card is written with its folder, before `evaluate` measures the model; the published folder has the numbers.
+NOT_YET_MEASURED = (
+    "## Results\n\nNot in this card: the `evaluate` stage measures this folder after it is written. The "
+    "folder to ship, `outputs/release/` (stage `publish`), is this model with a card that has its perplexity "
+    "and zero-shot accuracy; `metrics/` holds them too.\n\n"
+)
+
+
+def _figure(value: Any, digits: int | None = 5) -> str:
+    """A number for a table cell, `n/a` where there is none (a plan without a search has no KL, and
+    an allocation without two pools no gamma)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) and digits is not None else str(value)
+
+
 def body(r: dict[str, Any], evaluation: str = "") -> str:
     """The human-readable part: the same facts as the front matter, in tables."""
     name = (r.get("base_model") or {}).get("name_or_path", "a model")
@@ -357,12 +373,14 @@ def body(r: dict[str, Any], evaluation: str = "") -> str:
         (f"`{n}`", f"`{sha}`", sum(t["file"] == n for t in weights["tensors"].values()))
         for n, sha in weights["files"].items()
     ]
+    evaluation = evaluation or NOT_YET_MEASURED
     return (
         f"# `{name}`, structurally pruned with NIRVANA\n\n"
         "Written by the nirvana pipeline. Load it with `import nirvana` first (that registers the pruned "
         "widths recorded in `config.json`), then `AutoModelForCausalLM.from_pretrained(folder)`; or, "
         "without nirvana, `from_pretrained(folder, trust_remote_code=True)`, which runs the folder's "
-        "`modeling_nirvana.py` (its SHA-256 is below).\n\n"
+        "`modeling_nirvana.py` (its SHA-256 is below). `nirvana verify FOLDER` checks the weights against "
+        "this card and names the commit whose `dvc.lock` made them.\n\n"
         f"{evaluation}{_provenance(r)}\n\n{_pruning(r)}\n\n{_finetune(r)}{_layers(r.get('layers'))}\n\n"
         "## Weights\n\n"
         f"SHA-256 of each of the {len(weights['tensors'])} tensors (its stored bytes, with dtype and shape) "

@@ -38,13 +38,13 @@ def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, tabl
     shutil.rmtree(checkpoints, ignore_errors=True)
     winner = table.loc[table.selected].iloc[0]
     log.info(
-        "wrote %s: candidate %d of %d (%d windows x %d tokens from %s), KL %.5f",
+        "wrote %s: candidate %d of %d (%d windows x %d tokens from %s), KL %s",
         out,
         winner.candidate,
         len(table),
         *selected.shape,
         winner.pool,
-        winner.kl,
+        "n/a (no search)" if pd.isna(winner.kl) else f"{winner.kl:.5f}",
     )
 
 

@@ -147,6 +147,8 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert up["dtype"] == "F32" and up["shape"] == [card["layers"][0]["mlp"], 24] and len(up["sha256"]) == 64
     text = (pruned / CARD).read_text()
     assert "## Per-layer widths" in text and "### Calibration selection" in text
+    # measured only after the card is written: it says where the numbers are (the released folder's card)
+    assert "## Results" in text and "`outputs/release/` (stage `publish`)" in text
     assert "### Plan selection" in text and "| nirvana | nirvana | 6.0 | 0.20000 | 0.2 | chosen |" in text
     done = verify(pruned)
     assert done.returncode == 0, done.stderr
@@ -323,3 +325,14 @@ def test_the_lock_hash_of_a_card_leads_to_the_commit_that_made_it(tmp_path: Path
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock(2)))
     assert lock_commits(lock_state(tmp_path / "dvc.lock", "finetune"), tmp_path) == commits[1:3]
     assert lock_commits(card, tmp_path.parent / "elsewhere") is None
+
+
+def test_a_missing_kl_or_gamma_reads_n_a_not_nan() -> None:
+    """FLAP's allocation has no gamma and a plan without a search no KL: the card says n/a (a new user read `nan`)."""
+    from nirvana.card import _selection
+
+    flap = {"method": "flap", "allocation": "flap", "gamma": float("nan"), "kl": float("nan")}
+    text = _selection(
+        {"method": "flap", "gamma": "auto", "choices": [flap | {"sparsity_realised": 0.2, "selected": True}]}
+    )
+    assert "| flap | flap | n/a | n/a | 0.2 | chosen |" in text and "nan" not in text
