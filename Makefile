@@ -11,10 +11,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint install clean
+.PHONY: run quick test lint install clean
 
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+
+# A first look in a few minutes: the whole pipeline as one DVC experiment in a temporary copy (--temp), at
+# quick settings; the workspace and the committed results stay as they are. `nirvana report` shows it.
+QUICK := -S calibration.candidates=1 -S gamma=3.0 -S finetune.steps=10 -S evaluate.limit=10 \
+         -S evaluate.max_tokens=2048 -S export.repeats=1
+quick: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" dvc exp run --temp $(QUICK)
 
 test: $(TESTSTAMP)
 	$(MAKE) lint

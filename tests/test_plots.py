@@ -35,6 +35,7 @@ def plots_page(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
     subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True, env=env)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the quality_bars template
     shutil.copy(ROOT / "data" / "plots_template.html", repo / "data")
     shutil.copy(ROOT / "dvc.yaml", repo)
     shutil.copy(ROOT / "params.yaml", repo)  # dvc.yaml interpolates ${finetune.launch}
