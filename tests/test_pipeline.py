@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     expected = {"check_params", "prepare_model", "compute_saliency", "prune", "finetune", "compare", "publish"}
     expected |= {"export_gguf", "measure_gguf"}
     assert expected | {"evaluate@dense", "evaluate@pruned", "evaluate@finetuned"} <= stages_run(log)
+    sh(repo, "git", "add", "-A")  # the committed run: its lock, metrics and plots, as on main
+    sh(repo, "git", "commit", "-qm", "run")
     return repo
 
 
@@ -211,3 +214,35 @@ def test_the_pruned_card_names_the_calibration_pool_and_its_hash(repo: Path) -> 
     assert calibration["pool"] == "outputs/corpora/calibration.parquet"
     assert calibration["pool_sha256"] == hashlib.sha256(pool.read_bytes()).hexdigest()
     assert calibration["windows"] == SMALL["calibration"]["num_samples"]
+
+
+def readme_block(title: str) -> list[str]:
+    """The commands of the README's indented block that follows the paragraph starting with `title`."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    block = []
+    for line in lines[start + 1 :]:
+        if line.startswith("    "):
+            block.append(line.split(" #")[0].strip())
+        elif block:
+            return block
+    return block
+
+
+@pytest.mark.slow
+def test_the_readme_commands_go_back_to_the_committed_run(repo: Path) -> None:
+    """After an experiment in the workspace, with a committed output this clone's cache lacks (a fresh clone
+    whose first run was an experiment), the README's commands give back the committed params, lock, metrics
+    and outputs: git and DVC both clean. The old advice (`git checkout -- params.yaml dvc.lock && dvc
+    checkout`) failed here and left the experiment's metrics behind."""
+    sh(repo, "dvc", "exp", "run", "-S", "sparsity=0.4")  # restored from the run-cache if an earlier test ran it
+    committed = yaml.safe_load(sh(repo, "git", "show", "HEAD:dvc.lock"))
+    (release,) = committed["stages"]["publish"]["outs"]
+    (repo / ".dvc/cache/files/md5" / release["md5"][:2] / release["md5"][2:]).unlink()
+    commands = readme_block("**Go back to the committed results**")
+    assert [c.split()[:2] for c in commands] == [["git", "checkout"], ["dvc", "checkout"], ["dvc", "repro"]]
+    for command in commands:
+        sh(repo, *shlex.split(command))
+    assert sh(repo, "git", "status", "--porcelain") == ""
+    assert "up to date" in sh(repo, "dvc", "status")
+    assert json.loads((repo / "metrics/prune.json").read_text())["sparsity_realised"] == pytest.approx(0.2, abs=0.005)
