@@ -40,17 +40,22 @@ install: $(TESTSTAMP)
 # than these machines' 2.36, so it is built from the sdist with LLAMA_CMAKE (3 min on an idle 2-core
 # machine) once per flag set into WHEELS, outside pip's cache, whose key ignores CMAKE_ARGS. The default
 # is portable (x86-64-v3: AVX2, FMA, F16C; no -march=native): a native build on a Xeon announcing AMX
-# died of SIGILL on q8_0 prompts in a virtual machine that cannot execute AMX. docs/deployment.md has
-# what it costs in speed and the flags for a CUDA build.
+# died (SIGILL, SIGSEGV) on q8_0 prompts in virtual machines that cannot execute AMX. docs/deployment.md
+# has what it costs in speed (prompts 0.67-0.81 of an AVX-512 build's) and the flags for AVX-512 or CUDA.
 LLAMA_CPP   := llama-cpp-python==0.3.36
 LLAMA_CMAKE ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 WHEELS      ?= $(HOME)/.cache/nirvana/wheels/$(shell printf '%s' '$(LLAMA_CPP) $(LLAMA_CMAKE)' | sha256sum | cut -c1-12)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Other flags, another folder: `make install LLAMA_CMAKE=...` builds and installs that wheel.
+$(WHEELS)/.built: | $(BIN)/python
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) "$(LLAMA_CPP)"
+	touch $@
+
+$(STAMP): pyproject.toml Makefile $(WHEELS)/.built | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) "$(LLAMA_CPP)"
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -q -e ".[deploy]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
