@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -336,6 +337,35 @@ def test_k_quant_loads_and_generates(project: Path) -> None:
     # Measured: 3.5 from the original's logits, 0.40 from the stored model's (llama.cpp also rounds activations
     # to 8 bits for k-quant products); a file llama.cpp misread would be as far from both.
     assert off_stored < 0.2 * off_original
+
+
+LLAMA_LOG: list[str] = []
+
+
+@llama_cpp.llama_log_callback
+def keep_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    LLAMA_LOG.append(text.decode("utf-8", "replace"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_k_quant_fallbacks_are_counted_as_llama_cpp_counts_them(project: Path, tied: bool) -> None:
+    """Rows of 288 values are no whole 256-value k-quant block: llama.cpp stores the output matrix (the embedding
+    where it is tied) in q8_0 by its own choice and counts as fallbacks only the matrices that could not take the
+    type it chose. The record counts the same (it said 204 where llama.cpp said 203 for SmolLM2)."""
+    from llama_cpp._logger import llama_log_callback
+
+    folder, _ = pruned_folder(project / "model", hidden_size=288, tie_word_embeddings=tied)
+    LLAMA_LOG.clear()
+    llama_cpp.llama_log_set(keep_log, ctypes.c_void_p(0))
+    try:
+        record = export(folder, "outputs/m-q4.gguf", "q4_k_m")
+    finally:
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+    counted = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", "".join(LLAMA_LOG))
+    assert counted is not None, "".join(LLAMA_LOG)[-2000:]
+    assert record["fallbacks"] == int(counted.group(1)) > 0
+    output = "token_embd.weight" if tied else "output.weight"
+    assert not [name for name in record["fallback_tensors"] if name.startswith(output)]
 
 
 def with_gguf_weights(model: PreTrainedModel, path: Path, layers: list[dict]) -> PreTrainedModel:
