@@ -477,7 +477,7 @@ def lock_commits(lock: dict[str, Any], repo: str | Path = ".") -> list[str] | No
     if not lock.get("sha256"):
         return []
     git = ["git", "-C", str(repo)]
-    history = subprocess.run([*git, "log", "--format=%H", "--", "dvc.lock"], capture_output=True, text=True)
+    history = subprocess.run([*git, "log", "--format=%H", "--", ":/dvc.lock"], capture_output=True, text=True)
     if history.returncode != 0:
         return None
     found = []

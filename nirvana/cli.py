@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)
     p_sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` settings")
     p_sweep.add_argument("--queue", action="store_true", help="only queue them; run with `dvc queue start -j N`")
+    p_sweep.add_argument(
+        "--share", action="store_true", help="pull the default DVC remote's run-cache first, push each result to it"
+    )
     args = parser.parse_args(argv)
     if args.command == "info":
         info(args.model)
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         export(args.model, args.out, args.type)
     elif args.command == "sweep":
-        sweep(args.methods, args.sparsities, args.set, args.queue)
+        try:
+            sweep(args.methods, args.sparsities, args.set, args.queue, args.share)
+        except ValueError as error:  # a bad argument or an unusable remote: one line, before or instead of the runs
+            sys.exit(str(error))
     elif args.readme:
         print(readme_table(), end="")
     else:

@@ -55,10 +55,44 @@ def _tracked(path: str) -> bool:
     return listed or any(Path(f"{p}.dvc").is_file() for p in (Path(path), *Path(path).parents))
 
 
-def sweep(methods: list[str], sparsities: list[float], settings: list[str], queue: bool) -> None:
-    """Run (or queue, for `dvc queue start -j N`) every experiment, one after another."""
+def dvc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+
+
+def default_remote() -> str:
+    """The DVC default remote a shared sweep pulls from and pushes to, or a ValueError saying how to add one."""
+    found = dvc("remote", "default")
+    if found.returncode != 0 or not found.stdout.strip():
+        raise ValueError("sweep: --share needs a default DVC remote: `dvc remote add -d NAME URL` (README: Sharing)")
+    return found.stdout.strip()
+
+
+def share(direction: str, remote: str) -> None:
+    """`dvc push` or `dvc pull` with the run-cache: outputs and DVC's records of which command, deps and params
+    made them, so that a stage another machine already ran can be restored instead of run."""
+    missing = ["--allow-missing"] if direction == "pull" else []  # a new remote holds nothing yet
+    print(f"+ dvc {direction} --run-cache -r {remote}", flush=True)
+    done = dvc(direction, "--run-cache", *missing, "-r", remote)
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "no message")
+        raise ValueError(f"sweep: dvc {direction} with remote {remote!r} failed: {reason}")
+
+
+def sweep(methods: list[str], sparsities: list[float], settings: list[str], queue: bool, shared: bool = False) -> None:
+    """Run (or queue, for `dvc queue start -j N`) every experiment, one after another. `shared`: first exchange
+    outputs and run records with the default remote, and push each finished experiment's to it."""
+    commands = sweep_commands(methods, sparsities, settings, queue)  # every check before anything runs
+    remote = default_remote() if shared else ""
     for path in untracked_data(settings) if queue else []:
         print(f"note: {path} is not tracked by git or DVC; each queued run gets a copy (--copy-paths)", flush=True)
-    for command in sweep_commands(methods, sparsities, settings, queue):
+    if shared:  # a push first: it fails on a remote that cannot be reached, which a pull of nothing would not
+        share("push", remote)
+        share("pull", remote)
+    for command in commands:
         print("+", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
+        if shared and not queue:
+            share("push", remote)
+    if shared and queue:
+        print(f"note: after `dvc queue start`, push the results with `dvc push --run-cache -r {remote}`", flush=True)

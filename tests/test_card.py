@@ -325,6 +325,8 @@ def test_the_lock_hash_of_a_card_leads_to_the_commit_that_made_it(tmp_path: Path
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock(2)))
     assert lock_commits(lock_state(tmp_path / "dvc.lock", "finetune"), tmp_path) == commits[1:3]
     assert lock_commits(card, tmp_path.parent / "elsewhere") is None
+    (tmp_path / "outputs/release").mkdir(parents=True)  # `nirvana verify` asks git from inside the model folder
+    assert lock_commits(card, tmp_path / "outputs/release") == [commits[3]]
 
 
 def test_a_missing_kl_or_gamma_reads_n_a_not_nan() -> None:
