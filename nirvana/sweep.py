@@ -67,9 +67,30 @@ def default_remote() -> str:
     return found.stdout.strip()
 
 
+def run_outputs(runs: Path) -> set[str]:
+    """The md5 of every output DVC's run records under `runs` name, git-tracked metrics (`cache: false`) included."""
+    found = set()
+    for record in runs.glob("*/*/*"):
+        found |= {out["md5"] for out in (yaml.safe_load(record.read_text()) or {}).get("outs", []) if "md5" in out}
+    return found
+
+
+def transfer_run_outputs(direction: str, remote: str) -> None:
+    """Send or fetch the files the run records name: `dvc push --run-cache` sends the records and the cached
+    outputs of the workspace, not the git-tracked metrics a stage also wrote, and without them another machine
+    cannot restore the stage and runs it again (found by tests/test_remote.py)."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    with Repo() as repo:
+        objects = {HashInfo("md5", md5) for md5 in run_outputs(Path(repo.stage_cache.cache_dir))}
+        move = repo.cloud.push if direction == "push" else repo.cloud.pull
+        move(objects, remote=remote)
+
+
 def share(direction: str, remote: str) -> None:
-    """`dvc push` or `dvc pull` with the run-cache: outputs and DVC's records of which command, deps and params
-    made them, so that a stage another machine already ran can be restored instead of run."""
+    """`dvc push` or `dvc pull` with the run-cache, and the files its records name: outputs and DVC's records of
+    which command, deps and params made them, so that a stage another machine already ran is restored instead."""
     missing = ["--allow-missing"] if direction == "pull" else []  # a new remote holds nothing yet
     print(f"+ dvc {direction} --run-cache -r {remote}", flush=True)
     done = dvc(direction, "--run-cache", *missing, "-r", remote)
@@ -77,6 +98,7 @@ def share(direction: str, remote: str) -> None:
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "no message")
         raise ValueError(f"sweep: dvc {direction} with remote {remote!r} failed: {reason}")
+    transfer_run_outputs(direction, remote)
 
 
 def sweep(methods: list[str], sparsities: list[float], settings: list[str], queue: bool, shared: bool = False) -> None:

@@ -1,6 +1,7 @@
 """Results travel between machines through a DVC remote: machine A (a clone) runs the tiny pipeline and pushes;
-machine B (another clone of the same git remote, an empty cache) pulls byte-identical outputs that verify, and sees
-A's pushed experiment next to its own run. A local-folder remote, real `dvc` and `git` commands, no mocks."""
+machine B (another clone of the same git remote, an empty cache) pulls byte-identical outputs that verify, restores
+what A's shared sweep ran instead of running it, and sees A's pushed experiment next to its own. A local-folder
+remote, real `dvc` and `git` commands, no mocks."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_determinism import file_digests, tiny_checkout
-from test_pipeline import sh
+from test_pipeline import sh, stages_run
 
 from conftest import tiny_model_dir
 
@@ -51,19 +52,31 @@ def test_a_pull_gives_byte_identical_outputs_that_verify(machines: tuple[Path, P
     assert "OK" in verified and "made by the run committed in" in verified
 
 
+RESTORED = ("select_calibration", "prune", "finetune")  # DVC keeps no run record for the others (see README)
+
+
 @pytest.mark.slow
-def test_an_experiment_pushed_on_one_machine_is_reported_on_the_other(machines: tuple[Path, Path]) -> None:
-    """A runs an experiment at another sparsity and pushes it (git refs to origin, data to the remote); B pulls
-    it, and `nirvana report` lists it beside B's committed run, with A's numbers."""
+def test_a_shared_sweep_restores_on_b_what_a_ran_and_a_reports_b_sees(machines: tuple[Path, Path]) -> None:
+    """A sweeps sparsity 0.3 with --share; B, sweeping the same, restores the search, the pruning and the
+    fine-tuning from A's records instead of running them, and gets A's model. A pushes its experiment; B pulls
+    it, and `nirvana report` lists it beside B's own with A's numbers."""
     a, b = machines
-    sh(a, "dvc", "exp", "run", "-n", "a-sparsity-0.3", "-S", "sparsity=0.3")
-    sh(a, "dvc", "exp", "push", "origin", "a-sparsity-0.3")
-    sh(b, "dvc", "exp", "pull", "origin", "a-sparsity-0.3")
+    sweep = [sys.executable, "-m", "nirvana.cli", "sweep", "--methods", "nirvana", "--sparsities", "0.3", "--share"]
+    sh(a, *sweep)
+    log = sh(b, *sweep)
+    for stage in RESTORED:
+        assert f"Stage '{stage}' is cached - skipping run" in log, log[-3000:]
+    assert not {"select_calibration", "prune", "finetune"} & stages_run(log)
+    assert file_digests(b / "outputs/finetuned_model") == file_digests(a / "outputs/finetuned_model")
+
+    (name,) = sh(a, "dvc", "exp", "list", "--name-only").split()
+    sh(a, "dvc", "exp", "push", "origin", name)
+    sh(b, "dvc", "exp", "pull", "origin", name)
     report = sh(b, sys.executable, "-m", "nirvana.cli", "report")
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in report.splitlines()[2:] if "|" in line}
-    assert {("main", "nirvana"), ("a-sparsity-0.3", "nirvana")} <= rows, report
+    rows = [line for line in report.splitlines() if "| nirvana " in line and "0.3 (" in line]
+    assert len({row.split("|")[1].strip() for row in rows}) == 2, report  # A's experiment and B's
     ppl = json.loads((a / "metrics/pruned.json").read_text())["ppl_wiki_64"]
-    assert any(line.startswith("| a-sparsity-0.3") and f"{ppl:.4g}" in line for line in report.splitlines())
+    assert any(row.split("|")[1].strip() == name and f"{ppl:.4g}" in row for row in rows), report
 
 
 @pytest.mark.slow
