@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +84,15 @@ def transfer_run_outputs(direction: str, remote: str) -> None:
     from dvc_data.hashfile.hash_info import HashInfo
 
     with Repo() as repo:
-        objects = {HashInfo("md5", md5) for md5 in run_outputs(Path(repo.stage_cache.cache_dir))}
         move = repo.cloud.push if direction == "push" else repo.cloud.pull
-        move(objects, remote=remote)
+        md5s = run_outputs(Path(repo.stage_cache.cache_dir))
+        move({HashInfo("md5", md5) for md5 in md5s}, remote=remote)
+        files = set()  # a folder output is a `.dir` list of its files' md5s: those move too
+        for md5 in (m for m in md5s if m.endswith(".dir")):
+            listing = Path(repo.cache.local.oid_to_path(md5))
+            if listing.is_file():
+                files |= {entry["md5"] for entry in json.loads(listing.read_text())}
+        move({HashInfo("md5", md5) for md5 in files}, remote=remote)
 
 
 def share(direction: str, remote: str) -> None:
