@@ -69,8 +69,8 @@ def one_round(site: str | None, gguf_dir: str, prompt: list[int]) -> dict:
             out |= row
     if done.returncode:
         how = signal.Signals(-done.returncode).name if done.returncode < 0 else f"exit {done.returncode}"
-        last = next(reversed(out), "start") if any(k in FILES for k in out) else "start"
-        out["died"] = f"{how} after {last}: {sorted(out.get(last, {})) if last in FILES else []}"
+        last = [name for name in FILES if name in out][-1:] or ["start"]  # files run in FILES order
+        out["died"] = f"{how} after {last[0]}: {sorted(out.get(last[0], {}))}"
     return out
 
 
