@@ -101,3 +101,16 @@ def test_stages_read_only_paths_named_in_their_cmd() -> None:
         ]
         paths = [s for s in literals if re.match(r"^(outputs|metrics|plots|data)/", s)]
         assert not paths, f"{script.name} names {paths} itself; pass them in its dvc.yaml cmd"
+
+
+def test_no_stage_has_an_uncached_output_outside_its_metrics() -> None:
+    """DVC (3.67, `Stage.run`) writes no run-cache record for a stage with a `cache: false` entry among its
+    `outs`, so such a stage reruns on every machine that pulls the run-cache; git-tracked files are metrics."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    uncached = [
+        f"{name}: {next(iter(out))}"
+        for name, stage in stages.items()
+        for out in stage.get("do", stage).get("outs", [])
+        if isinstance(out, dict) and next(iter(out.values())).get("cache") is False
+    ]
+    assert not uncached, uncached
