@@ -50,6 +50,13 @@ UPSTREAM = {  # the stages whose dvc.lock entries pin what a stage's model was m
     ),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LOSS_NAMES = {"lm": "next-token loss", "kd": "distilled from the teacher", "mix": "next-token loss + distillation"}
+
+
+def recovery_label(adapter: str | None, loss: str | None) -> str:
+    """How a model was recovered, in words: 'LoRA, merged; next-token loss' (older runs: LoRA and lm)."""
+    trained = "every weight" if adapter == "full" else "LoRA, merged"
+    return f"{trained}; {LOSS_NAMES[loss or 'lm']}"
 
 
 # --- hashes of what the folder stores -------------------------------------------------------------
@@ -235,8 +242,10 @@ def card_data(record: dict[str, Any], evaluations: list | None = None) -> ModelC
     tags = ["nirvana", "pruned", "structured-pruning"]
     if "method" in record:
         tags.append(f"method-{record['method']}")
-    if (record.get("finetune") or {}).get("steps", 0) > 0:
-        tags += ["lora", "fine-tuned"]
+    tuned = record.get("finetune") or {}
+    if tuned.get("steps", 0) > 0:
+        tags += ["full-fine-tune" if tuned.get("adapter") == "full" else "lora", "fine-tuned"]
+        tags += ["distillation"] if tuned.get("loss") in ("kd", "mix") else []
     return ModelCardData(
         base_model=name if HUB_ID.match(name) and not Path(name).exists() else None,
         library_name="transformers",
@@ -338,7 +347,8 @@ def _finetune(r: dict[str, Any]) -> str:
     if tuned.get("steps", 0) == 0:
         return "## Fine-tuning\n\nSkipped (`finetune.steps: 0`): the weights are those of the pruned model.\n\n"
     rows = [(k, v) for k, v in tuned.items() if k != "params"] + [("params", json.dumps(tuned["params"]))]
-    return "## Fine-tuning (LoRA, merged)\n\n" + _table(rows, ("", "")) + "\n\n"
+    title = recovery_label(tuned.get("adapter"), tuned.get("loss"))
+    return f"## Fine-tuning ({title})\n\n" + _table(rows, ("", "")) + "\n\n"
 
 
 def _layers(layers: list[dict[str, int]] | None) -> str:

@@ -108,6 +108,25 @@ def check_model(path: str | Path, lengths: Iterable[tuple[str, int]] = (), token
     return config
 
 
+def check_teacher(teacher: str | Path, student: str | Path) -> None:
+    """A local teacher folder (finetune.teacher, or the dense model) is a sound model whose logits range over the
+    student's tokens: distillation compares the two next-token distributions token by token."""
+    if not Path(teacher).is_dir():
+        return  # a model id: from_pretrained fetches it, or says why not
+    ours, theirs = check_model_folder(student), check_model(teacher)
+    same = ours.vocab_size == theirs.vocab_size
+    if same:
+        same = (
+            AutoTokenizer.from_pretrained(str(teacher)).get_vocab()
+            == AutoTokenizer.from_pretrained(str(student)).get_vocab()
+        )
+    if not same:
+        raise InputError(
+            f"finetune.teacher: {teacher} has another vocabulary than the model it teaches ({student}: "
+            f"{ours.vocab_size} tokens, teacher {theirs.vocab_size}); distillation needs the same tokenizer"
+        )
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """A parquet table, or an InputError naming the file."""
     try:

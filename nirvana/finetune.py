@@ -1,4 +1,5 @@
-"""Recovery fine-tuning (method §4): LoRA with peft on every prunable projection, trained by
+"""Recovery fine-tuning: LoRA with peft on every prunable projection (method §4) or every weight, on the
+next-token loss or distilled from the dense model (forward KL, as Minitron recovers), trained by
 transformers' Trainer, so `accelerate launch` runs the same code on DDP, FSDP or DeepSpeed."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
@@ -27,8 +29,9 @@ from transformers import (
 from nirvana.data import bos_id, token_stream, windows
 from nirvana.errors import InputError
 from nirvana.forward import is_seq2seq, split
+from nirvana.modeling import load_model
 from nirvana.models import get_adapter
-from nirvana.params import FinetuneParams
+from nirvana.params import FinetuneParams, ModelParams
 
 IGNORE = -100  # label of tokens left out of the loss
 PROMPT = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
@@ -54,6 +57,55 @@ def add_lora(model: PreTrainedModel, f: FinetuneParams) -> PeftModel:
     peft_model = get_peft_model(model, config)
     assert isinstance(peft_model, PeftModel)
     return peft_model
+
+
+def trainable(model: PreTrainedModel, f: FinetuneParams) -> PreTrainedModel:
+    """The model that trains: wrapped in fresh LoRA adapters, or itself with every weight trainable (`full`)."""
+    if f.adapter == "lora":
+        return add_lora(model, f)
+    return model.requires_grad_(True)
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, causal: bool
+) -> torch.Tensor:
+    """Forward KL(teacher || student) of the next-token distributions at temperature T, scaled by T^2, averaged
+    over the positions the next-token loss counts (a causal model's logits at t predict labels at t + 1)."""
+    if causal:
+        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
+    counted = labels != IGNORE
+    log_student = F.log_softmax(student[counted].float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher[counted].float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+class RecoveryTrainer(Trainer):
+    """Trainer whose loss is `finetune.loss`: next-token (the model's own), distillation from a frozen teacher
+    that runs on the same batch, or `kd_alpha` x kd + (1 - kd_alpha) x lm."""
+
+    def __init__(self, *args, f: FinetuneParams, teacher: PreTrainedModel | None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.f, self.teacher = f, teacher
+        if teacher is not None:  # both terms per-batch means, which Trainer divides for gradient accumulation
+            self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.teacher is None:
+            return (lm, outputs) if return_outputs else lm
+        with torch.no_grad():
+            taught = self.teacher.to(outputs.logits.device)(**inputs).logits
+        causal = not is_seq2seq(self.teacher)
+        kd = distillation_loss(outputs.logits, taught, inputs["labels"], self.f.kd_temperature, causal)
+        alpha = 1.0 if self.f.loss == "kd" else self.f.kd_alpha
+        loss = alpha * kd + (1 - alpha) * lm
+        return (loss, outputs) if return_outputs else loss
+
+
+def load_teacher(path: str | Path, m: ModelParams) -> PreTrainedModel:
+    """The frozen teacher: eval mode, no gradients, the stage's dtype; moved to the student's device on first use."""
+    return load_model(path, m, on="cpu").requires_grad_(False).eval()
 
 
 def read_rows(path: str, source: str | None = None) -> pd.DataFrame:
@@ -123,9 +175,10 @@ def build_examples(
     return datasets.Dataset.from_list(examples)
 
 
-def checkpoint_key(model_digest: str, f: FinetuneParams, data: str | Path | None) -> str:
+def checkpoint_key(model_digest: str, f: FinetuneParams, data: str | Path | None, teacher_digest: str = "") -> str:
     """Hash of everything a run's result depends on, so a checkpoint resumes only the same run."""
     digest = hashlib.sha256(json.dumps(f.__dict__, sort_keys=True, default=str).encode() + model_digest.encode())
+    digest.update(teacher_digest.encode())
     if data and Path(data).is_file():
         with Path(data).open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
@@ -189,6 +242,7 @@ def training_args(f: FinetuneParams, checkpoints: Path) -> TrainingArguments:
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
@@ -201,16 +255,21 @@ def train(
     f: FinetuneParams,
     checkpoints: Path,
     callbacks: Sequence[TrainerCallback] = (),
+    teacher: PreTrainedModel | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """Train LoRA adapters (resuming from the newest checkpoint in `checkpoints` if any) and
-    return the merged model with a summary. Every process returns; only rank 0 should save."""
+    """Train (resuming from the newest checkpoint in `checkpoints` if any) and return the model, LoRA
+    adapters merged, with a summary. Every process returns; only rank 0 should save."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if (teacher is None) != (f.loss == "lm"):
+        raise ValueError(f"finetune.loss {f.loss} needs a teacher exactly when it is not lm")
     set_seed(f.seed)  # LoRA's initial A matrices are random
-    peft_model = add_lora(model, f)
+    student = trainable(model, f)
     counter = StepCounter()
-    trainer = Trainer(
-        model=peft_model,
+    trainer = RecoveryTrainer(
+        f=f,
+        teacher=teacher,
+        model=student,
         args=training_args(f, checkpoints),
         train_dataset=examples,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
@@ -227,14 +286,19 @@ def train(
         "distributed": trainer.accelerator.distributed_type.value,
         "steps_per_process": steps,
         "examples": len(examples),
-        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "loss": f.loss,
+        "adapter": f.adapter,
+        **({"kd_temperature": f.kd_temperature} if f.loss != "lm" else {}),
+        **({"kd_alpha": f.kd_alpha} if f.loss == "mix" else {}),
         "loss_first": round(losses[0], 4) if losses else None,
         "loss_last": round(losses[-1], 4) if losses else None,
         "train_loss": round(result.training_loss, 4),
     }
-    merged = peft_model.merge_and_unload()
+    merged = student.merge_and_unload() if isinstance(student, PeftModel) else student
     assert isinstance(merged, PreTrainedModel)
-    return merged, summary
+    return merged.eval(), summary
 
 
 def is_main_process() -> bool:

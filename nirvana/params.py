@@ -188,6 +188,10 @@ class EvaluateParams:
 USER_FINETUNE_DIR = Path("data/finetune")
 
 
+LOSSES = ("lm", "kd", "mix")
+ADAPTERS = ("lora", "full")
+
+
 @dataclass(frozen=True)
 class FinetuneParams:
     launch: str = "python"
@@ -204,8 +208,17 @@ class FinetuneParams:
     lora_dropout: float = 0.05
     save_steps: int = 25
     seed: int = 0
+    loss: str = "lm"  # lm (next token), kd (KL from the teacher), mix (kd_alpha x kd + (1 - kd_alpha) x lm)
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.5
+    teacher: str | None = None  # null: this run's dense model (outputs/base_model); or a folder / model id
+    adapter: str = "lora"  # lora (adapters merged after training) or full (every weight trains)
 
     def __post_init__(self) -> None:
+        _check(self.loss in LOSSES, "finetune.loss", self.loss, f"one of {', '.join(LOSSES)}")
+        _check(self.adapter in ADAPTERS, "finetune.adapter", self.adapter, f"one of {', '.join(ADAPTERS)}")
+        _check(0 < self.kd_temperature < math.inf, "finetune.kd_temperature", self.kd_temperature, "a number > 0")
+        _check(0 <= self.kd_alpha <= 1, "finetune.kd_alpha", self.kd_alpha, "a number in [0, 1]")
         _check(self.steps >= 0, "finetune.steps", self.steps, "an integer >= 0 (0 = pass the pruned model through)")
         for key in ("batch_size", "grad_accum", "lora_r", "save_steps"):
             _check(getattr(self, key) > 0, f"finetune.{key}", getattr(self, key), "a positive integer")

@@ -50,6 +50,13 @@ def calibration_label(params: dict) -> str:
     return _data_label(section.get("path"), section.get("source"))
 
 
+def recovery_name(params: dict) -> str:
+    """' + LoRA' for next-token LoRA (all runs before finetune.loss and finetune.adapter); else e.g. ' + full kd'."""
+    f = params.get("finetune") or {}
+    loss = f.get("loss", "lm")
+    return f" + {'full' if f.get('adapter') == 'full' else 'LoRA'}" + ("" if loss == "lm" else f" {loss}")
+
+
 def finetune_label(params: dict) -> str:
     """The fine-tuning text: `finetune.path` or `finetune.source`; older runs had one `finetune.dataset`,
     null for the built-in corpus, else a file or a Hugging Face id."""
@@ -120,7 +127,9 @@ def _row(name: str, data: dict, model: str) -> dict:
         method, alloc, gamma = plan_labels(params, metrics.get("metrics/plan.json", {}))
         realised = metrics.get("metrics/prune.json", {}).get("sparsity_realised")
         row |= {
-            "model": method + (" + LoRA" if model == "finetuned" else "") + ("" if ours else " (not evaluated)"),
+            "model": method
+            + (recovery_name(params) if model == "finetuned" else "")
+            + ("" if ours else " (not evaluated)"),
             "sparsity": f"{params.get('sparsity', '')}" + (f" ({realised:.4f})" if realised is not None else ""),
             "calibration": calibration_label(params),
             "finetune data": finetune_label(params) if model == "finetuned" else "",
@@ -312,7 +321,7 @@ def readme_table(root: str | Path = ".") -> str:
     method += f" (gamma {gamma})" if gamma else ""
     names = {"dense": ("dense", "0"), "pruned": (method, realised)}
     if steps:
-        names["finetuned"] = (f"{method} + LoRA ({steps} steps)", realised)
+        names["finetuned"] = (f"{method}{recovery_name(params)} ({steps} steps)", realised)
     ppl = [k for k in read("dense") if k.startswith("ppl_")]  # ppl_<set>_<window>: wiki first, then by window
     quality = [*sorted(ppl, key=lambda k: (k.split("_")[1] != "wiki", int(k.split("_")[2]))), "acc_average"]
     header = ["model", "sparsity (realised)", "params"]

@@ -1,18 +1,20 @@
-"""Stage finetune: recover quality with LoRA (method §4), merge the adapters, save a pruned-model
-folder with its model card. Runs unchanged under `accelerate launch` (params: finetune.launch);
-steps 0 copies the pruned folder and writes a fresh card for the copy (same weights, steps 0)."""
+"""Stage finetune: recover quality with LoRA (method §4, adapters merged) or every weight, on the next-token
+loss or distilled from the dense model (finetune.teacher), and save a pruned-model folder with its model card.
+Runs unchanged under `accelerate launch` (params: finetune.launch); steps 0 copies the pruned folder and writes a
+fresh card for the copy (same weights, steps 0)."""
 
 import shutil
 from functools import partial
 from pathlib import Path
 
 from nirvana.card import CARD, finetune_record, model_card
-from nirvana.checks import check_finetune
+from nirvana.checks import check_finetune, check_teacher
 from nirvana.finetune import (
     build_examples,
     checkpoint_key,
     is_main_process,
     load_rows,
+    load_teacher,
     remove_checkpoints,
     train,
     wait_for_everyone,
@@ -27,10 +29,14 @@ from nirvana.surgery import save_model
 CHECKPOINTS = Path("checkpoints/finetune")  # outside every DVC output; removed on success
 
 
-def main(params: Params, model_dir: str, data: str, out_dir: str, metrics_out: str) -> None:
-    """`data` is finetune.path: the built-in corpus or a user's file (ignored for finetune.source)."""
+def main(params: Params, model_dir: str, data: str, dense_dir: str, out_dir: str, metrics_out: str) -> None:
+    """`data` is finetune.path: the built-in corpus or a user's file (ignored for finetune.source); `dense_dir`
+    the dense model, the teacher when finetune.teacher is null."""
     f = params.finetune
     check_finetune(f, model_dir)
+    teacher_dir = (f.teacher or dense_dir) if f.loss != "lm" else None
+    if teacher_dir and f.steps:
+        check_teacher(teacher_dir, model_dir)
     if f.steps == 0:
         if is_main_process():
             record = finetune_record(model_dir, f, {"steps": 0}, None)
@@ -45,8 +51,11 @@ def main(params: Params, model_dir: str, data: str, out_dir: str, metrics_out: s
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, params.model, on="cpu")
     examples = build_examples(rows, tokenizer, f.seq_len, is_seq2seq(model))
     base = folder_digest(model_dir)
-    checkpoints = CHECKPOINTS / checkpoint_key(base, f, data)
-    merged, summary = train(model, tokenizer, examples, f, checkpoints)
+    teacher = load_teacher(teacher_dir, params.model) if teacher_dir else None
+    taught = {"teacher": teacher_dir, "teacher_digest": folder_digest(teacher_dir)} if teacher_dir else {}
+    checkpoints = CHECKPOINTS / checkpoint_key(base, f, data, taught.get("teacher_digest", ""))
+    merged, summary = train(model, tokenizer, examples, f, checkpoints, teacher=teacher)
+    summary |= taught
     if is_main_process():
         provenance = {
             "base_digest": base,

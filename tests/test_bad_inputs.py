@@ -22,7 +22,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import random_plan, random_text, tiny_model_dir
+from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
 from nirvana.checks import check_model, check_windows
 from nirvana.errors import InputError
 from nirvana.stage import run_stage
@@ -58,7 +58,7 @@ STAGES = {
         ["model", "plan.parquet", "plans.parquet", "calibration.json", "candidates.parquet"],
         ["out/pruned_model", "out/prune.json"],
     ),
-    "finetune": (["pruned", "{finetune.path}"], ["out/finetuned_model", "out/finetune.json"]),
+    "finetune": (["pruned", "{finetune.path}", "model"], ["out/finetuned_model", "out/finetune.json"]),
     "evaluate": (["model", "corpora"], ["out/metrics.json", "out/lm_eval.json"]),
     "compare": (
         ["model", "pruned", "dense.json", "pruned.json", "finetuned.json"],
@@ -102,6 +102,11 @@ def remove_weights(repo: Path) -> None:
 
 def larger_tokenizer(repo: Path) -> None:
     """A word-level tokenizer of 100 tokens next to a model with 64 embedding rows."""
+    save_larger_tokenizer(repo / "model")
+
+
+def save_larger_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer of 100 tokens: <unk>, v1 ... v98, </s>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -109,7 +114,13 @@ def larger_tokenizer(repo: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(repo / "model")
+    fast.save_pretrained(folder)
+
+
+def other_vocabulary_teacher(folder: Path) -> None:
+    """A sound model folder whose vocabulary (100 tokens) is not the student's (64)."""
+    tiny_llama(vocab_size=100).save_pretrained(folder)
+    save_larger_tokenizer(folder)
 
 
 def edit_widths(repo: Path) -> None:
@@ -315,6 +326,23 @@ CASES = [
         lambda repo: (repo / ALPACA).write_text("instruction,output\nhi,there\n"),
     ),
     Case("finetune_dataset_renamed", "finetune", ["finetune.dataset is gone"], {"finetune.dataset": "x/alpaca"}),
+    # recovery settings (distillation, adapters)
+    Case("loss_unknown", "finetune", ["finetune.loss = 'ce'", "one of lm, kd, mix"], {"finetune.loss": "ce"}),
+    Case("adapter_unknown", "finetune", ["finetune.adapter = 'qlora'", "lora, full"], {"finetune.adapter": "qlora"}),
+    Case(
+        "kd_temperature_zero",
+        "finetune",
+        ["finetune.kd_temperature = 0", "> 0"],
+        {"finetune.loss": "kd", "finetune.kd_temperature": 0},
+    ),
+    Case("kd_alpha_above_one", "finetune", ["finetune.kd_alpha = 1.5", "[0, 1]"], {"finetune.kd_alpha": 1.5}),
+    Case(
+        "teacher_of_another_vocabulary",
+        "finetune",
+        ["finetune.teacher: teacher has another vocabulary", "64 tokens, teacher 100"],
+        {"finetune.loss": "kd", "finetune.teacher": "teacher"},
+        lambda repo: other_vocabulary_teacher(repo / "teacher"),
+    ),
 ]
 
 

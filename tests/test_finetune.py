@@ -1,8 +1,10 @@
-"""Recovery fine-tuning: merged LoRA equals base plus adapter, resume after an interruption, the
-stage under a two-process `accelerate launch`, and the pass-through."""
+"""Recovery fine-tuning: merged LoRA equals base plus adapter, the distillation loss against a hand-computed KL,
+reloads and resumes of LoRA and full fine-tunes, the frozen teacher, the stage under a two-process `accelerate
+launch`, and the pass-through."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,10 +15,22 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
-from nirvana.finetune import IGNORE, add_lora, build_examples, instruction_example, target_modules, train
+from conftest import random_plan, random_text, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
+from nirvana.finetune import (
+    IGNORE,
+    RecoveryTrainer,
+    add_lora,
+    build_examples,
+    distillation_loss,
+    instruction_example,
+    target_modules,
+    train,
+    training_args,
+)
+from nirvana.io import folder_digest
 from nirvana.params import FinetuneParams
 from nirvana.surgery import prune_model, save_model
 
@@ -89,21 +103,33 @@ class Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_training_resumes_to_the_same_model(pruned_dir: Path, tmp_path: Path) -> None:
+def frozen_teacher(pruned_dir: Path, f: FinetuneParams) -> AutoModelForCausalLM | None:
+    """The dense model the pruned one came from, as the stage loads its teacher (None for the lm loss)."""
+    if f.loss == "lm":
+        return None
+    return AutoModelForCausalLM.from_pretrained(pruned_dir.parent / "dense").requires_grad_(False).eval()
+
+
+RECIPES = [("lora", "lm"), ("full", "kd"), ("lora", "mix")]
+
+
+@pytest.mark.parametrize("adapter,loss", RECIPES)
+def test_interrupted_training_resumes_to_the_same_model(pruned_dir: Path, tmp_path: Path, adapter, loss) -> None:
+    f = dataclasses.replace(TINY, adapter=adapter, loss=loss, lr=1e-2 if adapter == "lora" else 1e-3)
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
-    examples = build_examples(text_rows(), tokenizer, TINY.seq_len)
-    straight, summary = train(
-        AutoModelForCausalLM.from_pretrained(pruned_dir), tokenizer, examples, TINY, tmp_path / "a"
-    )
-    assert summary["resumed_from_step"] == 0 and summary["steps"] == TINY.steps
+    examples = build_examples(text_rows(), tokenizer, f.seq_len)
+    teacher = frozen_teacher(pruned_dir, f)
+
+    def run(folder: str, callbacks: tuple = ()) -> tuple:
+        model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+        return train(model, tokenizer, examples, f, tmp_path / folder, callbacks, teacher=teacher)
+
+    straight, summary = run("a")
+    assert summary["resumed_from_step"] == 0 and summary["steps"] == f.steps
     with pytest.raises(KeyboardInterrupt):
-        train(
-            AutoModelForCausalLM.from_pretrained(pruned_dir), tokenizer, examples, TINY, tmp_path / "b", [Interrupt()]
-        )
+        run("b", (Interrupt(),))
     assert (tmp_path / "b/checkpoint-4").is_dir()
-    resumed, summary = train(
-        AutoModelForCausalLM.from_pretrained(pruned_dir), tokenizer, examples, TINY, tmp_path / "b"
-    )
+    resumed, summary = run("b")
     assert summary["resumed_from_step"] == 4 and summary["steps_per_process"] == [2]
     dense = AutoModelForCausalLM.from_pretrained(pruned_dir).state_dict()
     for name, weight in straight.state_dict().items():
@@ -111,11 +137,90 @@ def test_interrupted_training_resumes_to_the_same_model(pruned_dir: Path, tmp_pa
     assert any(not torch.equal(dense[n], w) for n, w in straight.state_dict().items())
 
 
+def test_distillation_loss_is_the_kl_at_the_positions_the_next_token_loss_counts() -> None:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 1], [IGNORE, 2, 2, IGNORE, IGNORE]])
+    temperature = 2.0
+
+    def kl(t: torch.Tensor, s: torch.Tensor) -> float:  # sum_v p log(p / q), by hand
+        p, q = torch.softmax(t / temperature, -1), torch.softmax(s / temperature, -1)
+        return float((p * (p / q).log()).sum())
+
+    # causal: logits at t predict the label at t + 1; seq2seq (decoder): logits at t, label at t
+    causal = [kl(teacher[b, t], student[b, t]) for b in range(2) for t in range(4) if labels[b, t + 1] != IGNORE]
+    seq2seq = [kl(teacher[b, t], student[b, t]) for b in range(2) for t in range(5) if labels[b, t] != IGNORE]
+    assert len(causal) == len(seq2seq) == 5  # the same labels, seen from different positions
+    for is_causal, kls in ((True, causal), (False, seq2seq)):
+        got = distillation_loss(student, teacher, labels, temperature, causal=is_causal).item()
+        assert got == pytest.approx(temperature**2 * sum(kls) / len(kls), rel=1e-5)
+    assert distillation_loss(teacher, teacher, labels, temperature, causal=True).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_the_trainer_mixes_distillation_and_next_token_loss(pruned_dir: Path, tmp_path: Path) -> None:
+    """RecoveryTrainer's loss on a batch with masked positions: kd_alpha x KL + (1 - kd_alpha) x cross-entropy."""
+    f = dataclasses.replace(TINY, loss="mix", kd_alpha=0.3, kd_temperature=2.0)
+    student, teacher = AutoModelForCausalLM.from_pretrained(pruned_dir), frozen_teacher(pruned_dir, f)
+    trainer = RecoveryTrainer(f=f, teacher=teacher, model=student, args=training_args(f, tmp_path))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE  # a prompt
+    labels[1, 7:] = IGNORE  # padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    loss = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        logits, taught = student(ids).logits, teacher(ids).logits
+    lm = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+    kd = distillation_loss(logits, taught, labels, 2.0, causal=True)
+    assert kd.item() > 0.01  # the pruned model does not match the dense one
+    assert loss.item() == pytest.approx(0.3 * kd.item() + 0.7 * lm.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("adapter,loss", RECIPES)
+def test_a_trained_model_reloads_with_the_same_logits_and_the_teacher_is_untouched(
+    pruned_dir: Path, tmp_path: Path, adapter: str, loss: str
+) -> None:
+    f = dataclasses.replace(TINY, steps=3, adapter=adapter, loss=loss)
+    tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
+    teacher = frozen_teacher(pruned_dir, f)
+    before = {n: w.clone() for n, w in teacher.state_dict().items()} if teacher else {}
+    examples = build_examples(text_rows(), tokenizer, f.seq_len)
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    total = sum(p.numel() for p in model.parameters())
+    tuned, summary = train(model, tokenizer, examples, f, tmp_path / "checkpoints", teacher=teacher)
+    save_model(tuned, tokenizer, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tuned.eval()(ids).logits, atol=1e-5, rtol=0)
+    assert reloaded.config.nirvana_units == AutoModelForCausalLM.from_pretrained(pruned_dir).config.nirvana_units
+    assert (summary["trainable_params"] == total) == (adapter == "full")
+    assert summary["loss"] == loss and summary["adapter"] == adapter and summary["tokens_seen"] == 3 * 2 * 16
+    if teacher is not None:
+        assert all(torch.equal(before[n], w) for n, w in teacher.state_dict().items())
+        assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_trains_an_encoder_decoder(tmp_path: Path) -> None:
+    """T5: the decoder's logits against the teacher's at every target position (no shift)."""
+    save_tokenizer(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    student, teacher = tiny_t5("gated-gelu", seed=0), tiny_t5("gated-gelu", seed=1).requires_grad_(False)
+    f = dataclasses.replace(TINY, steps=2, loss="kd", kd_temperature=2.0)
+    examples = build_examples(text_rows(), tokenizer, f.seq_len, seq2seq=True)
+    start = {n: w.clone() for n, w in student.state_dict().items()}
+    tuned, summary = train(student, tokenizer, examples, f, tmp_path / "checkpoints", teacher=teacher)
+    assert summary["steps"] == 2 and summary["loss_first"] > 0
+    assert any(not torch.equal(start[n], w) for n, w in tuned.state_dict().items())
+
+
 def run_stage(repo: Path, finetune: dict, launcher: list[str]) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["finetune"] |= finetune
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    paths = ["pruned", "corpus.parquet", "out/finetuned", "out/finetune.json"]
+    paths = ["pruned", "corpus.parquet", "dense", "out/finetuned", "out/finetune.json"]
     return subprocess.run(
         [*launcher, str(ROOT / "stages/finetune.py"), *paths], cwd=repo, capture_output=True, text=True
     )
@@ -128,11 +233,20 @@ def test_stage_under_two_process_accelerate_launch(pruned_dir: Path) -> None:
     # GPUs starts torchrun processes that train with DDP on gloo
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    done = run_stage(repo, {"steps": 4, "seq_len": 16, "batch_size": 2, "save_steps": 2}, launcher)
+    dense = folder_digest(repo / "dense")
+    recipe = {"steps": 4, "seq_len": 16, "batch_size": 2, "save_steps": 2, "loss": "mix"}  # each rank its teacher
+    done = run_stage(repo, recipe, launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((repo / "out/finetune.json").read_text())
     assert summary["world_size"] == 2 and summary["steps_per_process"] == [4, 4]
     assert summary["distributed"] == "MULTI_CPU"
+    assert summary["loss"] == "mix" and summary["teacher"] == "dense" and summary["teacher_digest"] == dense
+    assert folder_digest(repo / "dense") == dense  # the teacher is read, never written
+    saved = {p.name for p in (repo / "out/finetuned").iterdir()}
+    assert saved == {p.name for p in pruned_dir.iterdir()} | {"README.md"}  # the pruned folder's files and a card
+    assert (
+        load_file(repo / "out/finetuned/model.safetensors").keys() == load_file(pruned_dir / "model.safetensors").keys()
+    )
     assert sorted(p.name for p in (repo / "out").iterdir()) == ["finetune.json", "finetuned"]
     assert not any((repo / "checkpoints/finetune").iterdir())
     tuned = AutoModelForCausalLM.from_pretrained(repo / "out/finetuned")
