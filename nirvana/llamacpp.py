@@ -47,20 +47,15 @@ def _child(parent: Connection, fn: Callable[..., Any], args: tuple) -> None:
 
 def crash_message(exitcode: int | None, path: str | None) -> str:
     """`llama.cpp died of SIGILL (Illegal instruction) while running FILE`, and what to do about it."""
-    code = exitcode or 0
-    if code < 0:
-        number = -code
-        how = f"{signal.Signals(number).name} ({signal.strsignal(number)})" if number in signal.valid_signals() else ""
-        how = how or f"signal {number}"
-    else:
-        how = f"exit code {code}"
-    message = f"llama.cpp died of {how} while running {path or 'no file yet'}"
-    if code < 0:  # measured: a native build's AMX kernels die of SIGILL or SIGSEGV on VMs that cannot run AMX
-        message += (
-            "; a llama.cpp built for another CPU dies so (SIGILL, or SIGSEGV from AMX on a virtual machine): "
-            "`make install` builds the portable one (docs/deployment.md)"
-        )
-    return message
+    running = f"while running {path or 'no file yet'}"
+    if not exitcode or exitcode > 0:
+        return f"llama.cpp died of exit code {exitcode or 0} {running}"
+    number = -exitcode  # a child killed by signal N exits with -N, and N is always a valid signal
+    return (
+        f"llama.cpp died of {signal.Signals(number).name} ({signal.strsignal(number)}) {running}; a llama.cpp "
+        "built for another CPU dies so (SIGILL, or SIGSEGV from AMX on a virtual machine): `make install` builds "
+        "the portable one (docs/deployment.md)"
+    )
 
 
 def isolated(fn: Callable[..., T], *args: Any) -> T:

@@ -27,15 +27,18 @@ def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, tabl
     check_calibration(c, model_dir, user_file)
     check_reachable(skeleton(model_dir, params.attention.granularity), params)
     windows, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(builtin), user_file)
-    model = load_model(model_dir, params.model, granularity=params.attention.granularity) if c.candidates > 1 else None
-    checkpoints = CHECKPOINTS / resume_key(folder_digest(model_dir), windows, kl_windows, params)
+    model, checkpoints = None, None  # one candidate: nothing to search, nothing to resume
+    if c.candidates > 1:
+        model = load_model(model_dir, params.model, granularity=params.attention.granularity)
+        checkpoints = CHECKPOINTS / resume_key(folder_digest(model_dir), windows, kl_windows, params)
     selected, table = select(model, windows, kl_windows, params, user_file is not None, checkpoints)
     table["pool"] = c.source or pool  # provenance, read into the model card by prune
     table["pool_sha256"] = "" if c.source else sha256_file(pool)
     write_parquet(pd.DataFrame({"input_ids": selected.tolist()}), out)
     write_parquet(table, table_out)
     write_json(summary(table), metrics_out)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     winner = table.loc[table.selected].iloc[0]
     log.info(
         "wrote %s: candidate %d of %d (%d windows x %d tokens from %s), KL %s",

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import random_plan, random_text, tiny_model_dir
 from nirvana.card import (
     CARD,
+    card_data,
     code_state,
     finetune_record,
     lock_commits,
@@ -339,3 +340,16 @@ def test_a_missing_kl_or_gamma_reads_n_a_not_nan() -> None:
         {"method": "flap", "gamma": "auto", "choices": [flap | {"sparsity_realised": 0.2, "selected": True}]}
     )
     assert "| flap | flap | n/a | n/a | 0.2 | chosen |" in text and "nan" not in text
+
+
+def test_a_distilled_full_fine_tune_says_so_in_its_card(repo: Path, tmp_path: Path) -> None:
+    """The card's title and tags name the recipe: every weight trained, distilled from the teacher, whose digest
+    is recorded."""
+    pruned = repo / "outputs/pruned_model"
+    f = FinetuneParams(steps=3, adapter="full", loss="kd")
+    summary = {"steps": 3, "loss": "kd", "adapter": "full", "teacher": "outputs/base_model", "teacher_digest": "ab"}
+    text = model_card(finetune_record(pruned, f, summary, None), pruned, cwd=repo)
+    assert "## Fine-tuning (every weight; distilled from the teacher)" in text
+    assert "| teacher_digest | ab |" in text
+    meta = card_data(finetune_record(pruned, f, summary, None)).to_dict()
+    assert {"full-fine-tune", "distillation", "fine-tuned"} <= set(meta["tags"]) and "lora" not in meta["tags"]

@@ -311,3 +311,15 @@ def test_llama_cpp_speedups_join_the_wide_table_only_for_the_model_they_measured
     assert "speedup_llamacpp_q8_0_gen" not in by[("main", "dense")]
     assert "speedup_llamacpp_q8_0_gen" not in by[("exp-1", "flap")]  # gguf.json measured another pruned model
     assert "speedup_llamacpp_q8_0_gen" in markdown(rows, wide=True) and "llamacpp" not in markdown(rows)
+
+
+def test_a_recovered_row_names_its_adapter_and_loss() -> None:
+    """Next-token LoRA keeps the old label; distillation and full fine-tuning say so."""
+    recipes = {"lm": {}, "full-kd": {"adapter": "full", "loss": "kd"}, "mix": {"loss": "mix"}}
+    commits = [
+        {"rev": name * 8, "name": name, "data": run("nirvana", 0.2, 30.0, "d", "d", "d", finetune=finetune)}
+        for name, finetune in recipes.items()
+    ]
+    rows = experiment_rows(commits)
+    tuned = [r["model"] for r in rows if r["experiment"] in recipes and r["model"] != "dense" and "+" in r["model"]]
+    assert tuned == ["nirvana + LoRA", "nirvana + full kd", "nirvana + LoRA mix"]
