@@ -59,7 +59,7 @@ def add_lora(model: PreTrainedModel, f: FinetuneParams) -> PeftModel:
     return peft_model
 
 
-def trainable(model: PreTrainedModel, f: FinetuneParams) -> PreTrainedModel:
+def trainable(model: PreTrainedModel, f: FinetuneParams) -> PreTrainedModel | PeftModel:
     """The model that trains: wrapped in fresh LoRA adapters, or itself with every weight trainable (`full`)."""
     if f.adapter == "lora":
         return add_lora(model, f)
