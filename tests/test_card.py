@@ -221,7 +221,13 @@ def test_a_folder_without_a_card_fails_clearly(repo: Path, tmp_path: Path) -> No
 
 def test_zero_step_finetune_writes_a_card_for_the_copy(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pd.DataFrame({"text": [random_text(40, seed) for seed in range(4)]}).to_parquet(repo / "corpus.parquet")
-    paths = ("outputs/pruned_model", "corpus.parquet", "outputs/finetuned_model", "metrics/finetune.json")
+    paths = (
+        "outputs/pruned_model",
+        "corpus.parquet",
+        "outputs/base_model",
+        "outputs/finetuned_model",
+        "metrics/finetune.json",
+    )
     stage(repo, "finetune", Params(finetune=FinetuneParams(steps=0)), *paths)
     pruned, tuned = repo / "outputs/pruned_model", repo / "outputs/finetuned_model"
     for path in pruned.iterdir():
