@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from nirvana.data import read_texts, token_stream, windows
+from nirvana.data import bos_id, read_texts, token_stream, windows
 from nirvana.evaluation import perplexity
 from nirvana.finetune import build_examples, load_rows, load_teacher, train
 from nirvana.modeling import load_model, load_tokenizer
@@ -31,8 +31,8 @@ PRUNED, DENSE, WIKI = "outputs/pruned_model", "outputs/base_model", "outputs/cor
 
 
 def wiki_windows(tokenizer, max_tokens: int, seq_len: int = 128):  # type: ignore[no-untyped-def]
-    """The evaluate stage's wiki set: the first max_tokens tokens in windows of seq_len."""
-    return windows(token_stream(read_texts(WIKI), tokenizer)[:max_tokens], seq_len)
+    """The evaluate stage's wiki set, cut as stages/evaluate.py cuts it: max_tokens tokens in seq_len windows."""
+    return windows(token_stream(read_texts(WIKI), tokenizer, max_tokens), seq_len, bos_id(tokenizer))
 
 
 class Curve(TrainerCallback):
@@ -40,14 +40,14 @@ class Curve(TrainerCallback):
 
     def __init__(self, model, held_out, eval_at: list[int], batch_size: int) -> None:  # type: ignore[no-untyped-def]
         self.model, self.held_out, self.eval_at, self.batch_size = model, held_out, eval_at, batch_size
-        self.ppl: dict[int, float] = {}
+        self.ppl: dict[str, float] = {}  # by step, as a string: the JSON's keys
         self.step_s: list[float] = []
         self.last = time.perf_counter()
 
     def measure(self, step: int) -> None:
         was_training = self.model.training
         self.model.eval()
-        self.ppl[step] = round(perplexity(self.model, self.held_out, self.batch_size, desc=f"ppl@{step}"), 3)
+        self.ppl[str(step)] = round(perplexity(self.model, self.held_out, self.batch_size, desc=f"ppl@{step}"), 3)
         self.model.train(was_training)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -124,7 +124,7 @@ def main() -> None:
     entry = results.setdefault(args.name, {"ppl_wiki_128_dense": round(dense, 3), "recipes": {}})
     for recipe in args.recipe:
         figures = in_child(recipe, args.steps, sorted({0, *args.eval_at, args.steps}))
-        pruned, last = figures["ppl_wiki_128"][0], figures["ppl_wiki_128"][args.steps]
+        pruned, last = figures["ppl_wiki_128"]["0"], figures["ppl_wiki_128"][str(args.steps)]
         figures["gap_closed"] = round((math.log(pruned) - math.log(last)) / (math.log(pruned) - math.log(dense)), 4)
         entry["recipes"][f"{recipe}@{args.steps}"] = figures
         print(json.dumps(figures), flush=True)
@@ -138,10 +138,7 @@ def write_curves(recipes: dict, path: Path) -> None:
     steps = sorted({int(step) for figures in recipes.values() for step in figures["ppl_wiki_128"]})
     lines = [",".join(["step", *recipes])]
     for step in steps:
-        cells = [
-            str(figures["ppl_wiki_128"].get(str(step), figures["ppl_wiki_128"].get(step, "")))
-            for figures in recipes.values()
-        ]
+        cells = [str(figures["ppl_wiki_128"].get(str(step), "")) for figures in recipes.values()]
         lines.append(",".join([str(step), *cells]))
     path.write_text("\n".join(lines) + "\n")
 

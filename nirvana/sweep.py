@@ -57,6 +57,7 @@ def _tracked(path: str) -> bool:
 
 
 def dvc(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` with this interpreter's DVC, output captured (sweep and report both call it)."""
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
 
 

@@ -265,7 +265,7 @@ def test_cli_report_sorts_summarises_and_names_a_missing_column(
 ) -> None:
     shown = sweep_of(("a", run("flap", 0.2, 60.0, "x", "", "")), ("b", run("taylor", 0.2, 45.0, "y", "", "")))
     done = subprocess.CompletedProcess([], 0, stdout=json.dumps(shown), stderr="")
-    monkeypatch.setattr(report.subprocess, "run", lambda *args, **kwargs: done)
+    monkeypatch.setattr(report, "dvc", lambda *args: done)  # report runs `dvc exp show --json` through sweep.dvc
     cli.main(["report", "--sort", "ppl_wiki_128"])
     out = capsys.readouterr().out.splitlines()
     assert [line.split("|")[2].strip() for line in out[2:5]] == ["dense", "taylor", "flap"]
