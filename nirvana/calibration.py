@@ -68,6 +68,16 @@ def finished_candidates(folder: Path | None) -> dict[int, dict]:
     return {row["candidate"]: row for row in rows}
 
 
+def judged_at(params: Params) -> Params:
+    """The run each candidate set is judged by: with `gamma: auto`, the middle of
+    allocation.gamma_candidates, one gamma as the release judges at its own; allocate_sparsity then
+    chooses gamma for the winning set alone (results/gamma_search.md: the same choice on the recorded grids)."""
+    if params.gamma != "auto":
+        return params
+    grid = params.allocation.gamma_candidates  # increasing (params checks it)
+    return dataclasses.replace(params, gamma=float(grid[len(grid) // 2]))
+
+
 def search(
     model: PreTrainedModel,
     pool: torch.Tensor,
@@ -76,12 +86,13 @@ def search(
     measure: Callable[[PreTrainedModel], dict] | None = None,
     checkpoints: Path | None = None,
 ) -> pd.DataFrame:
-    """One row per candidate: candidate, seed, kl, the method and gamma of its best plan, windows (pool
-    indices), selected; plus what `measure` reports on that plan's pruned model (benchmarks use it).
-    Each finished row is saved in `checkpoints`, and rows found there are not computed again.
+    """One row per candidate: candidate, seed, kl, the method, gamma and plan digest of its best plan,
+    the sparsity it was judged at, windows (pool indices), selected; plus what `measure` reports on that
+    plan's pruned model (benchmarks use it). Each finished row is saved in `checkpoints`, and rows found
+    there are not computed again.
 
-    A candidate is judged by the plan the run would make from it: with several criteria or `gamma: auto`,
-    the lowest-KL one of `nirvana.selection.choices` (saliency once per criterion, then every gamma)."""
+    A candidate is judged by the plan the run would make from it at one gamma (`judged_at`): with several
+    criteria, the lowest-KL one of `nirvana.selection.choices` (saliency once per criterion)."""
     c = params.calibration
     sparsity = params.sparsity if c.select_at_sparsity is None else c.select_at_sparsity
     finished = finished_candidates(checkpoints)
@@ -97,15 +108,32 @@ def search(
         picks = draw(pool, c.num_samples, seed)
         windows = pool[torch.from_numpy(picks)]
         scores = {m: CRITERIA[m](model, windows, params.saliency.batch_size) for m in params.methods}
-        _, plans = choose(model, scores, params, sparsity, windows, held_out, measure)
+        _, plans = choose(model, scores, judged_at(params), sparsity, windows, held_out, measure)
         best = plans[plans["selected"]].iloc[0].drop(["selected", "allocation"])
-        rows.append({"candidate": candidate, "seed": seed, **best.to_dict(), "windows": picks.tolist()})
+        rows.append(
+            {
+                "candidate": candidate,
+                "seed": seed,
+                **best.to_dict(),
+                "search_sparsity": sparsity,
+                "windows": picks.tolist(),
+            }
+        )
         if checkpoints is not None:  # in the row's own key order: the table's columns come from it
             with atomic_path(checkpoints / f"candidate-{candidate}.json") as tmp:
                 tmp.write_text(json.dumps(rows[-1]))
     table = pd.DataFrame(rows)
     table["selected"] = table.index == int(table["kl"].idxmin())
     return table
+
+
+def judged_plan(table: pd.DataFrame, sparsity: float) -> pd.DataFrame | None:
+    """The winning set's judged plan and its KL (one row of the candidates table), for allocate_sparsity
+    to reuse when the search ran at its sparsity; None after no search (one candidate) or another sparsity."""
+    winner = table[table["selected"]]
+    if "plan_digest" not in table or winner["kl"].isna().all() or winner["search_sparsity"].iloc[0] != sparsity:
+        return None
+    return winner
 
 
 def select(

@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)
     p_sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` settings")
-    p_sweep.add_argument("--queue", action="store_true", help="only queue them; run with `dvc queue start -j N`")
+    p_sweep.add_argument("--queue", action="store_true", help="only queue them; run them with --jobs or dvc queue")
+    p_sweep.add_argument(
+        "--jobs", type=int, metavar="N", help="queue them and run N at once, each with 1/N of the CPUs (NIRVANA_JOBS)"
+    )
     p_sweep.add_argument(
         "--share", action="store_true", help="pull the default DVC remote's run-cache first, push each result to it"
     )
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         export(args.model, args.out, args.type)
     elif args.command == "sweep":
         try:
-            sweep(args.methods, args.sparsities, args.set, args.queue, args.share)
+            sweep(args.methods, args.sparsities, args.set, args.queue, args.share, args.jobs)
         except ValueError as error:  # a bad argument or an unusable remote: one line, before or instead of the runs
             sys.exit(str(error))
     elif args.readme:

@@ -15,7 +15,6 @@ import importlib.util
 import itertools
 import json
 import mmap
-import os
 import re
 import struct
 import tempfile
@@ -434,7 +433,7 @@ def quantize(f32_path: Path, out: Path, type: str) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[type]
-    params.nthread = min(4, os.cpu_count() or 1)
+    params.nthread = torch.get_num_threads()  # a stage's share of the CPUs (nirvana.stage.cpu_share)
     status = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(out).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama.cpp failed to quantize to {type} (status {status})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import os
@@ -149,8 +150,8 @@ class AllocationParams:
         modes = ", ".join(self.MODES)
         _check(self.mode is None or self.mode in self.MODES, "allocation.mode", self.mode, f"null or one of {modes}")
         g = self.gamma_candidates
-        ok = len(g) > 0 and len(set(g)) == len(g) and all(0 < x < math.inf for x in g)
-        _check(ok, "allocation.gamma_candidates", g, "a non-empty list of distinct numbers > 0 (and finite)")
+        ok = len(g) > 0 and all(0 < x < math.inf for x in g) and all(a < b for a, b in itertools.pairwise(g))
+        _check(ok, "allocation.gamma_candidates", g, "a non-empty, increasing list of numbers > 0 (and finite)")
         b = self.band
         ok = b is None or (len(b) == 2 and all(type(i) is int for i in b) and 0 <= b[0] < b[1])
         _check(ok, "allocation.band", b, "null or [start, end], layer indices with 0 <= start < end")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -74,6 +75,22 @@ def choices(params: Params) -> list[Params]:
     return out
 
 
+def coarse_to_fine(n: int, kl_at: Callable[[int], float]) -> dict[int, float]:
+    """KL at the indices a gamma search visits on a grid of `n` candidates in increasing order: every
+    other one (both ends included), then the two neighbours of the best of those. On a 9-point grid that
+    is 7 pruned forward passes instead of 9; it finds the grid's minimum unless the KL curve has a dip
+    between two coarse points next to neither coarse minimum (results/gamma_search.md checks the recorded
+    curves)."""
+    seen: dict[int, float] = {}
+    for i in sorted({*range(0, n, 2), n - 1}):
+        seen[i] = kl_at(i)
+    best = min(seen, key=lambda i: (seen[i], i))  # ties go to the lower gamma, as in `choose`
+    for i in (best - 1, best + 1):
+        if 0 <= i < n and i not in seen:
+            seen[i] = kl_at(i)
+    return dict(sorted(seen.items()))
+
+
 def by_method(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """compute_saliency's table split per criterion (its `method` column), without columns a criterion
     does not fill (FLAP's `input_mean`)."""
@@ -84,7 +101,8 @@ def by_method(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def _row(run: Params, plan: pd.DataFrame, sizes: tuple[int, int]) -> dict:
-    """What a choice keeps: its criterion, allocation, gamma (where the allocation has one) and widths."""
+    """What a choice keeps: its criterion, allocation, gamma (where the allocation has one), widths and a
+    digest of the kept units (so a KL measured elsewhere on the same plan can be recognised)."""
     attn, mlp = plan[plan["module"] != "mlp"], plan[plan["module"] == "mlp"]
     nirvana = allocation_mode(run) == "nirvana"
     return {
@@ -96,7 +114,17 @@ def _row(run: Params, plan: pd.DataFrame, sizes: tuple[int, int]) -> dict:
         "mlp_kept": int(mlp["keep"].sum()),
         "mlp_dense": len(mlp),
         "sparsity_realised": round(planned_sparsity(plan, *sizes), 6),
+        "plan_digest": hashlib.sha256(plan["keep"].to_numpy(dtype=bool).tobytes()).hexdigest()[:16],
     }
+
+
+def known_kl(known: pd.DataFrame | None, row: dict) -> float | None:
+    """The KL `known` (rows of an earlier `choose` on the same model and held-out set) holds for the plan
+    of `row`, if it holds that plan."""
+    if known is None or "plan_digest" not in known:
+        return None
+    same = known[(known["method"] == row["method"]) & (known["plan_digest"] == row["plan_digest"])]
+    return None if same.empty else float(same["kl"].iloc[0])
 
 
 def choose(
@@ -107,11 +135,14 @@ def choose(
     windows: torch.Tensor | None = None,
     held_out: HeldOut | None = None,
     measure: Callable[[PreTrainedModel], dict] | None = None,
+    known: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The plan of lowest held-out KL among `choices(params)` at `sparsity`, and one row per choice
-    (`_row`, kl, selected, plus what `measure` reports on each pruned model). `scores` holds each
-    criterion's saliency; `windows` are the calibration windows (Wanda-sp's layer-by-layer plan).
-    Without `held_out` there must be one choice, and nothing is pruned or measured."""
+    """The plan of lowest held-out KL among `choices(params)` at `sparsity`, and one row per choice it
+    measured (`_row`, kl, selected, plus what `measure` reports on each pruned model): every criterion,
+    and the gammas `coarse_to_fine` visits. `scores` holds each criterion's saliency; `windows` are the
+    calibration windows (Wanda-sp's layer-by-layer plan); a plan whose KL `known` holds is not pruned
+    again (the calibration search's winner). Without `held_out` there must be one choice, and nothing is
+    pruned or measured."""
     runs = choices(params)
     sizes = unit_sizes(model)
     if held_out is None:
@@ -119,17 +150,32 @@ def choose(
         plan = plan_for(model, scores[str(runs[0].method)], runs[0], sparsity, windows)
         row = _row(runs[0], plan, sizes) | {"kl": float("nan"), "selected": True}
         return plan, pd.DataFrame([row])
-    plans, rows = [], []
-    for run in tqdm(runs, desc="plans", unit="plan", disable=len(runs) == 1):
-        pruned = copy.deepcopy(model)  # a layer-by-layer plan zeroes units in the model it is made on
-        plans.append(plan_for(pruned, scores[str(run.method)], run, sparsity, windows))
-        prune_model(pruned, plans[-1])
-        rows.append(_row(run, plans[-1], sizes) | {"kl": held_out.kl(pruned)} | (measure(pruned) if measure else {}))
-        del pruned
-    table = pd.DataFrame(rows)
+    plans: dict[int, pd.DataFrame] = {}
+    rows: dict[int, dict] = {}
+    progress = tqdm(desc="plans", unit="plan", disable=len(runs) == 1)
+
+    def kl_at(i: int) -> float:
+        run, pruned = runs[i], copy.deepcopy(model)  # a layer-by-layer plan zeroes units in the model it is made on
+        plans[i] = plan_for(pruned, scores[str(run.method)], run, sparsity, windows)
+        rows[i] = _row(run, plans[i], sizes)
+        kl = known_kl(known, rows[i])
+        if kl is None:
+            prune_model(pruned, plans[i])
+            kl = held_out.kl(pruned)
+            rows[i] |= measure(pruned) if measure else {}
+        rows[i] = {**rows[i], "kl": kl}
+        progress.update()
+        return kl
+
+    for method in params.methods:  # each criterion's runs: one, or one per gamma (increasing, as params checks)
+        block = [i for i, r in enumerate(runs) if r.method == method]
+        coarse_to_fine(len(block), lambda j: kl_at(block[j]))  # noqa: B023 (called before the loop moves on)
+    progress.close()
+    order = sorted(rows)
+    table = pd.DataFrame([rows[i] for i in order])
     winner = int(table["kl"].idxmin())  # the first of equal minima: ties go to the earlier choice
     table["selected"] = table.index == winner
-    return plans[winner], table
+    return plans[order[winner]], table
 
 
 def summary(table: pd.DataFrame) -> dict[str, object]:

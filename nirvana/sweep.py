@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,9 +110,32 @@ def share(direction: str, remote: str) -> None:
     transfer_run_outputs(direction, remote)
 
 
-def sweep(methods: list[str], sparsities: list[float], settings: list[str], queue: bool, shared: bool = False) -> None:
-    """Run (or queue, for `dvc queue start -j N`) every experiment, one after another. `shared`: first exchange
-    outputs and run records with the default remote, and push each finished experiment's to it."""
+def start_queue(jobs: int) -> None:
+    """`dvc queue start -j JOBS` with NIRVANA_JOBS=JOBS in its workers' environment, so that each stage takes
+    its share of the CPUs (nirvana.stage.cpu_share) instead of every job taking all of them."""
+    print(f"+ NIRVANA_JOBS={jobs} dvc queue start -j {jobs}", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], env=os.environ | {"NIRVANA_JOBS": str(jobs)}
+    )
+    if done.returncode != 0:
+        raise ValueError(f"sweep: dvc queue start -j {jobs} failed (exit code {done.returncode})")
+    print("note: `dvc queue status` follows the runs; a worker started earlier keeps its own NIRVANA_JOBS", flush=True)
+
+
+def sweep(
+    methods: list[str],
+    sparsities: list[float],
+    settings: list[str],
+    queue: bool,
+    shared: bool = False,
+    jobs: int | None = None,
+) -> None:
+    """Run (or queue) every experiment, one after another; with `jobs`, queue them and start that many
+    workers, each job with its share of the CPUs. `shared`: first exchange outputs and run records with the
+    default remote, and push each finished experiment's to it."""
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"sweep: --jobs {jobs} is invalid; expected the number of experiments run at once (>= 1)")
+    queue = queue or jobs is not None
     commands = sweep_commands(methods, sparsities, settings, queue)  # every check before anything runs
     remote = default_remote() if shared else ""
     for path in untracked_data(settings) if queue else []:
@@ -124,5 +148,7 @@ def sweep(methods: list[str], sparsities: list[float], settings: list[str], queu
         subprocess.run(command, check=True)
         if shared and not queue:
             share("push", remote)
+    if jobs is not None:
+        start_queue(jobs)
     if shared and queue:
-        print(f"note: after `dvc queue start`, push the results with `dvc push --run-cache -r {remote}`", flush=True)
+        print(f"note: after the queue has run, push the results with `dvc push --run-cache -r {remote}`", flush=True)

@@ -1,13 +1,14 @@
 """Stage allocate_sparsity: which units to keep, from two global pools and gamma (method §2) or a
 baseline's allocation (`allocation.mode`, by default the method's own). With several criteria in
 `method` or `gamma: auto` it prunes the model in memory once per choice and keeps the plan of lowest
-held-out KL (nirvana.selection), so it loads the weights; so does Wanda-sp's own allocation, which
+held-out KL (nirvana.selection), so it loads the weights (the calibration search's winning plan is not
+pruned again: its KL is in the candidates table); so does Wanda-sp's own allocation, which
 prunes layer by layer on the calibration windows (FLAP's code). Otherwise it reads only the shape."""
 
 import pandas as pd
 
 from nirvana.allocation import check_reachable, layer_widths
-from nirvana.calibration import kl_set
+from nirvana.calibration import judged_plan, kl_set
 from nirvana.checks import check_model, check_windows
 from nirvana.data import read_texts, read_windows
 from nirvana.errors import InputError
@@ -24,6 +25,7 @@ def main(
     model_dir: str,
     calibration: str,
     builtin: str,
+    candidates: str,
     saliency: str,
     plan_out: str,
     choices_out: str,
@@ -31,9 +33,9 @@ def main(
     widths_out: str,
 ) -> None:
     """`calibration` is select_calibration's windows; `builtin` prepare_data's pool, whose tail is the
-    held-out KL set."""
+    held-out KL set; `candidates` the search's table, whose winning plan is not pruned again."""
     granularity, runs = params.attention.granularity, choices(params)
-    model, windows, held_out = skeleton(model_dir, granularity), None, None
+    model, windows, held_out, known = skeleton(model_dir, granularity), None, None, None
     check_reachable(model, params)
     scores = by_method(pd.read_parquet(saliency))
     missing = [m for m in params.methods if m not in scores]
@@ -47,7 +49,8 @@ def main(
     if search:
         kl_windows = kl_set(params.calibration, load_tokenizer(model_dir), read_texts(builtin))
         held_out = HeldOut.of(model, kl_windows, params.calibration.kl_batch_size)
-    plan, table = choose(model, scores, params, params.sparsity, windows, held_out)
+        known = judged_plan(pd.read_parquet(candidates), params.sparsity)
+    plan, table = choose(model, scores, params, params.sparsity, windows, held_out, known=known)
     write_parquet(plan, plan_out)
     write_parquet(table, choices_out)
     write_json(summary(table), metrics_out)

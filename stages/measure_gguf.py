@@ -30,6 +30,7 @@ def wiki_windows(params: Params, corpora_dir: str, tokenizer_dir: str) -> tuple[
 
 def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned_dir: str, metrics_out: str) -> None:
     x = params.export
+    threads = min(x.threads, torch.get_num_threads())  # export.threads, or this job's share of the CPUs
     manifest = json.loads(Path(gguf_dir, "export.json").read_text())
     if "unsupported" in manifest:
         write_json({"unsupported": manifest["unsupported"]}, metrics_out)
@@ -41,7 +42,7 @@ def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned
     dense, pruned = (forward_flops(skeleton(folder), x.prompt_len) for folder in (dense_dir, pruned_dir))
     report: dict = {
         "llama_cpp_python": version("llama-cpp-python"),
-        "threads": x.threads,
+        "threads": threads,
         "flash_attn": False,
         "ideal_flop_ratio": round(dense / pruned, 4),
         "pruned_digest": next(iter(manifest["exported"]["pruned"].values()))["source"]["digest"],
@@ -50,7 +51,7 @@ def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned
         type: {name: Path(gguf_dir, exported[type]["gguf"]) for name, exported in manifest["exported"].items()}
         for type in x.types
     }
-    measured = isolated(measure, files, wiki.tolist(), prompt, x.new_tokens, x.threads, x.warmup, x.repeats)
+    measured = isolated(measure, files, wiki.tolist(), prompt, x.new_tokens, threads, x.warmup, x.repeats)
     for type, by_name in measured.items():
         by_model: dict = {}
         for name, m in by_name.items():

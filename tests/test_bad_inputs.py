@@ -160,6 +160,7 @@ CASES = [
             ("zero", "[0.0, 3.0]", [0.0, 3.0]),
             ("infinite", "[3.0, inf]", [3.0, float("inf")]),
             ("nan", "[nan]", [float("nan")]),
+            ("decreasing", "[3.0, 1.0]", [3.0, 1.0]),  # the search walks them in order
         )
     ),
     Case(

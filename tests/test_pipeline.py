@@ -112,6 +112,10 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
     calibration = json.loads((repo / "metrics/calibration.json").read_text())
     table = pd.read_parquet(repo / "outputs/calibration_candidates.parquet")
     assert table.kl.nunique() == 2 and calibration["kl_selected"] == table.kl.min() < calibration["kl_worst"]
+    # candidates judged at the grid's middle gamma; allocation visits 7 of the 9 gammas, that one among them
+    plans = pd.read_parquet(repo / "outputs/plan_candidates.parquet")
+    assert table.gamma.tolist() == [4.0, 4.0] and len(plans) == 7
+    assert plans.loc[plans.gamma == 4.0, "kl"].item() == calibration["kl_selected"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from test_pipeline import checkout, sh
 
-from nirvana.sweep import sweep_commands, untracked_data
+from nirvana.params import ParamError
+from nirvana.stage import cpu_share, running_jobs
+from nirvana.sweep import sweep, sweep_commands, untracked_data
 
 MINE = "data/calibration/mine.parquet"
 
@@ -42,3 +44,61 @@ def test_sweep_copies_untracked_user_files_into_queued_runs(tmp_path: Path, monk
     sh(repo, "git", "add", MINE)
     assert untracked_data(setting) == []  # tracked: the queued copy has it
     assert untracked_data([]) == []  # the built-in pool is an output, not a user file
+
+
+def test_each_job_takes_its_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("NIRVANA_JOBS", raising=False)
+    assert cpu_share() == cpus
+    monkeypatch.setenv("NIRVANA_JOBS", "2")
+    assert cpu_share() == max(1, cpus // 2)
+    monkeypatch.setenv("NIRVANA_JOBS", str(4 * cpus))
+    assert cpu_share() == 1
+    for bad in ("0", "two", "-1", ""):
+        monkeypatch.setenv("NIRVANA_JOBS", bad)
+        with pytest.raises(ParamError, match="NIRVANA_JOBS"):
+            cpu_share()
+
+
+def test_a_stage_runs_on_its_share_and_refuses_a_bad_job_count(tmp_path: Path) -> None:
+    root = Path(__file__).parents[1]
+    stage = [sys.executable, "stages/check_params.py", str(tmp_path / "schema.json")]
+    done = subprocess.run(stage, cwd=root, env=os.environ | {"NIRVANA_JOBS": "64"}, capture_output=True, text=True)
+    assert done.returncode == 0 and "starting (1 threads)" in done.stdout + done.stderr
+    done = subprocess.run(stage, cwd=root, env=os.environ | {"NIRVANA_JOBS": "x"}, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("[check_params] NIRVANA_JOBS = 'x'")
+
+
+def test_sweep_with_jobs_queues_and_starts_workers_with_their_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = checkout(tmp_path, {})
+    monkeypatch.chdir(repo)
+    calls = []
+    monkeypatch.setattr(
+        "nirvana.sweep.subprocess.run",
+        lambda cmd, **kwargs: calls.append((cmd, kwargs.get("env"))) or subprocess.CompletedProcess(cmd, 0),
+    )
+    sweep(["nirvana"], [0.3, 0.4], [], queue=False, jobs=2)
+    assert [cmd[3:6] for cmd, _ in calls[:2]] == [["exp", "run", "--queue"]] * 2
+    (start, env), *rest = calls[2:]
+    assert start[3:] == ["queue", "start", "-j", "2"] and env["NIRVANA_JOBS"] == "2" and rest == []
+    with pytest.raises(ValueError, match="--jobs 0"):
+        sweep(["nirvana"], [0.3], [], queue=False, jobs=0)
+
+
+def test_a_stage_in_a_queued_copy_shares_the_cpus_with_the_other_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc queue start -j 2` without NIRVANA_JOBS: two temporary copies under .dvc/tmp/exps, half each."""
+    monkeypatch.delenv("NIRVANA_JOBS", raising=False)
+    exps = tmp_path / ".dvc/tmp/exps"
+    for name in ("tmpa1", "tmpb2", "run", "celery"):  # DVC's own folders there are no experiments
+        (exps / name).mkdir(parents=True)
+    monkeypatch.chdir(exps / "tmpa1")
+    assert running_jobs() == 2 and cpu_share() == max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.setenv("NIRVANA_JOBS", "1")  # the variable wins
+    assert running_jobs() == 1
+    monkeypatch.delenv("NIRVANA_JOBS")
+    monkeypatch.chdir(tmp_path)  # a workspace run
+    assert running_jobs() == 1

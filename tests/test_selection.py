@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import random_text, save_tokenizer, tiny_llama
-from nirvana.calibration import search
+from nirvana.calibration import judged_at, judged_plan, search
 from nirvana.criteria import CRITERIA
 from nirvana.evaluation import param_counts
 from nirvana.io import write_parquet
 from nirvana.params import AllocationParams, CalibrationParams, Params
 from nirvana.plan import plan_for
-from nirvana.selection import HeldOut, by_method, choices, choose, summary
+from nirvana.selection import HeldOut, by_method, choices, choose, coarse_to_fine, summary
 from nirvana.surgery import prune_model
 
 KL_WINDOWS = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(5))
@@ -31,22 +31,22 @@ def auto(gammas: list[float] = GAMMAS, **changes) -> Params:
     return Params(**{"sparsity": 0.4, "gamma": "auto", "allocation": allocation, **changes})
 
 
-def kl_of(model, scores: pd.DataFrame, run: Params, held_out: HeldOut) -> float:
+def kl_of(model, scores: pd.DataFrame, run: Params, held_out: HeldOut, windows: torch.Tensor = WINDOWS) -> float:
     """The KL of one run's plan, computed from scratch."""
     pruned = copy.deepcopy(model)
-    prune_model(pruned, plan_for(pruned, scores, run, 0.4, WINDOWS))
+    prune_model(pruned, plan_for(pruned, scores, run, 0.4, windows))
     return held_out.kl(pruned)
 
 
-def test_auto_keeps_the_gamma_of_lowest_kl_and_records_every_candidate() -> None:
+def test_auto_keeps_the_gamma_of_lowest_kl_among_those_it_visits() -> None:
     model = tiny_llama("gqa")
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
     held_out = HeldOut.of(model, KL_WINDOWS, 4)
+    full = [kl_of(model, scores, dataclasses.replace(auto(), gamma=g), held_out) for g in GAMMAS]
     plan, table = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
-    assert table["gamma"].tolist() == GAMMAS and table["kl"].nunique() == len(GAMMAS)
-    for row in table.itertuples():
-        run = dataclasses.replace(auto(), gamma=row.gamma)
-        assert row.kl == pytest.approx(kl_of(model, scores, run, held_out), rel=1e-6)
+    visited = coarse_to_fine(len(GAMMAS), full.__getitem__)
+    assert table["gamma"].tolist() == [GAMMAS[i] for i in visited] and table["kl"].nunique() == len(visited)
+    assert table["kl"].tolist() == pytest.approx(list(visited.values()), rel=1e-6)
     best = table.loc[table["kl"].idxmin()]
     assert table["selected"].sum() == 1 and table.loc[table["selected"], "gamma"].item() == best.gamma
     expected = plan_for(model, scores, dataclasses.replace(auto(), gamma=best.gamma), 0.4)
@@ -57,6 +57,39 @@ def test_auto_keeps_the_gamma_of_lowest_kl_and_records_every_candidate() -> None
     metrics = summary(table)
     assert metrics["gamma"] == best.gamma and metrics["kl_selected"] == best.kl == table["kl"].min()
     assert metrics["kl_runner_up"] == sorted(table["kl"])[1] and metrics["kl_worst"] == table["kl"].max()
+
+
+def test_coarse_to_fine_visits_every_other_gamma_then_the_neighbours_of_the_best() -> None:
+    valley = [9, 8, 7, 5, 4, 6, 7, 8, 9]  # the minimum sits between coarse points 2 and 4: found
+    assert list(coarse_to_fine(9, valley.__getitem__)) == [0, 2, 3, 4, 5, 6, 8]
+    assert min(coarse_to_fine(9, [9, 8, 7, 3, 4, 6, 7, 8, 9].__getitem__).items(), key=lambda kv: kv[1]) == (3, 3)
+    # a dip away from the coarse minimum's neighbours is missed, as the docstring says
+    dip = [1, 5, 2, 5, 5, 5, 5, 0, 5]
+    assert min(coarse_to_fine(9, dip.__getitem__).values()) == 1 and 7 not in coarse_to_fine(9, dip.__getitem__)
+    assert list(coarse_to_fine(2, [2, 1].__getitem__)) == [0, 1] and list(coarse_to_fine(1, [0].__getitem__)) == [0]
+    equal = coarse_to_fine(5, lambda i: 1.0)  # ties: the lowest gamma, and only its neighbour is added
+    assert list(equal) == [0, 1, 2, 4]
+
+
+def test_a_plan_whose_kl_is_known_is_not_pruned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """allocate_sparsity takes the search's KL for the winning set's judged plan; a plan of other units
+    (another digest) is measured."""
+    model = tiny_llama("gqa")
+    scores = CRITERIA["nirvana"](model, WINDOWS, 2)
+    held_out = HeldOut.of(model, KL_WINDOWS, 4)
+    _, measured = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
+    known = measured[measured["gamma"] == 3.0].assign(kl=0.0)  # below any measured KL: it wins
+    calls = []
+    kl = HeldOut.kl
+    monkeypatch.setattr(HeldOut, "kl", lambda self, m: calls.append(1) or kl(self, m))
+    _, table = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out, known=known)
+    assert len(calls) == len(table) - 1 and table.loc[table["gamma"] == 3.0, "kl"].item() == 0.0
+    assert table["selected"].tolist() == (table["kl"] == 0.0).tolist()
+    calls.clear()
+    _, other = choose(
+        model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out, known=known.assign(plan_digest="0" * 16)
+    )
+    assert len(calls) == len(other) and 0.0 not in other["kl"].tolist()
 
 
 def test_the_realised_sparsity_is_what_prune_measures() -> None:
@@ -130,23 +163,26 @@ def test_several_criteria_each_under_its_own_allocation() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), dense.parameters(), strict=True))
 
 
-def test_the_calibration_search_judges_each_candidate_at_its_best_gamma(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Saliency once per candidate set and criterion, however many gammas: no backward pass per gamma."""
+def test_the_calibration_search_judges_each_candidate_at_the_middle_gamma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saliency once per candidate set and criterion; with gamma: auto one pruned pass per set, at the
+    middle of gamma_candidates, and allocate_sparsity can reuse the winner's (`judged_plan`)."""
     calls = []
     nirvana = CRITERIA["nirvana"]
     monkeypatch.setitem(CRITERIA, "nirvana", lambda *args: calls.append(1) or nirvana(*args))
     pool = torch.randint(0, 64, (30, 10), generator=torch.Generator().manual_seed(7))
     params = auto(calibration=CalibrationParams(num_samples=4, candidates=3, kl_batch_size=3))
+    assert judged_at(params).gamma == 3.0 and judged_at(Params(gamma=2.5)).gamma == 2.5
     model = tiny_llama("gqa")
     table = search(model, pool, KL_WINDOWS, params)
-    assert len(calls) == 3
+    assert len(calls) == 3 and table["gamma"].tolist() == [3.0] * 3 and table["search_sparsity"].tolist() == [0.4] * 3
     held_out = HeldOut.of(model, KL_WINDOWS, 3)
     for row in table.itertuples():
         windows = pool[torch.tensor(row.windows)]
-        _, plans = choose(model, {"nirvana": nirvana(model, windows, 4)}, params, 0.4, windows, held_out)
-        assert row.kl == pytest.approx(plans["kl"].min(), rel=1e-6)
-        assert row.gamma == plans.loc[plans["selected"], "gamma"].item()
+        run = dataclasses.replace(params, gamma=3.0)
+        assert row.kl == pytest.approx(kl_of(model, nirvana(model, windows, 4), run, held_out, windows), rel=1e-6)
     assert table.loc[table["selected"], "kl"].item() == table["kl"].min()
+    assert judged_plan(table, 0.4)["candidate"].tolist() == table.loc[table["selected"], "candidate"].tolist()
+    assert judged_plan(table, 0.3) is None  # judged at another sparsity (calibration.select_at_sparsity)
 
 
 def test_by_method_splits_the_saliency_table() -> None:
@@ -180,14 +216,19 @@ def test_compute_saliency_scores_every_criterion_of_a_list(tmp_path: Path, monke
 
 
 def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """allocate_sparsity with gamma: auto reuses compute_saliency's scores: a backward pass would fail here."""
+    """allocate_sparsity with gamma: auto reuses compute_saliency's scores (a backward pass would fail here)
+    and the search's KL of the winning set's judged plan (a sentinel KL here)."""
     model = tiny_llama("gqa")
     model.save_pretrained(tmp_path / "model")
     save_tokenizer(tmp_path / "model")
     pd.DataFrame({"text": [random_text(400, seed) for seed in range(6)]}).to_parquet(tmp_path / "pool.parquet")
     pd.DataFrame({"input_ids": WINDOWS.tolist()}).to_parquet(tmp_path / "calibration.parquet")
-    write_parquet(CRITERIA["nirvana"](model, WINDOWS, 2).assign(method="nirvana"), tmp_path / "saliency.parquet")
+    scores = CRITERIA["nirvana"](model, WINDOWS, 2)
+    write_parquet(scores.assign(method="nirvana"), tmp_path / "saliency.parquet")
     params = auto(calibration=CalibrationParams(kl_samples=4, kl_seq_len=16, kl_batch_size=2))
+    _, judged = choose(model, {"nirvana": scores}, judged_at(params), 0.4)
+    judged = judged.assign(candidate=0, kl=0.125, search_sparsity=0.4)
+    write_parquet(judged, tmp_path / "candidates.parquet")
     stage = load_stage("allocate_sparsity")
 
     def no_backward(*args, **kwargs):
@@ -197,8 +238,9 @@ def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(torch.autograd, "backward", no_backward)
     monkeypatch.chdir(tmp_path)
     outs = ["plan.parquet", "plans.parquet", "plan.json", "widths.csv"]
-    stage.main(params, "model", "calibration.parquet", "pool.parquet", "saliency.parquet", *outs)
+    stage.main(params, "model", "calibration.parquet", "pool.parquet", "candidates.parquet", "saliency.parquet", *outs)
     table, metrics = pd.read_parquet("plans.parquet"), json.loads(Path("plan.json").read_text())
-    assert table["gamma"].tolist() == GAMMAS and metrics["choices"] == len(GAMMAS)
+    assert {0.5, 3.0, 8.0} <= set(table["gamma"]) and metrics["choices"] == len(table)  # coarse points, at least
+    assert table.loc[table["gamma"] == 3.0, "kl"].item() == 0.125  # not measured again
     assert metrics["gamma"] == table.loc[table["kl"].idxmin(), "gamma"]
     assert pd.read_parquet("plan.parquet")["keep"].sum() < len(pd.read_parquet("plan.parquet"))
