@@ -45,7 +45,7 @@ DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parq
 STAGES = {
     "check_params": ([], ["out/params_schema.json"]),
     "allocate_sparsity": (
-        ["model", "calibration.parquet", "pool.parquet", "saliency.parquet"],
+        ["model", "calibration.parquet", "pool.parquet", "candidates.parquet", "saliency.parquet"],
         ["out/plan.parquet", "out/plans.parquet", "out/plan.json", "out/widths.csv"],
     ),
     "prepare_model": ([], ["out/base_model"]),
@@ -379,6 +379,10 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("wiki", "books"):
         pool.to_parquet(root / "corpora" / f"{name}.parquet")
     ids(4).to_parquet(root / "calibration.parquet")
+    # select_calibration's table after no search (candidates 1): nothing for allocation to reuse
+    pd.DataFrame({"candidate": [0], "seed": [0], "kl": [float("nan")], "selected": [True]}).to_parquet(
+        root / "candidates.parquet"
+    )
     for name in ("dense", "pruned", "finetuned"):
         (root / f"{name}.json").write_text("{}")
     (root / "data/calibration").mkdir(parents=True)
