@@ -42,7 +42,8 @@ def hold():
     with open(MARK + ".part", "w") as handle:
         handle.write(str(os.getpid()))
     os.rename(MARK + ".part", MARK)
-    time.sleep(600)
+    for _ in range(6000):  # short sleeps: a SIGINT that lands on another thread (torch's) is still handled
+        time.sleep(0.1)
 
 
 if HOLD and MARK and sys.argv and sys.argv[0].replace(os.sep, "/").startswith("stages/"):
