@@ -57,9 +57,9 @@ def _tracked(path: str) -> bool:
     return listed or any(Path(f"{p}.dvc").is_file() for p in (Path(path), *Path(path).parents))
 
 
-def dvc(*args: str) -> subprocess.CompletedProcess[str]:
+def dvc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`dvc ARGS` with this interpreter's DVC, output captured (sweep and report both call it)."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=env)
 
 
 def default_remote() -> str:
@@ -114,9 +114,7 @@ def start_queue(jobs: int) -> None:
     """`dvc queue start -j JOBS` with NIRVANA_JOBS=JOBS in its workers' environment, so that each stage takes
     its share of the CPUs (nirvana.stage.cpu_share) instead of every job taking all of them."""
     print(f"+ NIRVANA_JOBS={jobs} dvc queue start -j {jobs}", flush=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], env=os.environ | {"NIRVANA_JOBS": str(jobs)}
-    )
+    done = dvc("queue", "start", "-j", str(jobs), env=os.environ | {"NIRVANA_JOBS": str(jobs)})
     if done.returncode != 0:
         raise ValueError(f"sweep: dvc queue start -j {jobs} failed (exit code {done.returncode})")
     print("note: `dvc queue status` follows the runs; a worker started earlier keeps its own NIRVANA_JOBS", flush=True)
