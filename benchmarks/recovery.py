@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -95,15 +96,20 @@ def run_recipe(recipe: str, steps: int, eval_at: list[int], out: multiprocessing
     )
 
 
-def in_child(recipe: str, steps: int, eval_at: list[int]) -> dict:
-    """`run_recipe` in a spawned process, so each recipe's peak memory is its own."""
+def in_child(target: Callable[..., None], *args: object) -> dict:
+    """`target(*args, queue)` in a spawned process, so each run's peak memory and threads are its own; what it puts."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=run_recipe, args=(recipe, steps, eval_at, queue))
+    child = context.Process(target=target, args=(*args, queue))
     child.start()
     result = queue.get()
     child.join()
     return result
+
+
+def gap_closed(dense: float, pruned: float, recovered: float) -> float:
+    """The share of the dense-to-pruned log-perplexity gap that recovery closes."""
+    return round((math.log(pruned) - math.log(recovered)) / (math.log(pruned) - math.log(dense)), 4)
 
 
 def main() -> None:
@@ -123,9 +129,9 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     entry = results.setdefault(args.name, {"ppl_wiki_128_dense": round(dense, 3), "recipes": {}})
     for recipe in args.recipe:
-        figures = in_child(recipe, args.steps, sorted({0, *args.eval_at, args.steps}))
+        figures = in_child(run_recipe, recipe, args.steps, sorted({0, *args.eval_at, args.steps}))
         pruned, last = figures["ppl_wiki_128"]["0"], figures["ppl_wiki_128"][str(args.steps)]
-        figures["gap_closed"] = round((math.log(pruned) - math.log(last)) / (math.log(pruned) - math.log(dense)), 4)
+        figures["gap_closed"] = gap_closed(dense, pruned, last)
         entry["recipes"][f"{recipe}@{args.steps}"] = figures
         print(json.dumps(figures), flush=True)
         path.write_text(json.dumps(results, indent=2) + "\n")

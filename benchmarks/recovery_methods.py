@@ -23,6 +23,8 @@ import multiprocessing
 import time
 from pathlib import Path
 
+from recovery import gap_closed, in_child
+
 from nirvana.calibration import candidate_pool, select
 from nirvana.criteria import CRITERIA
 from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
@@ -100,22 +102,6 @@ def run_cell(pruned: str, recipe: str | None, steps: int, limit: int, out: multi
     out.put(figures | measure(model, tokenizer, params, limit))
 
 
-def in_child(pruned: Path, recipe: str | None, steps: int, limit: int) -> dict:
-    """`run_cell` in a spawned process, so no cell inherits another's memory or threads."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=run_cell, args=(str(pruned), recipe, steps, limit, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
-
-
-def gap_closed(dense: float, pruned: float, recovered: float) -> float:
-    """The share of the dense-to-pruned log-perplexity gap that recovery closes."""
-    return round((math.log(pruned) - math.log(recovered)) / (math.log(pruned) - math.log(dense)), 4)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4])
@@ -139,7 +125,7 @@ def main() -> None:
         Path(args.out).with_suffix(".md").write_text(render(results))
 
     if "dense" not in results:
-        results["dense"] = in_child(Path(DENSE), None, 0, args.limit)
+        results["dense"] = in_child(run_cell, DENSE, None, 0, args.limit)
         save()
     for sparsity in args.sparsities:
         for method in args.methods:
@@ -152,7 +138,7 @@ def main() -> None:
                 if key in entry["recipes"]:
                     continue
                 started = time.perf_counter()
-                figures = in_child(folder, recipe, args.steps, args.limit)
+                figures = in_child(run_cell, str(folder), recipe, args.steps, args.limit)
                 if recipe is not None:
                     dense, pruned = results["dense"]["ppl_wiki_128"], entry["recipes"]["pruned"]["ppl_wiki_128"]
                     figures["gap_closed"] = gap_closed(dense, pruned, figures["ppl_wiki_128"])
