@@ -97,7 +97,9 @@ def run_cell(pruned: str, recipe: str | None, steps: int, limit: int, out: multi
         examples = build_examples(load_rows(f.path), tokenizer, f.seq_len)
         teacher = load_teacher(DENSE, params.model) if loss != "lm" else None
         start = time.perf_counter()
-        model, summary = train(model, tokenizer, examples, f, Path(f"/tmp/recovery-methods-{recipe}"), [], teacher)
+        tuned, summary = train(model, tokenizer, examples, f, Path(f"/tmp/recovery-methods-{recipe}"), [], teacher)
+        assert tuned is not None  # one process: it is rank 0
+        model = tuned
         figures = {"train_s": round(time.perf_counter() - start, 1), "tokens_seen": summary["tokens_seen"]}
     out.put(figures | measure(model, tokenizer, params, limit))
 

@@ -14,10 +14,11 @@ import datasets
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
+from accelerate import PartialState, init_empty_weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     DataCollatorForSeq2Seq,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -29,7 +30,7 @@ from transformers import (
 from nirvana.data import bos_id, token_stream, windows
 from nirvana.errors import InputError
 from nirvana.forward import is_seq2seq, split
-from nirvana.modeling import load_model
+from nirvana.modeling import auto_class, load_model
 from nirvana.models import get_adapter
 from nirvana.params import FinetuneParams, ModelParams
 
@@ -256,14 +257,15 @@ def train(
     checkpoints: Path,
     callbacks: Sequence[TrainerCallback] = (),
     teacher: PreTrainedModel | None = None,
-) -> tuple[PreTrainedModel, dict]:
+) -> tuple[PreTrainedModel | None, dict]:
     """Train (resuming from the newest checkpoint in `checkpoints` if any) and return the model, LoRA
-    adapters merged, with a summary. Every process returns; only rank 0 should save."""
+    adapters merged, with a summary. Every process returns the summary; only rank 0 the model, to save."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if (teacher is None) != (f.loss == "lm"):
         raise ValueError(f"finetune.loss {f.loss} needs a teacher exactly when it is not lm")
     set_seed(f.seed)  # LoRA's initial A matrices are random
+    config, dtype = model.config, model.dtype
     student = trainable(model, f)
     counter = StepCounter()
     trainer = RecoveryTrainer(
@@ -298,9 +300,25 @@ def train(
         **quarter_means(losses),
         "train_loss": round(result.training_loss, 4),
     }
-    merged = student.merge_and_unload() if isinstance(student, PeftModel) else student
+    # FSDP and ZeRO-3 leave each process a shard of every weight: gather them (a step every process takes)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not is_main_process():
+        return None, summary
+    return rebuild(config, state, f).to(dtype), summary  # type: ignore[arg-type]  # transformers types .to() oddly
+
+
+def rebuild(config: PretrainedConfig, state: dict[str, torch.Tensor], f: FinetuneParams) -> PreTrainedModel:
+    """The trained model from its full state dict (the student's names, LoRA's included), adapters merged: the
+    architecture is built without weights and takes the gathered tensors as they are (no copy when unsharded)."""
+    with init_empty_weights(include_buffers=False):  # buffers such as rotary frequencies are computed, not saved
+        shell = trainable(auto_class(config).from_config(config), f)
+    shell.load_state_dict(state, strict=True, assign=True)
+    base = shell.get_base_model() if isinstance(shell, PeftModel) else shell
+    assert isinstance(base, PreTrainedModel)
+    base.tie_weights()  # assigned tensors are separate, tied ones too; peft's merge would then untie them for good
+    merged = shell.merge_and_unload() if isinstance(shell, PeftModel) else shell
     assert isinstance(merged, PreTrainedModel)
-    return merged.eval(), summary
+    return merged.eval()
 
 
 def quarter_means(losses: list[float]) -> dict[str, float | None]:

@@ -56,7 +56,7 @@ def main(params: Params, model_dir: str, data: str, dense_dir: str, out_dir: str
     checkpoints = CHECKPOINTS / checkpoint_key(base, f, data, taught.get("teacher_digest", ""))
     merged, summary = train(model, tokenizer, examples, f, checkpoints, teacher=teacher)
     summary |= taught
-    if is_main_process():
+    if merged is not None:  # rank 0: the one process that holds the gathered model
         provenance = {
             "base_digest": base,
             "data": f.source or data,

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from fsdp_worker import student
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -263,3 +264,29 @@ def test_zero_steps_pass_the_pruned_model_through(pruned_dir: Path) -> None:
     for path in pruned_dir.iterdir():
         assert (repo / "out/finetuned" / path.name).read_bytes() == path.read_bytes()
     shutil.rmtree(repo / "out")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_fsdp_sharded_student_is_gathered_and_merged(tmp_path: Path, adapter: str) -> None:
+    """FSDP and ZeRO-3 leave each process a shard of every weight: the saved model is rebuilt from the gathered
+    state dict. Two gloo processes shard with FSDP2 and gather as accelerate does (accelerate itself runs FSDP on
+    GPUs only); the folder rank 0 saves gives the logits of the unsharded student, tied embeddings included."""
+    dense = tmp_path / "dense"
+    tiny_llama(tie_word_embeddings=True).save_pretrained(dense)
+    save_tokenizer(dense)
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    prune_model(model, random_plan(model, seed=3))
+    save_model(model, AutoTokenizer.from_pretrained(dense), tmp_path / "pruned")
+    worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "tests/fsdp_worker.py"]
+    args = [tmp_path / "pruned", adapter, tmp_path / "out"]
+    done = subprocess.run([*map(str, worker), *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    unsharded = student(str(tmp_path / "pruned"), adapter)
+    expected = unsharded.merge_and_unload() if adapter == "lora" else unsharded
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected.eval()(ids).logits, atol=1e-5, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()(ids).logits
+    assert (reloaded(ids).logits - base).abs().max() > 1e-2  # the trained weights, not the pruned ones
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
