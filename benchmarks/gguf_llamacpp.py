@@ -29,9 +29,9 @@ from transformers import PreTrainedModel
 
 from nirvana import llamacpp
 from nirvana.allocation import allocate_for_model
-from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
+from nirvana.data import EVAL_SETS
 from nirvana.efficiency import forward_flops
-from nirvana.evaluation import param_counts, perplexity
+from nirvana.evaluation import held_out, param_counts, perplexity
 from nirvana.gguf import export, stored_types
 from nirvana.io import folder_digest
 from nirvana.modeling import load_model, load_tokenizer
@@ -146,14 +146,7 @@ def export_one(folder: Path, path: Path, type: str, reuse: bool) -> dict[str, An
 def eval_windows(outputs: Path, folder: Path) -> dict[str, torch.Tensor]:
     """The windows `evaluate` scores: the first MAX_TOKENS of each held-out set in SEQ_LEN-token windows."""
     tokenizer = load_tokenizer(folder)
-    return {
-        name: windows(
-            token_stream(read_texts(outputs / "corpora" / f"{name}.parquet"), tokenizer, MAX_TOKENS),
-            SEQ_LEN,
-            bos_id(tokenizer),
-        )
-        for name in EVAL_SETS
-    }
+    return {name: held_out(outputs / "corpora", name, tokenizer, MAX_TOKENS, SEQ_LEN) for name in EVAL_SETS}
 
 
 def ppl_cpp(path: Path, sets: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -44,12 +44,11 @@ def worker(gguf_dir: str, prompt: list[int]) -> None:
 
 def wiki_prompt() -> list[int]:
     """The first 128 tokens of evaluate's wiki windows, the prompt measure_gguf times."""
-    from nirvana.data import bos_id, read_texts, token_stream, windows
+    from nirvana.evaluation import held_out
     from nirvana.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer("outputs/base_model")
-    stream = token_stream(read_texts("outputs/corpora/wiki.parquet"), tokenizer, 8192)
-    return windows(stream, 128, bos_id(tokenizer)).flatten()[:PROMPT].tolist()
+    wiki = held_out("outputs/corpora", "wiki", load_tokenizer("outputs/base_model"), 8192, 128)
+    return wiki.flatten()[:PROMPT].tolist()
 
 
 def one_round(site: str | None, gguf_dir: str, prompt: list[int]) -> dict:

@@ -22,18 +22,17 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from nirvana.data import bos_id, read_texts, token_stream, windows
-from nirvana.evaluation import perplexity
+from nirvana.evaluation import held_out, perplexity
 from nirvana.finetune import build_examples, load_rows, load_teacher, train
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import load_params
 
-PRUNED, DENSE, WIKI = "outputs/pruned_model", "outputs/base_model", "outputs/corpora/wiki.parquet"
+PRUNED, DENSE, CORPORA = "outputs/pruned_model", "outputs/base_model", "outputs/corpora"
 
 
 def wiki_windows(tokenizer, max_tokens: int, seq_len: int = 128):  # type: ignore[no-untyped-def]
     """The evaluate stage's wiki set, cut as stages/evaluate.py cuts it: max_tokens tokens in seq_len windows."""
-    return windows(token_stream(read_texts(WIKI), tokenizer, max_tokens), seq_len, bos_id(tokenizer))
+    return held_out(CORPORA, "wiki", tokenizer, max_tokens, seq_len)
 
 
 class Curve(TrainerCallback):

@@ -27,8 +27,8 @@ from recovery import gap_closed, in_child
 
 from nirvana.calibration import candidate_pool, select
 from nirvana.criteria import CRITERIA
-from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
-from nirvana.evaluation import perplexity
+from nirvana.data import EVAL_SETS, read_texts
+from nirvana.evaluation import held_out, perplexity
 from nirvana.finetune import build_examples, load_rows, load_teacher, train
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params, load_params
@@ -73,8 +73,7 @@ def measure(model, tokenizer, params: Params, limit: int) -> dict:  # type: igno
     """Wiki and books perplexity as the evaluate stage cuts them, and zero-shot accuracy on `limit` examples a task."""
     e, out = params.evaluate, {}
     for name in EVAL_SETS:
-        stream = token_stream(read_texts(f"{CORPORA}/{name}.parquet"), tokenizer, e.max_tokens)
-        cut = windows(stream, 128, bos_id(tokenizer))
+        cut = held_out(CORPORA, name, tokenizer, e.max_tokens, 128)
         out[f"ppl_{name}_128"] = round(perplexity(model, cut, e.batch_size, desc=name), 3)
     accuracies, info = zero_shot(model, tokenizer, e.tasks, limit, e.batch_size)
     out |= {k: round(v, 4) for k, v in accuracies.items()}

@@ -1,16 +1,27 @@
-"""Perplexity and parameter counts of dense and pruned models."""
+"""Perplexity on the held-out sets and parameter counts of dense and pruned models."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nirvana.data import bos_id, read_texts, token_stream, windows
 from nirvana.forward import IGNORE, logits_and_labels
 from nirvana.models import get_adapter
+
+
+def held_out(
+    corpora_dir: str | Path, name: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int, seq_len: int
+) -> torch.Tensor:
+    """The held-out set `name` (wiki, books) as `evaluate` scores it: its first `max_tokens` tokens in
+    `seq_len`-token windows, each led by BOS where the tokenizer starts texts with one."""
+    stream = token_stream(read_texts(Path(corpora_dir) / f"{name}.parquet"), tokenizer, max_tokens)
+    return windows(stream, seq_len, bos_id(tokenizer))
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Stage evaluate: perplexity on the held-out sets, zero-shot accuracy, and model size."""
 
 from nirvana.checks import check_model
-from nirvana.data import EVAL_SETS, bos_id, read_texts, token_stream, windows
-from nirvana.evaluation import param_counts, perplexity
+from nirvana.data import EVAL_SETS
+from nirvana.evaluation import held_out, param_counts, perplexity
 from nirvana.io import folder_digest, log, write_json
 from nirvana.modeling import load_model, load_tokenizer
 from nirvana.params import Params
@@ -17,9 +17,8 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, inf
     model, tokenizer = load_model(model_dir, params.model), load_tokenizer(model_dir)
     metrics: dict = param_counts(model) | {"model_digest": folder_digest(model_dir)}
     for name in EVAL_SETS:
-        stream = token_stream(read_texts(f"{corpora_dir}/{name}.parquet"), tokenizer, e.max_tokens)
         for seq_len in e.windows:
-            cut = windows(stream, seq_len, bos_id(tokenizer))
+            cut = held_out(corpora_dir, name, tokenizer, e.max_tokens, seq_len)
             ppl = perplexity(model, cut, e.batch_size, desc=f"{name}@{seq_len}")
             metrics[f"ppl_{name}_{seq_len}"] = round(ppl, 4)
             log.info("%s perplexity at %d-token windows: %.3f", name, seq_len, ppl)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from nirvana.checks import check_model
-from nirvana.data import bos_id, read_texts, token_stream, windows
 from nirvana.efficiency import forward_flops
+from nirvana.evaluation import held_out
 from nirvana.io import log, write_json
 from nirvana.llamacpp import isolated, measure
 from nirvana.modeling import load_tokenizer, skeleton
@@ -23,9 +23,9 @@ from nirvana.stage import run_stage
 def wiki_windows(params: Params, corpora_dir: str, tokenizer_dir: str) -> tuple[str, torch.Tensor]:
     """The wiki windows `evaluate` scores at its first window length, and its metric name (books, twice
     the llama.cpp time, is in benchmarks/gguf_llamacpp.py)."""
-    e, tokenizer = params.evaluate, load_tokenizer(tokenizer_dir)
-    stream = token_stream(read_texts(f"{corpora_dir}/wiki.parquet"), tokenizer, e.max_tokens)
-    return f"ppl_wiki_{e.windows[0]}", windows(stream, e.windows[0], bos_id(tokenizer))
+    e = params.evaluate
+    wiki = held_out(corpora_dir, "wiki", load_tokenizer(tokenizer_dir), e.max_tokens, e.windows[0])
+    return f"ppl_wiki_{e.windows[0]}", wiki
 
 
 def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned_dir: str, metrics_out: str) -> None:
