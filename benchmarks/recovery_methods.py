@@ -77,8 +77,9 @@ def measure(model, tokenizer, params: Params, limit: int) -> dict:  # type: igno
         out[f"ppl_{name}_128"] = round(perplexity(model, cut, e.batch_size, desc=name), 3)
     accuracies, info = zero_shot(model, tokenizer, e.tasks, limit, e.batch_size)
     out |= {k: round(v, 4) for k, v in accuracies.items()}
-    errors = [task["stderr"] for task in info["tasks"].values()]
-    out["acc_average_stderr"] = round(math.sqrt(sum(s * s for s in errors)) / len(errors), 4)
+    errors = [task["stderr"] for task in info["tasks"].values()]  # None where a task had one example (--limit 1)
+    average_error = math.sqrt(sum(s * s for s in errors)) / len(errors) if None not in errors else None
+    out["acc_average_stderr"] = None if average_error is None else round(average_error, 4)
     out["zero_shot_samples"] = {t: task["samples"] for t, task in info["tasks"].items()}
     return out
 
@@ -207,9 +208,10 @@ def render(results: dict) -> str:
 
 def row(sparsity: str, method: str, recipe: str, r: dict) -> str:
     """One line of the main table."""
+    error = "" if r["acc_average_stderr"] is None else f" (+-{r['acc_average_stderr']:.3f})"
     return (
         f"| {sparsity} | {method} | {recipe} | {r['ppl_wiki_128']} | {r['ppl_books_128']} | "
-        f"{r['acc_average']:.3f} (+-{r['acc_average_stderr']:.3f}) | {r.get('gap_closed', '-')} | "
+        f"{r['acc_average']:.3f}{error} | {r.get('gap_closed', '-')} | "
         f"{r.get('train_s', '-')} |"
     )
 
