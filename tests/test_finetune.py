@@ -277,7 +277,8 @@ def test_fsdp_sharded_student_is_gathered_and_merged(tmp_path: Path, adapter: st
     model = AutoModelForCausalLM.from_pretrained(dense)
     prune_model(model, random_plan(model, seed=3))
     save_model(model, AutoTokenizer.from_pretrained(dense), tmp_path / "pruned")
-    worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "tests/fsdp_worker.py"]
+    worker = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    worker.append(ROOT / "tests/fsdp_worker.py")
     args = [tmp_path / "pruned", adapter, tmp_path / "out"]
     done = subprocess.run([*map(str, worker), *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
