@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,6 +175,26 @@ def build_examples(
     if not examples:
         raise ValueError("fine-tuning data gave no example with a token to learn from")
     return datasets.Dataset.from_list(examples)
+
+
+def check_sharded_saving() -> None:
+    """Under DeepSpeed ZeRO-3 (as `accelerate launch` set it up) the trained weights can be gathered to save only
+    with 16-bit gathering on: without it the stage would fail after the training, so it stops before."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    zero = json.loads(Path(path).read_text()).get("zero_optimization", {}) if path else {}
+    stage, gather = zero.get("stage", "auto"), zero.get("stage3_gather_16bit_weights_on_model_save", "auto")
+    if stage == "auto":  # accelerate fills "auto" from its own config, which it passes in these variables
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if gather == "auto":
+        gather = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true"
+    if int(stage) == 3 and not gather:
+        raise InputError(
+            "finetune.launch: DeepSpeed ZeRO-3 cannot gather the trained weights to save them; set "
+            "zero3_save_16bit_model: true in the accelerate config (stage3_gather_16bit_weights_on_model_save "
+            "in a DeepSpeed JSON)"
+        )
 
 
 def checkpoint_key(model_digest: str, f: FinetuneParams, data: str | Path | None, teacher_digest: str = "") -> str:

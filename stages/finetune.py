@@ -11,6 +11,7 @@ from nirvana.card import CARD, finetune_record, model_card
 from nirvana.checks import check_finetune, check_teacher
 from nirvana.finetune import (
     build_examples,
+    check_sharded_saving,
     checkpoint_key,
     is_main_process,
     load_rows,
@@ -34,6 +35,8 @@ def main(params: Params, model_dir: str, data: str, dense_dir: str, out_dir: str
     the dense model, the teacher when finetune.teacher is null."""
     f = params.finetune
     check_finetune(f, model_dir)
+    if f.steps:
+        check_sharded_saving()
     teacher_dir = (f.teacher or dense_dir) if f.loss != "lm" else None
     if teacher_dir and f.steps:
         check_teacher(teacher_dir, model_dir)

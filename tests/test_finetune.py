@@ -20,11 +20,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import random_plan, random_text, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
+from nirvana.errors import InputError
 from nirvana.finetune import (
     IGNORE,
     RecoveryTrainer,
     add_lora,
     build_examples,
+    check_sharded_saving,
     distillation_loss,
     instruction_example,
     target_modules,
@@ -291,3 +293,50 @@ def test_fsdp_sharded_student_is_gathered_and_merged(tmp_path: Path, adapter: st
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()(ids).logits
     assert (reloaded(ids).logits - base).abs().max() > 1e-2  # the trained weights, not the pruned ones
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+
+
+@pytest.mark.parametrize(
+    "env,config,stops",
+    [
+        ({}, None, False),  # no DeepSpeed
+        (ZERO3, None, True),  # accelerate config with zero_stage 3 and no 16-bit gathering
+        (ZERO3 | {"ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}, None, False),
+        (ZERO3 | {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None, False),  # ZeRO-2 keeps whole weights
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"stage": 3}, True),  # a DeepSpeed JSON
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}, False),
+        (ZERO3 | {"ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}, {"stage": "auto"}, False),
+    ],
+)
+def test_zero3_without_gathering_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, config: dict | None, stops: bool
+) -> None:
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if config is not None:
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": config}))
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    if stops:
+        with pytest.raises(InputError, match=r"^finetune\.launch: DeepSpeed ZeRO-3 cannot gather"):
+            check_sharded_saving()
+    else:
+        check_sharded_saving()
+
+
+def test_stage_refuses_zero3_without_gathering_before_training(pruned_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    repo = pruned_dir.parent
+    text_rows().to_parquet(repo / "corpus.parquet")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", raising=False)
+    for key, value in ZERO3.items():
+        monkeypatch.setenv(key, value)
+    done = run_stage(repo, {"steps": 4, "seq_len": 16}, [sys.executable])
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("[finetune] finetune.launch: DeepSpeed ZeRO-3")
+    assert "Traceback" not in done.stderr
+    assert not (repo / "out").exists() and not (repo / "checkpoints").exists()
