@@ -334,6 +334,8 @@ def rebuild(config: PretrainedConfig, state: dict[str, torch.Tensor], f: Finetun
     with init_empty_weights(include_buffers=False):  # buffers such as rotary frequencies are computed, not saved
         shell = trainable(auto_class(config).from_config(config), f)
     shell.load_state_dict(state, strict=True, assign=True)
+    device = next(iter(state.values())).device  # the computed buffers join the weights (on the GPU when unsharded)
+    shell.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
     base = shell.get_base_model() if isinstance(shell, PeftModel) else shell
     assert isinstance(base, PreTrainedModel)
     base.tie_weights()  # assigned tensors are separate, tied ones too; peft's merge would then untie them for good

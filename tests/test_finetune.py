@@ -29,6 +29,7 @@ from nirvana.finetune import (
     check_sharded_saving,
     distillation_loss,
     instruction_example,
+    rebuild,
     target_modules,
     train,
     training_args,
@@ -340,3 +341,13 @@ def test_stage_refuses_zero3_without_gathering_before_training(pruned_dir: Path,
     assert done.stderr.strip().splitlines()[-1].startswith("[finetune] finetune.launch: DeepSpeed ZeRO-3")
     assert "Traceback" not in done.stderr
     assert not (repo / "out").exists() and not (repo / "checkpoints").exists()
+
+
+def test_rebuilt_model_keeps_its_computed_buffers_with_its_weights() -> None:
+    """Rotary frequencies are not in a state dict: rebuilt, they must sit where the gathered weights do (a GPU
+    when unsharded; the meta device stands in for it here)."""
+    model = tiny_llama()
+    state = {name: tensor.to("meta") for name, tensor in model.state_dict().items()}
+    rebuilt = rebuild(model.config, state, dataclasses.replace(TINY, adapter="full"))
+    assert [name for name, _ in rebuilt.named_buffers()]  # there is something to place
+    assert {b.device.type for b in rebuilt.buffers()} == {p.device.type for p in rebuilt.parameters()} == {"meta"}
