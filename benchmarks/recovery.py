@@ -30,11 +30,6 @@ from nirvana.params import load_params
 PRUNED, DENSE, CORPORA = "outputs/pruned_model", "outputs/base_model", "outputs/corpora"
 
 
-def wiki_windows(tokenizer, max_tokens: int, seq_len: int = 128):  # type: ignore[no-untyped-def]
-    """The evaluate stage's wiki set, cut as stages/evaluate.py cuts it: max_tokens tokens in seq_len windows."""
-    return held_out(CORPORA, "wiki", tokenizer, max_tokens, seq_len)
-
-
 class Curve(TrainerCallback):
     """Wiki perplexity at the listed steps, and the wall time of every optimiser step (evaluations excluded)."""
 
@@ -72,7 +67,8 @@ def run_recipe(recipe: str, steps: int, eval_at: list[int], out: multiprocessing
     model = load_model(PRUNED, params.model, on="cpu")
     examples = build_examples(load_rows(f.path), tokenizer, f.seq_len)
     teacher = load_teacher(DENSE, params.model) if loss != "lm" else None
-    curve = Curve(model, wiki_windows(tokenizer, params.evaluate.max_tokens), eval_at, params.evaluate.batch_size)
+    wiki = held_out(CORPORA, "wiki", tokenizer, params.evaluate.max_tokens, 128)  # as evaluate scores it
+    curve = Curve(model, wiki, eval_at, params.evaluate.batch_size)
     _, summary = train(
         model, tokenizer, examples, f, Path(f"/tmp/recovery-{recipe.replace(':', '-')}"), [curve], teacher
     )
@@ -122,8 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     tokenizer = load_tokenizer(DENSE)
-    held_out = wiki_windows(tokenizer, params.evaluate.max_tokens)
-    dense = perplexity(load_model(DENSE, params.model), held_out, params.evaluate.batch_size, desc="dense")
+    wiki = held_out(CORPORA, "wiki", tokenizer, params.evaluate.max_tokens, 128)
+    dense = perplexity(load_model(DENSE, params.model), wiki, params.evaluate.batch_size, desc="dense")
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.is_file() else {}
     entry = results.setdefault(args.name, {"ppl_wiki_128_dense": round(dense, 3), "recipes": {}})

@@ -325,17 +325,19 @@ def train(
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not is_main_process():
         return None, summary
-    return rebuild(config, state, f).to(dtype), summary  # type: ignore[arg-type]  # transformers types .to() oddly
+    return rebuild(config, state, f, dtype), summary
 
 
-def rebuild(config: PretrainedConfig, state: dict[str, torch.Tensor], f: FinetuneParams) -> PreTrainedModel:
-    """The trained model from its full state dict (the student's names, LoRA's included), adapters merged: the
-    architecture is built without weights and takes the gathered tensors as they are (no copy when unsharded)."""
+def rebuild(
+    config: PretrainedConfig, state: dict[str, torch.Tensor], f: FinetuneParams, dtype: torch.dtype
+) -> PreTrainedModel:
+    """The trained model in `dtype` from its full state dict (the student's names, LoRA's included), adapters merged:
+    the architecture is built without weights and takes the gathered tensors as they are (no copy when unsharded)."""
     with init_empty_weights(include_buffers=False):  # buffers such as rotary frequencies are computed, not saved
         shell = trainable(auto_class(config).from_config(config), f)
     shell.load_state_dict(state, strict=True, assign=True)
     device = next(iter(state.values())).device  # the computed buffers join the weights (on the GPU when unsharded)
-    shell.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
+    shell.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # transformers types .to() oddly
     base = shell.get_base_model() if isinstance(shell, PeftModel) else shell
     assert isinstance(base, PreTrainedModel)
     base.tie_weights()  # assigned tensors are separate, tied ones too; peft's merge would then untie them for good

@@ -28,7 +28,7 @@ def student(folder: str, adapter: str) -> torch.nn.Module:
 def main(folder: str, adapter: str, out: str) -> None:
     dist.init_process_group("gloo")
     model = student(folder, adapter)
-    config = model.config
+    config, dtype = model.config, model.dtype
     for layer in model.get_base_model().model.layers if adapter == "lora" else model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -37,7 +37,8 @@ def main(folder: str, adapter: str, out: str) -> None:
     state = get_model_state_dict(model, options=options)
     if dist.get_rank() == 0:
         assert sharded == "DTensor", sharded
-        save_model(rebuild(config, state, FinetuneParams(adapter=adapter)), AutoTokenizer.from_pretrained(folder), out)
+        rebuilt = rebuild(config, state, FinetuneParams(adapter=adapter), dtype)
+        save_model(rebuilt, AutoTokenizer.from_pretrained(folder), out)
     dist.barrier()
     dist.destroy_process_group()
 

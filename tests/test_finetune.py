@@ -299,6 +299,14 @@ def test_fsdp_sharded_student_is_gathered_and_merged(tmp_path: Path, adapter: st
 ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 
 
+def launched_with(monkeypatch: pytest.MonkeyPatch, env: dict) -> None:
+    """The DeepSpeed variables `accelerate launch` would set, exactly `env` (none from this shell)."""
+    for key in ("USE_DEEPSPEED", "DEEPSPEED_CONFIG_FILE", "DEEPSPEED_ZERO_STAGE", "DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
+        monkeypatch.delenv(f"ACCELERATE_{key}", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize(
     "env,config,stops",
     [
@@ -314,11 +322,7 @@ ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": 
 def test_zero3_without_gathering_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, config: dict | None, stops: bool
 ) -> None:
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    launched_with(monkeypatch, env)
     if config is not None:
         (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": config}))
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
@@ -332,10 +336,7 @@ def test_zero3_without_gathering_is_refused(
 def test_stage_refuses_zero3_without_gathering_before_training(pruned_dir: Path, monkeypatch: pytest.MonkeyPatch):
     repo = pruned_dir.parent
     text_rows().to_parquet(repo / "corpus.parquet")
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", raising=False)
-    for key, value in ZERO3.items():
-        monkeypatch.setenv(key, value)
+    launched_with(monkeypatch, ZERO3)
     done = run_stage(repo, {"steps": 4, "seq_len": 16}, [sys.executable])
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("[finetune] finetune.launch: DeepSpeed ZeRO-3")
@@ -348,6 +349,6 @@ def test_rebuilt_model_keeps_its_computed_buffers_with_its_weights() -> None:
     when unsharded; the meta device stands in for it here)."""
     model = tiny_llama()
     state = {name: tensor.to("meta") for name, tensor in model.state_dict().items()}
-    rebuilt = rebuild(model.config, state, dataclasses.replace(TINY, adapter="full"))
+    rebuilt = rebuild(model.config, state, dataclasses.replace(TINY, adapter="full"), model.dtype)
     assert [name for name, _ in rebuilt.named_buffers()]  # there is something to place
     assert {b.device.type for b in rebuilt.buffers()} == {p.device.type for p in rebuilt.parameters()} == {"meta"}
