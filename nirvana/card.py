@@ -3,7 +3,8 @@
 The card's metadata (built with huggingface_hub's ModelCardData) holds the provenance a reader needs to
 trust a pruned model: the base model and its folder digest, the pruning settings, the calibration
 selection, per-layer widths, parameter counts, the fine-tuning summary, a content hash of the code the
-stage ran and dvc.lock's digest, and the SHA-256 of every stored tensor and safetensors file, which
+stage ran and dvc.lock's digest, the environment it computed in (package versions, CPU kernels and threads,
+GPU; nirvana.environment), and the SHA-256 of every stored tensor and safetensors file, which
 `nirvana verify` recomputes. Nothing in it depends on the commit or the clock, so the same code, params
 and inputs give the same card, byte for byte. The published folder's card adds the measured results as
 `model-index` evaluation results, the fields the Hub renders. The Markdown below the metadata is for people.
@@ -27,6 +28,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nirvana.allocation import allocation_mode, llm_pruner_band
+from nirvana.environment import describe, reproducible
 from nirvana.io import folder_digest, sha256_file
 from nirvana.modeling import hub_id
 from nirvana.params import FinetuneParams, Params
@@ -223,10 +225,12 @@ def finetune_record(
     """The pruned model's provenance (from its card) plus the fine-tuning; widths come from the tuned
     model, or from the pruned card when `model` is None (steps 0: the weights are a copy)."""
     pruned = read_card(pruned_dir).get("nirvana") if (Path(pruned_dir) / CARD).is_file() else None
-    carried = {k: v for k, v in (pruned or {}).items() if k not in ("stage", "code", "dvc_lock", "weights")}
+    carried = {
+        k: v for k, v in (pruned or {}).items() if k not in ("stage", "code", "dvc_lock", "environment", "weights")
+    }
     source = {"digest": folder_digest(pruned_dir), "card": CARD if pruned else None}
     if pruned:
-        source |= {"code": pruned.get("code"), "dvc_lock": pruned.get("dvc_lock")}
+        source |= {key: pruned.get(key) for key in ("code", "dvc_lock", "environment")}
     layers = layer_units(model) if model is not None else carried.get("layers")
     tuned = summary | {"params": dataclasses.asdict(f)}
     return {"stage": "finetune", **carried, "pruned_model": source, "layers": layers, "finetune": tuned}
@@ -264,7 +268,8 @@ def model_card(record: dict[str, Any], folder: str | Path, cwd: str | Path = "."
     if unreadable:
         raise ValueError(f"cannot read {', '.join(unreadable)} in {folder} with safetensors")
     lock = lock_state(Path(cwd) / "dvc.lock", record["stage"])
-    full = record | {"code": code_state(record["stage"]), "dvc_lock": lock, "weights": weights}
+    code, environment = code_state(record["stage"]), reproducible()
+    full = record | {"code": code, "dvc_lock": lock, "environment": environment, "weights": weights}
     return card_text(card_data(full), body(full, evaluation))
 
 
@@ -303,6 +308,10 @@ def _provenance(r: dict[str, Any]) -> str:
     ]
     if "pruned_model" in r:
         rows.append(("pruned model", f"folder digest `{r['pruned_model']['digest']}`"))
+    if r.get("environment"):
+        env = r["environment"]
+        packages = ", ".join(f"{name} {v}" for name, v in env["packages"].items() if v)
+        rows += [("computed on", describe(env)), ("software", f"Python {env['python']}; {packages}")]
     return "## Provenance\n\n" + _table(rows, ("", ""))
 
 

@@ -1,5 +1,5 @@
 """`nirvana` command line: look inside models the pipeline wrote, check their weights against their model
-cards, export them to GGUF for llama.cpp, sweep methods, tabulate experiments."""
+cards, export them to GGUF for llama.cpp, sweep methods, tabulate experiments, audit the committed run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from nirvana.audit import AuditError
+from nirvana.audit import audit as audit_run
 from nirvana.card import provenance_line, read_card, verify_folder
 from nirvana.evaluation import param_counts
 from nirvana.gguf import TYPES, ExportError
@@ -43,6 +45,18 @@ def verify(path: str) -> None:
         sys.exit(message)
     print(message)
     print(f"{path}: {provenance_line(read_card(path).get('nirvana') or {}, path)}")
+
+
+def audit(scratch: str | None) -> None:
+    """Rerun the committed pipeline in a scratch clone and compare every output with dvc.lock; exit 1 naming
+    the package, the damaged output or the outputs that did not come back."""
+    try:
+        passed, report = audit_run(".", scratch)
+    except AuditError as error:
+        sys.exit(f"nirvana audit: {error}")
+    print(report)
+    if not passed:
+        sys.exit(1)
 
 
 def export(path: str, out: str, type: str) -> None:
@@ -100,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     p_sweep.add_argument(
         "--share", action="store_true", help="pull the default DVC remote's run-cache first, push each result to it"
     )
+    p_audit = sub.add_parser(
+        "audit", help="rerun the committed pipeline from nothing in a scratch clone and compare every output"
+    )
+    p_audit.add_argument("--scratch", metavar="DIR", help="rerun there and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info(args.model)
@@ -107,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         generate(args.model, args.prompt, args.max_new_tokens)
     elif args.command == "verify":
         verify(args.model)
+    elif args.command == "audit":
+        audit(args.scratch)
     elif args.command == "export":
         export(args.model, args.out, args.type)
     elif args.command == "sweep":

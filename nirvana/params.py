@@ -47,6 +47,20 @@ class ModelParams:
         _check(self.device_map in (None, "auto"), "model.device_map", self.device_map, "null or auto")
 
 
+KERNELS = ("portable", "native")  # nirvana.environment pins them
+
+
+@dataclass(frozen=True)
+class CpuParams:
+    kernels: str = "portable"  # AVX2 code paths on every x86-64 CPU (same bits anywhere), or native (faster)
+    threads: int | None = 2  # torch's threads in every stage (sums depend on it); null = this job's share of the CPUs
+
+    def __post_init__(self) -> None:
+        _check(self.kernels in KERNELS, "cpu.kernels", self.kernels, f"one of {', '.join(KERNELS)}")
+        ok = self.threads is None or self.threads >= 1
+        _check(ok, "cpu.threads", self.threads, "an integer >= 1, or null (the CPUs divided among the running jobs)")
+
+
 @dataclass(frozen=True)
 class DataParams:
     overlap_ngram: int = 13
@@ -309,6 +323,7 @@ class Params:
     sparsity: float = 0.2
     gamma: float | str = 3.0  # or "auto": the allocation.gamma_candidates value of lowest held-out KL
     model: ModelParams = field(default_factory=ModelParams)
+    cpu: CpuParams = field(default_factory=CpuParams)
     data: DataParams = field(default_factory=DataParams)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     saliency: SaliencyParams = field(default_factory=SaliencyParams)

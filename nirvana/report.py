@@ -11,6 +11,7 @@ import yaml
 
 from nirvana.allocation import resolve_mode
 from nirvana.sweep import dvc
+from nirvana.timings import with_timings
 
 BUILT_IN = "outputs/corpora/calibration.parquet"  # the pool prepare_data writes; older params said null
 DATA_FILES = (".parquet", ".jsonl")
@@ -116,7 +117,7 @@ def _row(name: str, data: dict, model: str) -> dict:
     """One model of one run: `dense`, `pruned` or `finetuned` (the pruned model after LoRA); no quality
     numbers when evaluate did not measure this run's model (`measured`)."""
     params = _files(data, "params").get("params.yaml", {})
-    metrics = _files(data, "metrics")
+    metrics = with_timings(_files(data, "metrics"))
     ours = measured(metrics, model)
     quality = metrics.get(f"metrics/{model}.json", {}) if ours else {}
     row: dict = {"experiment": name, "_sparsity": params.get("sparsity", "") if model != "dense" else 0}
@@ -161,7 +162,7 @@ def _run_rows(name: str, data: dict) -> list[dict]:
     """The pruned model of a run, and its fine-tuned version when the run trained one. A sweep that
     stops at evaluate@pruned leaves older fine-tuning and speed metrics behind: their model digests
     then differ from the pruned model's, and they are left out."""
-    metrics = _files(data, "metrics")
+    metrics = with_timings(_files(data, "metrics"))
     if "metrics/pruned.json" not in metrics:  # still running, queued or failed
         return []
     rows = [_row(name, data, "pruned")]
@@ -311,7 +312,9 @@ README_END = "<!-- end of results -->"
 def readme_table(root: str | Path = ".") -> str:
     """The committed run's quality table: dense, pruned and fine-tuned, from metrics/ and params.yaml."""
     root = Path(root)
-    read = lambda name: json.loads((root / "metrics" / f"{name}.json").read_text())  # noqa: E731
+    found = [*root.glob("metrics/*.json"), *root.glob("timings/*.json")]
+    files = with_timings({p.relative_to(root).as_posix(): json.loads(p.read_text()) for p in found})
+    read = lambda name: files[f"metrics/{name}.json"]  # noqa: E731
     params, prune = yaml.safe_load((root / "params.yaml").read_text()), read("prune")
     steps = read("finetune").get("steps", 0)
     realised = f"{params['sparsity']} ({prune['sparsity_realised']:.4f})"
@@ -336,9 +339,8 @@ def readme_table(root: str | Path = ".") -> str:
     kinds = ("prefill_bs1", "prefill_bs8", "generate_bs1", "generate_bs8", "ideal")
     ratios = ", ".join(f"{k.replace('_', ' ')} x{speed[f'speedup_{k}']:.2f}" for k in kinds if f"speedup_{k}" in speed)
     lines += ["", f"Pruned against dense in the same run (compare stage, timed alternately): {ratios}."]
-    gguf = root / "metrics" / "gguf.json"
-    if gguf.is_file():
-        lines += ["", *llamacpp_table(json.loads(gguf.read_text()))]
+    if "metrics/gguf.json" in files:
+        lines += ["", *llamacpp_table(files["metrics/gguf.json"])]
     return "\n".join([README_BEGIN, *lines, README_END]) + "\n"
 
 

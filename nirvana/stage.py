@@ -8,8 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from nirvana.environment import kernels_in_force, pin_cpu
 from nirvana.errors import InputError, NativeCrash
 from nirvana.io import setup_logging
 from nirvana.params import ParamError, Params, load_params
@@ -58,10 +57,11 @@ def run_stage(name: str, body: Callable[..., None]) -> None:
         sys.exit(f"[{name}] usage: python stages/{name}.py {' '.join(w.upper() for w in wanted)}")
     try:
         params: Params = load_params()
-        torch.set_num_threads(cpu_share())
-    except ParamError as err:
+        pin_cpu(params.cpu.kernels, params.cpu.threads or cpu_share())
+    except (ParamError, InputError) as err:
         sys.exit(f"[{name}] {err}")
-    log.info("starting (%d threads)", torch.get_num_threads())
+    cpu = kernels_in_force()
+    log.info("starting (%d threads, %s kernels: %s)", cpu["threads"], cpu["kernels"], cpu["aten"])
     try:
         body(params, *paths)
     except (InputError, NativeCrash) as err:

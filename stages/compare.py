@@ -1,5 +1,6 @@
 """Stage compare: dense and pruned side by side: size, peak memory, measured and ideal speedup
-(the fine-tuned model has the pruned shapes), and one row per model of quality metrics for the plots."""
+(the fine-tuned model has the pruned shapes), and one row per model of quality metrics for the plots.
+The clock's figures go to their own file, with the machine that made them (nirvana.timings)."""
 
 import json
 from pathlib import Path
@@ -8,10 +9,12 @@ import pandas as pd
 
 from nirvana.checks import check_model
 from nirvana.efficiency import efficiency_report
+from nirvana.environment import machine
 from nirvana.io import folder_digest, log, write_csv, write_json
 from nirvana.modeling import load_model
 from nirvana.params import Params
 from nirvana.stage import run_stage
+from nirvana.timings import split
 
 
 def main(
@@ -22,6 +25,7 @@ def main(
     pruned_metrics: str,
     finetuned_metrics: str,
     out: str,
+    timings_out: str,
     plot_out: str,
 ) -> None:
     run = ("efficiency.prompt_len + efficiency.new_tokens", params.efficiency.prompt_len + params.efficiency.new_tokens)
@@ -35,14 +39,21 @@ def main(
         params.efficiency,
     )
     report["pruned_digest"] = folder_digest(pruned_dir)  # which pruned model these speedups are about
-    write_json(report, out)
+    results, timed = split(report)
+    write_json(results, out)
+    write_json(timed | {"machine": machine()}, timings_out)
     rows = [
         {"model": name, **json.loads(Path(path).read_text())}
         for name, path in (("dense", dense_metrics), ("pruned", pruned_metrics), ("finetuned", finetuned_metrics))
     ]
     write_csv(pd.DataFrame(rows), plot_out)
     speedups = {k: v for k, v in report.items() if k.startswith("speedup_")}
-    log.info("wrote %s: %s", out, ", ".join(f"{k.removeprefix('speedup_')} x{v}" for k, v in speedups.items()))
+    log.info(
+        "wrote %s and %s: %s",
+        out,
+        timings_out,
+        ", ".join(f"{k.removeprefix('speedup_')} x{v}" for k, v in speedups.items()),
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 `evaluate`'s wiki windows, and prompt and generation throughput of dense, pruned and fine-tuned
 timed alternately, with the speedups next to the ideal FLOP ratio and the file-bytes ratio. A stage
 apart from export_gguf so that re-exporting identical files does not re-time them. llama.cpp runs in a
-child process: if it dies by a signal, the stage stops with one line naming the file and the signal."""
+child process: if it dies by a signal, the stage stops with one line naming the file and the signal.
+The throughputs and speedups go to their own file, with the machine that made them (nirvana.timings)."""
 
 import json
 from importlib.metadata import version
@@ -12,12 +13,14 @@ import torch
 
 from nirvana.checks import check_model
 from nirvana.efficiency import forward_flops
+from nirvana.environment import machine
 from nirvana.evaluation import held_out
 from nirvana.io import log, write_json
 from nirvana.llamacpp import isolated, measure
 from nirvana.modeling import load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
+from nirvana.timings import split
 
 
 def wiki_windows(params: Params, corpora_dir: str, tokenizer_dir: str) -> tuple[str, torch.Tensor]:
@@ -28,12 +31,15 @@ def wiki_windows(params: Params, corpora_dir: str, tokenizer_dir: str) -> tuple[
     return f"ppl_wiki_{e.windows[0]}", wiki
 
 
-def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned_dir: str, metrics_out: str) -> None:
+def main(
+    params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned_dir: str, metrics_out: str, timings_out: str
+) -> None:
     x = params.export
     threads = min(x.threads, torch.get_num_threads())  # export.threads, or this job's share of the CPUs
     manifest = json.loads(Path(gguf_dir, "export.json").read_text())
     if "unsupported" in manifest:
         write_json({"unsupported": manifest["unsupported"]}, metrics_out)
+        write_json({"machine": machine()}, timings_out)
         log.warning("nothing to measure: %s", manifest["unsupported"])
         return
     check_model(dense_dir, [("export.prompt_len + export.new_tokens", x.prompt_len + x.new_tokens)])
@@ -69,7 +75,9 @@ def main(params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned
             by_model[f"{name}_prompt_speedup"] = round(m["prompt_tokens_per_s"] / d["prompt_tokens_per_s"], 4)
             by_model[f"{name}_gen_speedup"] = round(m["gen_tokens_per_s"] / d["gen_tokens_per_s"], 4)
         report[type] = by_model
-    write_json(report, metrics_out)
+    results, timed = split(report)
+    write_json(results, metrics_out)
+    write_json(timed | {"machine": machine()}, timings_out)
 
 
 if __name__ == "__main__":

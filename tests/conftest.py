@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+from nirvana.environment import PORTABLE, is_x86
+
+# The tests compute with the CPU code paths every stage pins (cpu.kernels: portable), so that the tiny models
+# they build and the numbers they compare are the same bits on any x86-64 machine.
+if is_x86():
+    os.environ.update(PORTABLE)
+
 import pandas as pd
 import pytest
 import torch

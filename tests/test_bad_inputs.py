@@ -43,7 +43,7 @@ DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parq
 
 # stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
 STAGES = {
-    "check_params": ([], ["out/params_schema.json"]),
+    "check_params": ([], ["out/params_schema.json", "out/environment.json"]),
     "allocate_sparsity": (
         ["model", "calibration.parquet", "pool.parquet", "candidates.parquet", "saliency.parquet"],
         ["out/plan.parquet", "out/plans.parquet", "out/plan.json", "out/widths.csv"],
@@ -62,7 +62,7 @@ STAGES = {
     "evaluate": (["model", "corpora"], ["out/metrics.json", "out/lm_eval.json"]),
     "compare": (
         ["model", "pruned", "dense.json", "pruned.json", "finetuned.json"],
-        ["out/efficiency.json", "out/models.csv"],
+        ["out/efficiency.json", "out/timings.json", "out/models.csv"],
     ),
 }
 

@@ -99,7 +99,7 @@ def test_stages_read_only_paths_named_in_their_cmd() -> None:
             for n in ast.walk(ast.parse(script.read_text()))
             if isinstance(n, ast.Constant) and isinstance(n.value, str)
         ]
-        paths = [s for s in literals if re.match(r"^(outputs|metrics|plots|data)/", s)]
+        paths = [s for s in literals if re.match(r"^(outputs|metrics|timings|plots|data)/", s)]
         assert not paths, f"{script.name} names {paths} itself; pass them in its dvc.yaml cmd"
 
 
@@ -114,3 +114,14 @@ def test_no_stage_has_an_uncached_output_outside_its_metrics() -> None:
         if isinstance(out, dict) and next(iter(out.values())).get("cache") is False
     ]
     assert not uncached, uncached
+
+
+def test_every_stage_runs_in_the_locked_environment() -> None:
+    """A package change (requirements.lock) reruns every stage, and one of the CPU settings every stage that
+    computes with torch; prepare_data only tokenizes and publish copies, check_params reads all of params.yaml."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        assert "requirements.lock" in body["deps"], name
+        if name not in ("check_params", "prepare_data", "publish"):
+            assert "cpu" in body["params"], name

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from nirvana.card import read_card, verify_folder
 from nirvana.surgery import zero_model
+from nirvana.timings import rejoin
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -54,6 +55,7 @@ def checkout(repo: Path, overrides: dict) -> Path:
     """A fresh git+DVC checkout of the pipeline in `repo`, params.yaml updated by `overrides`."""
     for name in (
         "dvc.yaml",
+        "requirements.lock",
         ".dvcignore",
         "stages",
         "nirvana",
@@ -99,7 +101,9 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
     for metrics in (dense, pruned):
         assert 0 <= metrics["acc_piqa"] <= 1 and metrics["acc_average"] == metrics["acc_piqa"]
     efficiency = json.loads((repo / "metrics/efficiency.json").read_text())
-    assert 1 < efficiency["speedup_ideal"] < 1.5 and efficiency["speedup_prefill_bs1"] > 0
+    timed = json.loads((repo / "timings/compare.json").read_text())
+    assert 1 < efficiency["speedup_ideal"] < 1.5 and timed["speedup_prefill_bs1"] > 0
+    assert "speedup_prefill_bs1" not in efficiency and timed["machine"]["cpu"]
     assert efficiency["pruned"]["weights_mb"] < efficiency["dense"]["weights_mb"]
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.2, abs=0.005)
@@ -122,7 +126,7 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
 def test_llama_cpp_runs_the_exported_models_as_evaluate_measured_them(repo: Path) -> None:
     """f16 GGUFs in a real llama.cpp: perplexity within 0.5% of transformers' on the same windows, for the
     dense, pruned and fine-tuned models; the files are the ones the manifest hashes."""
-    report = json.loads((repo / "metrics/gguf.json").read_text())
+    report = rejoin(*(json.loads((repo / f"{kind}/gguf.json").read_text()) for kind in ("metrics", "timings")))
     manifest = json.loads((repo / "outputs/gguf/export.json").read_text())
     f16 = report["f16"]
     for name in ("dense", "pruned", "finetuned"):

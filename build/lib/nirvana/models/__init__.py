@@ -1,0 +1,28 @@
+"""Architecture adapters: the only model-specific code, naming each layer's prunable units."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from nirvana.models.base import GRANULARITIES, GRANULARITY_KEY, MODULES, Adapter, Slice, pool
+from nirvana.models.llama import LlamaAdapter, Qwen2Adapter
+from nirvana.models.t5 import T5Adapter
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    "llama": LlamaAdapter,
+    "mistral": LlamaAdapter,  # the same layout; sliding-window attention needs nothing of ours
+    "qwen2": Qwen2Adapter,
+    "gemma3_text": LlamaAdapter,  # q_norm/k_norm act per head over head_dim, shared by every head
+    "t5": T5Adapter,
+}
+
+__all__ = ["ADAPTERS", "GRANULARITIES", "GRANULARITY_KEY", "MODULES", "Adapter", "Slice", "get_adapter", "pool"]
+
+
+def get_adapter(config: PretrainedConfig) -> Adapter:
+    """The adapter for this config's model_type, or a clear error listing the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
+    return ADAPTERS[model_type](config)
