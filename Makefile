@@ -89,7 +89,7 @@ lock: $(WHEELS)/.built
 	{ echo "# Made by \`make lock\` on Linux x86-64, Python 3.11; installed by \`make install\` with --require-hashes --no-deps."; \
 	  echo "# torch comes from TORCH ($(TORCH) by default), llama-cpp-python from its sdist ($(LLAMA_CPP))."; \
 	  cat $(LOCKVENV)/hashed.txt; } > $(LOCK)
-	rm -rf $(LOCKVENV)
+	rm -rf $(LOCKVENV) build  # build/: setuptools' leftovers from installing the project into the scratch venv
 
 clean:
 	rm -rf $(VENV)

@@ -50,8 +50,10 @@ def pin_cpu(kernels: str, threads: int) -> None:
         os.environ.update(PORTABLE)
         level = torch.backends.cpu.get_cpu_capability()
         if level != "AVX2":
-            why = "this CPU lacks AVX2" if level == "DEFAULT" else f"torch chose its {level} kernels before the pin"
-            raise InputError(f"cpu.kernels = portable cannot hold: {why}; set cpu.kernels: native")
+            raise InputError(
+                f"cpu.kernels = portable cannot hold: torch runs its {level} kernels, not AVX2 (this CPU lacks AVX2, "
+                "or something computed before the pin); set cpu.kernels: native"
+            )
     torch.set_num_threads(threads)
 
 
@@ -59,7 +61,7 @@ def kernels_in_force() -> dict[str, object]:
     """The CPU code paths and threads this process computes with."""
     pinned = is_x86() and all(os.environ.get(k) == v for k, v in PORTABLE.items())
     return {
-        "kernels": "portable" if pinned or not is_x86() else "native",
+        "kernels": "portable" if pinned else "native",
         "aten": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": os.environ.get("MKL_CBWR", "AUTO"),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL"),

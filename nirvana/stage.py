@@ -19,6 +19,11 @@ INTERRUPTED = (
     "checkpoints/), and `git checkout -- metrics plots` restores the committed metrics meanwhile"
 )
 
+OVERSUBSCRIBED = (
+    "%d jobs share %d CPUs with cpu.threads = %d each, which runs slower than one job at a time; "
+    "cpu.threads: null gives each job its share (and makes the numbers depend on it)"
+)
+
 
 def running_jobs() -> int:
     """Jobs sharing the machine: NIRVANA_JOBS if set (`nirvana sweep --jobs N` sets it), else, in a DVC
@@ -35,12 +40,16 @@ def running_jobs() -> int:
     return 1
 
 
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_share() -> int:
     """Threads for this job: the CPUs it may run on divided among the jobs running at once (at least one),
     so that parallel experiments do not fight over cores (benchmarks/threads.py: two jobs with all threads
     each ran 3.7x slower, with their share 1.4x)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // running_jobs())
+    return max(1, cpus() // running_jobs())
 
 
 def run_stage(name: str, body: Callable[..., None]) -> None:
@@ -57,11 +66,14 @@ def run_stage(name: str, body: Callable[..., None]) -> None:
         sys.exit(f"[{name}] usage: python stages/{name}.py {' '.join(w.upper() for w in wanted)}")
     try:
         params: Params = load_params()
+        jobs = running_jobs()
         pin_cpu(params.cpu.kernels, params.cpu.threads or cpu_share())
     except (ParamError, InputError) as err:
         sys.exit(f"[{name}] {err}")
     cpu = kernels_in_force()
     log.info("starting (%d threads, %s kernels: %s)", cpu["threads"], cpu["kernels"], cpu["aten"])
+    if params.cpu.threads and jobs > 1 and params.cpu.threads * jobs > cpus():
+        log.warning(OVERSUBSCRIBED, jobs, cpus(), params.cpu.threads)
     try:
         body(params, *paths)
     except (InputError, NativeCrash) as err:

@@ -303,6 +303,9 @@ CASES = [
         ["model.name_or_path = 'smollm2-135'", "did you mean 'smollm2-135m'?", "HF_HUB_OFFLINE"],
         {"model.name_or_path": "smollm2-135"},
     ),
+    # how the stages compute on the CPU
+    Case("kernels_unknown", "check_params", ["cpu.kernels = 'fast'", "portable, native"], {"cpu.kernels": "fast"}),
+    Case("threads_zero", "compute_saliency", ["cpu.threads = 0", "or null"], {"cpu.threads": 0}),
     # fine-tuning files
     # refused by check_params, the first stage, not minutes later when finetune runs (a new user's file)
     Case(

@@ -1,6 +1,7 @@
 """Queued and temporary experiments run in a copy of the repository that holds only what git and DVC
 track: a user's data file left untracked is named as such, and `nirvana sweep --queue` copies it in."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,11 +62,18 @@ def test_each_job_takes_its_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_stage_runs_on_its_share_and_refuses_a_bad_job_count(tmp_path: Path) -> None:
-    root = Path(__file__).parents[1]
-    stage = [sys.executable, "stages/check_params.py", str(tmp_path / "schema.json")]
-    done = subprocess.run(stage, cwd=root, env=os.environ | {"NIRVANA_JOBS": "64"}, capture_output=True, text=True)
-    assert done.returncode == 0 and "starting (1 threads)" in done.stdout + done.stderr
-    done = subprocess.run(stage, cwd=root, env=os.environ | {"NIRVANA_JOBS": "x"}, capture_output=True, text=True)
+    """With cpu.threads null a stage takes its share of the CPUs; with the default fixed count it keeps it
+    (the numbers depend on it) and warns that the jobs ask for more threads than there are CPUs."""
+    script = Path(__file__).parents[1] / "stages/check_params.py"
+    stage = [sys.executable, str(script), str(tmp_path / "schema.json"), str(tmp_path / "environment.json")]
+    (tmp_path / "params.yaml").write_text("cpu: {threads: null}\n")
+    done = subprocess.run(stage, cwd=tmp_path, env=os.environ | {"NIRVANA_JOBS": "64"}, capture_output=True, text=True)
+    assert done.returncode == 0 and "starting (1 threads" in done.stdout + done.stderr
+    assert json.loads((tmp_path / "environment.json").read_text())["cpu"]["threads"] == 1
+    (tmp_path / "params.yaml").write_text("cpu: {threads: 2}\n")
+    done = subprocess.run(stage, cwd=tmp_path, env=os.environ | {"NIRVANA_JOBS": "64"}, capture_output=True, text=True)
+    assert done.returncode == 0 and "starting (2 threads" in done.stderr and "64 jobs share" in done.stderr
+    done = subprocess.run(stage, cwd=tmp_path, env=os.environ | {"NIRVANA_JOBS": "x"}, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("[check_params] NIRVANA_JOBS = 'x'")
 
 

@@ -1,0 +1,88 @@
+"""What the portable CPU kernels cost: the pipeline's hot paths on the committed base model (the search's
+forward passes over the KL set, and fine-tuning steps with backward passes), with `cpu.kernels` portable and
+native, each in a fresh process (the code paths are fixed when torch first computes), alternated over
+several rounds so that both see the same machine; 2 threads each, as a stage runs them. Also whether the
+two give the same bits (they should not, on a CPU whose native level is above AVX2).
+
+Run after `make run`, alone on the machine (about 3 minutes on 2 cores):
+    .venv/bin/python benchmarks/kernels.py --rounds 3
+Writes results/kernels.json."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def work(model_dir: str, kernels: str) -> dict:
+    """One process: seconds of 8 forward passes of 16 x 64 tokens and 4 training steps of 4 x 128, the
+    hash of the first forward's logits, and the code path torch ran."""
+    import torch
+
+    from nirvana.environment import kernels_in_force, pin_cpu
+    from nirvana.modeling import load_model
+
+    pin_cpu(kernels, 2)
+    model = load_model(model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (16, 64), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        for _ in range(7):
+            model(input_ids=ids, use_cache=False)
+    forward = time.perf_counter() - start
+    batch = ids.reshape(4, 256)[:, :128]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(4):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {
+        "cpu": kernels_in_force(),
+        "logits_sha256": hashlib.sha256(logits.numpy().tobytes()).hexdigest()[:16],
+        "forward_s": round(forward, 3),
+        "train_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def run(model_dir: str, kernels: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", model_dir, kernels], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="outputs/base_model")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "KERNELS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(work(*args.worker)))
+        return
+    from nirvana.environment import cpu_model
+
+    runs: dict[str, list[dict]] = {"portable": [], "native": []}
+    for _ in range(args.rounds):
+        for kernels in runs:
+            runs[kernels].append(run(args.model, kernels))
+    median = {k: {s: statistics.median(r[s] for r in rs) for s in ("forward_s", "train_s")} for k, rs in runs.items()}
+    ratio = {s: round(median["portable"][s] / median["native"][s], 2) for s in ("forward_s", "train_s")}
+    same_bits = len({r["logits_sha256"] for rs in runs.values() for r in rs}) == 1
+    out = {"cpu": cpu_model(), "rounds": args.rounds, "median": median, "portable_over_native": ratio}
+    out |= {"same_bits": same_bits, "runs": runs}
+    Path("results/kernels.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out[k] for k in ("cpu", "median", "portable_over_native", "same_bits")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
