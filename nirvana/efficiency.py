@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -13,9 +16,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from transformers import PreTrainedModel
 
+from nirvana.environment import PORTABLE, kernels_in_force
 from nirvana.forward import is_seq2seq, model_inputs
+from nirvana.modeling import load_model
 from nirvana.models import get_adapter
-from nirvana.params import EfficiencyParams
+from nirvana.params import EfficiencyParams, ModelParams
 
 
 def weights_bytes(model_dir: str | Path) -> int:
@@ -147,3 +152,23 @@ def efficiency_report(
         if key.endswith("_ms"):
             report[f"speedup_{key.removesuffix('_ms')}"] = round(dense_ms / speed["pruned"][key], 4)
     return report
+
+
+def native_report(
+    dense_dir: str | Path, pruned_dir: str | Path, model: ModelParams, f: EfficiencyParams, threads: int
+) -> dict:
+    """`efficiency_report` in a spawned child on this machine's own CPU kernels (the stage's pin left out of its
+    environment), so the timings are those users deploy with; the portable kernels run GEMMs about half as fast
+    (benchmarks/cpu_kernels.py). Nothing but the timings depends on the code path. `torch_cpu`: what ran."""
+    saved = {key: os.environ.pop(key) for key in PORTABLE if key in os.environ}
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_report, str(dense_dir), str(pruned_dir), model, f, threads).result()
+    finally:
+        os.environ.update(saved)
+
+
+def _report(dense_dir: str, pruned_dir: str, model: ModelParams, f: EfficiencyParams, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    dense, pruned = load_model(dense_dir, model), load_model(pruned_dir, model)
+    return efficiency_report(dense, pruned, dense_dir, pruned_dir, f) | {"torch_cpu": kernels_in_force()}

@@ -1,17 +1,18 @@
 """Stage compare: dense and pruned side by side: size, peak memory, measured and ideal speedup
 (the fine-tuned model has the pruned shapes), and one row per model of quality metrics for the plots.
-The clock's figures go to their own file, with the machine that made them (nirvana.timings)."""
+The clock's figures go to their own file, with the machine that made them (nirvana.timings); they are taken
+on the machine's own CPU kernels, as users deploy (`efficiency.native_report`)."""
 
 import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from nirvana.checks import check_model
-from nirvana.efficiency import efficiency_report
+from nirvana.efficiency import native_report
 from nirvana.environment import machine
 from nirvana.io import folder_digest, log, write_csv, write_json
-from nirvana.modeling import load_model
 from nirvana.params import Params
 from nirvana.stage import run_stage
 from nirvana.timings import split
@@ -31,17 +32,12 @@ def main(
     run = ("efficiency.prompt_len + efficiency.new_tokens", params.efficiency.prompt_len + params.efficiency.new_tokens)
     for folder in (dense_dir, pruned_dir):
         check_model(folder, [run], tokenizer=False)
-    report = efficiency_report(
-        load_model(dense_dir, params.model),
-        load_model(pruned_dir, params.model),
-        dense_dir,
-        pruned_dir,
-        params.efficiency,
-    )
+    report = native_report(dense_dir, pruned_dir, params.model, params.efficiency, torch.get_num_threads())
+    torch_cpu = report.pop("torch_cpu")
     report["pruned_digest"] = folder_digest(pruned_dir)  # which pruned model these speedups are about
     results, timed = split(report)
     write_json(results, out)
-    write_json(timed | {"machine": machine()}, timings_out)
+    write_json(timed | {"machine": machine() | {"torch_cpu": torch_cpu}}, timings_out)
     rows = [
         {"model": name, **json.loads(Path(path).read_text())}
         for name, path in (("dense", dense_metrics), ("pruned", pruned_metrics), ("finetuned", finetuned_metrics))

@@ -5,8 +5,8 @@ several rounds so that both see the same machine; 2 threads each, as a stage run
 two give the same bits (they should not, on a CPU whose native level is above AVX2).
 
 Run after `make run`, alone on the machine (about 3 minutes on 2 cores):
-    .venv/bin/python benchmarks/kernels.py --rounds 3
-Writes results/kernels.json."""
+    .venv/bin/python benchmarks/cpu_kernels.py --rounds 3
+Writes results/cpu_kernels.json."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main() -> None:
     same_bits = len({r["logits_sha256"] for rs in runs.values() for r in rs}) == 1
     out = {"cpu": cpu_model(), "rounds": args.rounds, "median": median, "portable_over_native": ratio}
     out |= {"same_bits": same_bits, "runs": runs}
-    Path("results/kernels.json").write_text(json.dumps(out, indent=1) + "\n")
+    Path("results/cpu_kernels.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("cpu", "median", "portable_over_native", "same_bits")}, indent=1))
 
 
