@@ -5,6 +5,7 @@ imported the stock class is still preferred, and the model card still verifies."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from conftest import random_plan, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
 from nirvana import remote
 from nirvana.card import model_card, prune_record, verify_folder
+from nirvana.environment import PORTABLE
 from nirvana.evaluation import param_counts
 from nirvana.models import GRANULARITY_KEY
 from nirvana.params import Params
@@ -134,7 +136,8 @@ def auto_for(folder: Path) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2
 
 
 def without_nirvana(tmp: Path) -> dict[str, str]:
-    """Environment of a process that cannot import nirvana and reads nothing from the network."""
+    """Environment of a process that cannot import nirvana and reads nothing from the network, computing on the
+    CPU code paths this process runs (tests/conftest.py pins them), so that logits compare bit for bit."""
     site = tmp / "no_nirvana"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCKER)
@@ -147,6 +150,7 @@ def without_nirvana(tmp: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **{key: os.environ[key] for key in PORTABLE if key in os.environ},
     }
 
 
