@@ -2,7 +2,8 @@
 
 1. the installed packages against requirements.lock: a difference is named before anything runs;
 2. every committed output that this clone's DVC cache holds, against its hash: a damaged file is named;
-3. the pipeline rerun from nothing in a clone of HEAD (its own empty cache, this environment);
+3. the pipeline rerun from nothing in a clone of HEAD (its own empty cache, this environment, every stage
+   forced to run);
 4. every output of the rerun against dvc.lock: identical; or, where the two environment records show that
    bits cannot be promised (a GPU, native CPU kernels), the same decisions and every number within RTOL.
    timings/ is never compared (wall-clock figures)."""
@@ -121,7 +122,10 @@ def rerun(root: Path, scratch: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(scratch)}
     log = scratch / ".tmp-audit.log"
     with log.open("w") as handle:
-        done = subprocess.run(["dvc", "repro"], cwd=scratch, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        # --force: a stage whose only outputs are git-tracked metrics (evaluate, measure_gguf) would otherwise be
+        # skipped, its committed files taken for the rerun's once its inputs came back identical
+        force = ["dvc", "repro", "--force"]
+        done = subprocess.run(force, cwd=scratch, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise AuditError(f"`dvc repro` failed in the scratch clone {scratch} (its log: {log}):\n{tail}")

@@ -126,6 +126,8 @@ def test_the_audit_reproduces_every_output_under_another_native_level(
 ) -> None:
     done, scratch = audited
     assert done.returncode == 0, done.stdout + done.stderr
+    ran = stages_run((scratch / ".tmp-audit.log").read_text())
+    assert ran == set(read_lock(scratch)), f"the audit skipped {set(read_lock(scratch)) - ran}"
     assert "bits promised" in done.stdout and "Audit passed" in done.stdout
     first, second = read_lock(committed), read_lock(scratch)
     one, two = lock_outs(first), lock_outs(second)
