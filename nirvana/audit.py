@@ -100,19 +100,16 @@ def listing(root: Path, md5: str) -> dict[str, str] | None:
 
 
 def damaged(root: Path, outs: dict[tuple[str, str], str]) -> list[str]:
-    """Committed outputs whose cached bytes no longer match their hash (objects the cache lacks are skipped)."""
-    bad = []
+    """Committed outputs whose cached bytes no longer match their hash (objects the cache lacks are skipped);
+    an object several outputs share (the fine-tuned weights in outputs/release) is hashed once."""
+    files: list[tuple[str, str]] = []  # (output file, md5 of its object)
     for (_, path), md5 in sorted(outs.items(), key=lambda item: item[0][1]):
-        if not md5.endswith(".dir"):
-            obj = cache_object(root, md5)
-            if obj.is_file() and md5_file(obj) != md5:
-                bad.append(path)
-            continue
-        for rel, file_md5 in (listing(root, md5) or {}).items():
-            obj = cache_object(root, file_md5)
-            if obj.is_file() and md5_file(obj) != file_md5:
-                bad.append(f"{path}/{rel}")
-    return bad
+        inside = listing(root, md5) if md5.endswith(".dir") else None
+        files += [(f"{path}/{rel}", m) for rel, m in inside.items()] if inside else [(path, md5)]
+    intact: dict[str, bool] = {}
+    for md5 in {m for _, m in files if not m.endswith(".dir") and cache_object(root, m).is_file()}:
+        intact[md5] = md5_file(cache_object(root, md5)) == md5
+    return [name for name, md5 in files if not intact.get(md5, True)]
 
 
 def rerun(root: Path, scratch: Path) -> None:
