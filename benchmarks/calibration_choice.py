@@ -25,7 +25,8 @@ def run(sparsity: float, seq_len: int = 128) -> dict:
         params, sparsity=sparsity, calibration=dataclasses.replace(params.calibration, select_at_sparsity=None)
     )
     model, tokenizer = load_model("outputs/base_model"), load_tokenizer("outputs/base_model")
-    pool, kl_windows = candidate_pool(params.calibration, tokenizer, read_texts("outputs/corpora/calibration.parquet"))
+    builtin = read_texts("outputs/corpora/calibration.parquet")
+    pool, kl_windows = candidate_pool(params.calibration, tokenizer, builtin, overlap_ngram=params.data.overlap_ngram)
     wiki = token_stream(read_texts("outputs/corpora/wiki.parquet"), tokenizer)
     wiki_windows = windows(wiki[: params.evaluate.max_tokens], seq_len)
 

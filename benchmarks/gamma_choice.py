@@ -43,7 +43,8 @@ def run(method: str, sparsity: float, mlp_multiple: int, seq_len: int = 128) -> 
     params = settings(method, sparsity, mlp_multiple)
     c = params.calibration
     model, tokenizer = load_model("outputs/base_model"), load_tokenizer("outputs/base_model")
-    pool, kl_windows = candidate_pool(c, tokenizer, read_texts("outputs/corpora/calibration.parquet"))
+    builtin = read_texts("outputs/corpora/calibration.parquet")
+    pool, kl_windows = candidate_pool(c, tokenizer, builtin, overlap_ngram=params.data.overlap_ngram)
     calibration = pool[torch.from_numpy(draw(pool, c.num_samples, c.seed))]  # the sweep's draw (candidates 1)
     evaluation = {
         name: windows(

@@ -34,7 +34,8 @@ def record(sparsities: list[float]) -> dict:
     params = load_params()
     c, grid = params.calibration, sorted(params.allocation.gamma_candidates)
     model = load_model("outputs/base_model", params.model)
-    pool, kl_windows = candidate_pool(c, load_tokenizer("outputs/base_model"), read_texts(c.path))
+    tokenizer, builtin = load_tokenizer("outputs/base_model"), read_texts(c.path)
+    pool, kl_windows = candidate_pool(c, tokenizer, builtin, overlap_ngram=params.data.overlap_ngram)
     held_out = HeldOut.of(model, kl_windows, c.kl_batch_size)
     kl: dict = {str(s): {} for s in sparsities}
     start = time.perf_counter()

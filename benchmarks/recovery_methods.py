@@ -58,7 +58,8 @@ def prune_to(params: Params, folder: Path) -> dict:
     """Prune the dense model as the pipeline would with `params` (its own calibration search, saliency and
     allocation, gamma by held-out KL where it is auto) and save it to `folder`; the chosen plan's row."""
     model, tokenizer = load_model(DENSE, params.model), load_tokenizer(DENSE)
-    pool, kl_windows = candidate_pool(params.calibration, tokenizer, read_texts(f"{CORPORA}/calibration.parquet"))
+    builtin = read_texts(f"{CORPORA}/calibration.parquet")
+    pool, kl_windows = candidate_pool(params.calibration, tokenizer, builtin, overlap_ngram=params.data.overlap_ngram)
     calibration, candidates = select(model, pool, kl_windows, params)
     scores = {params.method: CRITERIA[str(params.method)](model, calibration, params.saliency.batch_size)}
     held_out = HeldOut.of(model, kl_windows, params.calibration.kl_batch_size) if len(choices(params)) > 1 else None

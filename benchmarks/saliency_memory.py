@@ -30,7 +30,7 @@ from nirvana.data import build_corpora, token_stream, windows
 from nirvana.forward import logits_and_labels
 from nirvana.modeling import load_base, load_model
 from nirvana.models import get_adapter
-from nirvana.params import ModelParams
+from nirvana.params import ModelParams, defaults
 from nirvana.saliency import enable_checkpointing, nirvana_scores, ntk_objective
 from nirvana.surgery import save_model
 
@@ -94,7 +94,7 @@ def child(variant: str, folder: Path) -> None:
 
 def prepare(folder: Path) -> dict:
     """The embedded SmolLM2 as a float32 folder, and 32 x 128 calibration windows (seed 0)."""
-    model, tokenizer = load_base(ModelParams())
+    model, tokenizer = load_base(defaults(ModelParams))
     save_model(model, tokenizer, folder / "model")
     pool = windows(token_stream(build_corpora(13)["calibration"]["text"].tolist(), tokenizer), SEQ_LEN)
     calibration = pool[torch.from_numpy(draw(pool, SAMPLES, seed=0))]

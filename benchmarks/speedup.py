@@ -22,7 +22,7 @@ from nirvana.calibration import draw
 from nirvana.data import build_corpora, token_stream, windows
 from nirvana.efficiency import compare_speed, forward_flops
 from nirvana.modeling import load_base
-from nirvana.params import ModelParams
+from nirvana.params import ModelParams, defaults
 from nirvana.saliency import nirvana_scores
 from nirvana.surgery import layer_units, prune_model
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4, 0.5])
     parser.add_argument("--multiples", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    dense, tokenizer = load_base(ModelParams())
+    dense, tokenizer = load_base(defaults(ModelParams))
     dense.eval()
     pool = windows(token_stream(build_corpora(13)["calibration"]["text"].tolist(), tokenizer), 128)
     scores = nirvana_scores(dense, pool[torch.from_numpy(draw(pool, 8, seed=0))], 4)  # plans for shapes only

@@ -43,10 +43,12 @@ def pool_fractions(
     mlp_params: int,
     n_mlp: int,
     mlp_cap: float = 1.0,
+    attn_cap: float = 1.0,
 ) -> tuple[float, float]:
     """Fractions (p_attn, p_mlp) of units to remove so that p_mlp = gamma * p_attn and the
-    removed parameters are `sparsity` of all attention+MLP parameters. If p_mlp would exceed
-    `mlp_cap` (1, or the removable fraction the guards leave) it is clipped and attention takes the rest."""
+    removed parameters are `sparsity` of all attention+MLP parameters. A pool whose fraction would
+    exceed its cap (the removable share the guards leave: each layer keeps its best units) is clipped
+    there and the other pool takes the rest, so the budget is met whenever it is reachable."""
     attn_total, mlp_total = attn_params * n_attn, mlp_params * n_mlp
     budget = sparsity * (attn_total + mlp_total)
     p_attn = budget / (attn_total + gamma * mlp_total)
@@ -54,7 +56,10 @@ def pool_fractions(
     if p_mlp > mlp_cap:
         p_mlp = mlp_cap
         p_attn = (budget - mlp_cap * mlp_total) / attn_total
-    return min(p_attn, 1.0), p_mlp
+    elif p_attn > attn_cap:
+        p_attn = attn_cap
+        p_mlp = min((budget - attn_cap * attn_total) / mlp_total, mlp_cap)
+    return min(p_attn, attn_cap), p_mlp
 
 
 def _removable_attention(attn: pd.DataFrame) -> pd.DataFrame:
@@ -143,7 +148,8 @@ def allocate(
     attn = scores[scores["module"] != "mlp"]
     mlp = scores[scores["module"] == "mlp"]
     mlp_cap = _removable(mlp, mlp_multiple) / len(mlp)
-    p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp), mlp_cap)
+    attn_cap = _removable(attn, attn_multiple) / len(attn)
+    p_attn, p_mlp = pool_fractions(sparsity, gamma, attn_params, len(attn), mlp_params, len(mlp), mlp_cap, attn_cap)
     removed = _remove_attention(attn, round(p_attn * len(attn)), attn_multiple)
     removed |= _remove_blocks(mlp, round(p_mlp * len(mlp)), mlp_multiple)
     return _plan(scores, removed)

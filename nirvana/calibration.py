@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.criteria import CRITERIA
 from nirvana.data import bos_id, dataset_texts, hold_out, token_stream, user_windows, windows
+from nirvana.errors import InputError
 from nirvana.io import atomic_path
 from nirvana.params import CalibrationParams, Params
 from nirvana.saliency import enable_checkpointing
@@ -29,32 +30,49 @@ def kl_set(c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, builtin_tex
 
 
 def candidate_pool(
-    c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, builtin_texts: list[str], user_file: str | None = None
+    c: CalibrationParams,
+    tokenizer: PreTrainedTokenizerBase,
+    builtin_texts: list[str],
+    user_file: str | None = None,
+    *,
+    overlap_ngram: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows candidates are drawn from (the built-in pool less its tail, a user's file or a
-    dataset), and the held-out KL set (`kl_set`)."""
+    dataset), and the held-out KL set (`kl_set`). A user's texts lose the passages sharing a word
+    `overlap_ngram`-gram (data.overlap_ngram) with the evaluation texts, as the built-in pool did."""
     bos = bos_id(tokenizer)
     stream, kl_windows = hold_out(token_stream(builtin_texts, tokenizer), c.kl_samples, c.kl_seq_len, bos)
     if user_file:
-        return user_windows(user_file, tokenizer, c.seq_len), kl_windows
+        return user_windows(user_file, tokenizer, c.seq_len, overlap_ngram), kl_windows
     if c.source:
-        stream = token_stream(dataset_texts(c.source), tokenizer)
-    return windows(stream, c.seq_len, bos), kl_windows
+        stream = token_stream(dataset_texts(c.source, overlap_ngram), tokenizer)
+    pool = windows(stream, c.seq_len, bos)
+    check_draw(pool, c.num_samples)  # before the stage loads the model
+    return pool, kl_windows
+
+
+def check_draw(pool: torch.Tensor, num_samples: int) -> None:
+    """The pool holds the `num_samples` windows a candidate draws: a params value the data cannot meet."""
+    if num_samples > len(pool):
+        raise InputError(
+            f"params: calibration.num_samples = {num_samples} exceeds the {len(pool)} windows available in the "
+            f"calibration pool (of {pool.shape[-1]} tokens each, calibration.seq_len)"
+        )
 
 
 def draw(pool: torch.Tensor, num_samples: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded draw, without replacement, of `num_samples` pool windows."""
-    if num_samples > len(pool):
-        raise ValueError(f"calibration.num_samples = {num_samples} exceeds the {len(pool)} windows available")
+    check_draw(pool, num_samples)
     return np.sort(np.random.default_rng(seed).choice(len(pool), size=num_samples, replace=False))
 
 
-def resume_key(model_digest: str, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params) -> str:
-    """Hash of everything a candidate's row depends on (not the number of candidates), so that finished
-    candidates are reused only by the same search, or one that asks for more candidates."""
+def resume_key(model_digest: str, code: str, pool: torch.Tensor, kl_windows: torch.Tensor, params: Params) -> str:
+    """Hash of everything a candidate's row depends on, its code (`nirvana.io.code_digest`) included but not the
+    number of candidates, so that finished candidates are reused only by the same search, or one that asks for more."""
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("finetune", "evaluate", "export")}
     settings["calibration"].pop("candidates")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode() + model_digest.encode())
+    digest.update(code.encode())
     for tensor in (pool, kl_windows):
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]

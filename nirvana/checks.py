@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from nirvana.data import bos_id, token_stream
 from nirvana.errors import InputError
-from nirvana.modeling import skeleton
-from nirvana.params import CalibrationParams, FinetuneParams
+from nirvana.modeling import check_name, skeleton
+from nirvana.params import CalibrationParams, FinetuneParams, Params
 
 INDEX = "model.safetensors.index.json"
 
@@ -213,3 +215,26 @@ def check_calibration(c: CalibrationParams, model_dir: str | Path, user_file: st
 def check_finetune(f: FinetuneParams, model_dir: str | Path) -> None:
     """finetune's model folder, and finetune.seq_len within its context (unused when steps is 0)."""
     check_model(model_dir, [("finetune.seq_len", f.seq_len)] if f.steps else [])
+
+
+def check_model_name(name: str) -> None:
+    """model.name_or_path, which check_params checks on every change of params.yaml: a Hub model already in the
+    local cache passes without asking the Hub (so offline too); any other name is asked once (`check_name`)."""
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:  # a local path or an embedded name, not a Hub id
+        cached = None
+    if not isinstance(cached, str):
+        check_name(name)
+
+
+def sequence_lengths(p: Params) -> list[tuple[str, int]]:
+    """Every sequence length a stage runs the model on, keyed as that stage names it (calibration.seq_len is
+    unused with a user's calibration file: `check_user_calibration` checks it for a text one)."""
+    c, f, e, x = p.calibration, p.finetune, p.efficiency, p.export
+    lengths = [("calibration.kl_seq_len", c.kl_seq_len)] + ([] if c.user_file else [("calibration.seq_len", c.seq_len)])
+    lengths += [("finetune.seq_len", f.seq_len)] if f.steps else []
+    lengths += [(f"evaluate.windows[{i}]", w) for i, w in enumerate(p.evaluate.windows)]
+    lengths.append(("efficiency.prompt_len + efficiency.new_tokens", e.prompt_len + e.new_tokens))
+    lengths.append(("export.prompt_len + export.new_tokens", x.prompt_len + x.new_tokens))
+    return lengths

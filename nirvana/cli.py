@@ -6,16 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 import torch
 
 from nirvana.audit import AuditError
 from nirvana.audit import audit as audit_run
 from nirvana.card import provenance_line, read_card, verify_folder
+from nirvana.checks import check_model_folder
 from nirvana.evaluation import param_counts
-from nirvana.gguf import TYPES, ExportError
+from nirvana.gguf import TYPES
 from nirvana.gguf import export as export_gguf
-from nirvana.modeling import load_model, load_tokenizer
+from nirvana.modeling import load_model, load_tokenizer, skeleton
 from nirvana.params import METHODS
 from nirvana.report import readme_table, report
 from nirvana.surgery import layer_units
@@ -23,15 +25,19 @@ from nirvana.sweep import sweep
 
 
 def info(path: str) -> None:
-    """Print parameter counts and per-layer widths (KV groups, MLP channels) as JSON."""
-    model = load_model(path)
+    """Print parameter counts and per-layer widths (KV groups, MLP channels) as JSON, counted on the meta device
+    once the weights' shapes are checked against config.json: no weight is read, none goes to a GPU."""
+    check_model_folder(path)
+    model = skeleton(path)
     print(json.dumps({**param_counts(model), "layers": layer_units(model)}, indent=1))
 
 
 def generate(path: str, prompt: str, max_new_tokens: int) -> None:
-    """Greedy continuation of `prompt`, to eyeball what pruning did to a model."""
+    """Greedy continuation of `prompt`, to eyeball what pruning did to a model; the prompt goes where the model
+    is (the first GPU, else the CPU)."""
+    check_model_folder(path)
     model, tokenizer = load_model(path), load_tokenizer(path)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[operator]
     print(tokenizer.decode(out[0], skip_special_tokens=True))
@@ -50,35 +56,37 @@ def verify(path: str) -> None:
 def audit(scratch: str | None) -> None:
     """Rerun the committed pipeline in a scratch clone and compare every output with dvc.lock; exit 1 naming
     the package, the damaged output or the outputs that did not come back."""
-    try:
-        passed, report = audit_run(".", scratch)
-    except AuditError as error:
-        sys.exit(f"nirvana audit: {error}")
+    passed, report = audit_run(".", scratch)
     print(report)
     if not passed:
         sys.exit(1)
 
 
 def export(path: str, out: str, type: str) -> None:
-    """Write a GGUF file (llama.cpp's deci architecture) and its JSON record; exit 1 with one line on bad input."""
-    try:
-        record = export_gguf(path, out, type)
-    except ExportError as error:
-        print(f"nirvana export: {error}", file=sys.stderr)
-        sys.exit(1)
+    """Write a GGUF file (llama.cpp's deci architecture) and its JSON record."""
+    record = export_gguf(path, out, type)
     print(f"{out}: {record['type']}, {record['fallbacks']} fallback tensors, sha256 {record['sha256']}")
 
 
-def tabulate(sort: str | None, wide: bool) -> None:
-    """Print every experiment's table; exit 1 with one line when the sort column does not exist."""
-    try:
+def tabulate(readme: bool, sort: str | None, wide: bool) -> None:
+    """Print every experiment's table, or with `readme` the committed run's, which takes no other option."""
+    if not readme:
         print(report(sort, wide), end="")
-    except ValueError as error:
-        print(f"nirvana report: {error}", file=sys.stderr)
-        sys.exit(1)
+        return
+    ignored = [flag for flag, given in (("--sort", sort is not None), ("--all", wide)) if given]
+    if ignored:
+        raise ValueError(f"--readme prints the committed run's table only and takes no {ignored[0]}")
+    print(readme_table(), end="")
 
 
-def main(argv: list[str] | None = None) -> None:
+def fail(command: str, error: Exception) -> NoReturn:
+    """A user's mistake: one line on stderr, exit code 1, no traceback."""
+    print(f"nirvana {command}: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every command and its options."""
     parser = argparse.ArgumentParser(prog="nirvana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="parameter counts and per-layer widths of a model folder")
@@ -118,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         "audit", help="rerun the committed pipeline from nothing in a scratch clone and compare every output"
     )
     p_audit.add_argument("--scratch", metavar="DIR", help="rerun there and keep it (default: a temporary folder)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """The command `args` names."""
     if args.command == "info":
         info(args.model)
     elif args.command == "generate":
@@ -130,14 +142,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         export(args.model, args.out, args.type)
     elif args.command == "sweep":
-        try:
-            sweep(args.methods, args.sparsities, args.set, args.queue, args.share, args.jobs)
-        except ValueError as error:  # a bad argument or an unusable remote: one line, before or instead of the runs
-            sys.exit(str(error))
-    elif args.readme:
-        print(readme_table(), end="")
+        sweep(args.methods, args.sparsities, args.set, args.queue, args.share, args.jobs)
     else:
-        tabulate(args.sort, args.all)
+        tabulate(args.readme, args.sort, args.all)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, AuditError) as error:  # ParamError, InputError and ExportError are ValueErrors
+        fail(args.command, error)
 
 
 if __name__ == "__main__":

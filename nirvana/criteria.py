@@ -149,11 +149,11 @@ def _wanda_sp_layer(model: PreTrainedModel, layer: nn.Module, stats: dict[nn.Lin
     (a head's head_dim columns; a KV group's, all its query heads')."""
     adapter, out = get_adapter(model.config), {}
     for module in adapter.modules(layer):
-        proj, n = adapter.output_projection(layer, module), adapter.unit_count(layer, module)
+        proj = adapter.output_projection(layer, module)
         s = stats[proj]
         assert isinstance(s, ColumnStats)
         column = proj.weight.detach().double().cpu().abs().mean(dim=0) * s.norm()
-        out[module] = column.view(n, -1).sum(dim=1)
+        out[module] = adapter.output_columns(layer, module, column).sum(dim=1)
     return out
 
 
@@ -205,15 +205,15 @@ def flap_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) 
     rows = []
     for index, layer in enumerate(layers):
         for module in adapter.modules(layer):
-            proj, n = adapter.output_projection(layer, module), adapter.unit_count(layer, module)
+            proj = adapter.output_projection(layer, module)
             s = stats[proj]
             assert isinstance(s, Fluctuation)
             metric = s.value * proj.weight.detach().double().cpu().pow(2).sum(dim=0)
             if pool(module) == ATTENTION:
                 metric = metric.pow(2)
-            scores = _standardised(metric).view(n, -1).mean(dim=1).tolist()
-            means = s.mean.view(n, -1).tolist()
-            rows += [(index, module, unit, scores[unit], means[unit]) for unit in range(n)]
+            scores = adapter.output_columns(layer, module, _standardised(metric)).mean(dim=1).tolist()
+            means = adapter.output_columns(layer, module, s.mean).tolist()
+            rows += [(index, module, unit, scores[unit], means[unit]) for unit in range(len(scores))]
     return pd.DataFrame(rows, columns=["layer", "module", "unit", "score", "input_mean"])
 
 

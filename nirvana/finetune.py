@@ -10,6 +10,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import datasets
 import pandas as pd
@@ -31,20 +32,19 @@ from transformers import (
 from nirvana.data import bos_id, token_stream, windows
 from nirvana.errors import InputError
 from nirvana.forward import is_seq2seq, split
-from nirvana.modeling import auto_class, load_model
+from nirvana.modeling import auto_class, device, load_model
 from nirvana.models import get_adapter
-from nirvana.params import FinetuneParams, ModelParams
+from nirvana.params import FinetuneParams, ModelParams, ParamError
 
 IGNORE = -100  # label of tokens left out of the loss
 PROMPT = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
 
 
 def target_modules(model: PreTrainedModel) -> list[str]:
-    """Names of the Linear layers whose weights hold prunable units: all seven projections on Llama."""
-    adapter = get_adapter(model.config)
-    slices = [s for layer in adapter.layers(model) for s in adapter.all_slices(layer)]
-    names = {s.param.rsplit(".", 2)[-2] for s in slices if s.param.endswith(".weight")}
-    return sorted(names)
+    """Names of the Linear layers of the prunable layers: all seven projections on Llama, whatever the attention
+    granularity (query_head units leave k_proj and v_proj whole, yet pruning shifted their inputs too)."""
+    modules = [named for layer in get_adapter(model.config).layers(model) for named in layer.named_modules()]
+    return sorted({name.rsplit(".", 1)[-1] for name, module in modules if isinstance(module, torch.nn.Linear)})
 
 
 def add_lora(model: PreTrainedModel, f: FinetuneParams) -> PeftModel:
@@ -159,21 +159,28 @@ def instruction_example(
 
 
 def build_examples(
-    rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, seq_len: int, seq2seq: bool = False
+    rows: pd.DataFrame,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    seq2seq: bool = False,
+    name: str = "finetune.path",
 ) -> datasets.Dataset:
     """Instruction rows (instruction, input, output) or plain text (a `text` column, causal LM loss
-    on windows of `seq_len` tokens, or for an encoder-decoder model the prefix-LM split of `nirvana.forward`)."""
+    on windows of `seq_len` tokens, or for an encoder-decoder model the prefix-LM split of `nirvana.forward`).
+    Unusable rows are an InputError naming `name`, the file they came from."""
+    check_rows(rows, name)
     if {"instruction", "output"} <= set(rows.columns):
         examples = [instruction_example(r, tokenizer, seq_len, seq2seq) for r in rows.to_dict("records")]
         examples = [e for e in examples if any(label != IGNORE for label in e["labels"])]
-    elif "text" in rows.columns:
+    else:
         ids = windows(token_stream(rows["text"].dropna().tolist(), tokenizer), seq_len, bos_id(tokenizer))
         source, target = split(ids) if seq2seq else (ids, ids)
         examples = [{"input_ids": s, "labels": t} for s, t in zip(source.tolist(), target.tolist(), strict=True)]
-    else:
-        raise ValueError(f"fine-tuning data needs columns instruction+output or text, has {list(rows.columns)}")
     if not examples:
-        raise ValueError("fine-tuning data gave no example with a token to learn from")
+        raise InputError(
+            f"{name}: no example with a token to learn from in finetune.seq_len = {seq_len} tokens (a prompt "
+            "that long leaves no answer, a text that short fills no window)"
+        )
     return datasets.Dataset.from_list(examples)
 
 
@@ -197,10 +204,13 @@ def check_sharded_saving() -> None:
         )
 
 
-def checkpoint_key(model_digest: str, f: FinetuneParams, data: str | Path | None, teacher_digest: str = "") -> str:
-    """Hash of everything a run's result depends on, so a checkpoint resumes only the same run."""
+def checkpoint_key(
+    model_digest: str, code: str, f: FinetuneParams, data: str | Path | None, teacher_digest: str = ""
+) -> str:
+    """Hash of everything a run's result depends on, its code (`nirvana.io.code_digest`) included, so a
+    checkpoint resumes only the same run."""
     digest = hashlib.sha256(json.dumps(f.__dict__, sort_keys=True, default=str).encode() + model_digest.encode())
-    digest.update(teacher_digest.encode())
+    digest.update(code.encode() + teacher_digest.encode())
     if data and Path(data).is_file():
         with Path(data).open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
@@ -242,9 +252,40 @@ class StepCounter(TrainerCallback):
         self.steps += 1
 
 
-def training_args(f: FinetuneParams, checkpoints: Path) -> TrainingArguments:
-    """Method §4 defaults; bf16 where the GPU supports it, fp32 on the CPU."""
-    on_gpu = torch.cuda.is_available()
+class Precision(TypedDict):
+    """TrainingArguments' device and mixed-precision flags."""
+
+    use_cpu: bool
+    bf16: bool
+    fp16: bool
+
+
+def precision(dtype: torch.dtype, on: str) -> Precision:
+    """TrainingArguments' device and mixed-precision flags for weights in `dtype` (model.dtype) on device type `on`:
+    autocast to that dtype (none for float32); fp16 with loss scaling, which accelerate does only on a GPU."""
+    if dtype == torch.float16 and on == "cpu":
+        raise InputError(
+            "params: model.dtype = 'float16' cannot fine-tune on the CPU: fp16 gradients need loss scaling, which "
+            "runs on a GPU only; use bfloat16 or float32 here (or finetune.steps: 0)"
+        )
+    return Precision(use_cpu=on == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+def check_launch_precision(dtype: torch.dtype) -> None:
+    """`accelerate launch` passes its mixed precision on to Trainer, which autocasts float32 weights to it:
+    it must be that of model.dtype, or the precision would not follow model.dtype."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    wanted = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    if launched != wanted:
+        raise InputError(
+            f"finetune.launch: accelerate's mixed_precision is {launched}, but model.dtype = "
+            f"{str(dtype).removeprefix('torch.')!r} trains in {wanted}: set mixed_precision: {wanted} in the "
+            f"accelerate config (or --mixed_precision {wanted})"
+        )
+
+
+def training_args(f: FinetuneParams, checkpoints: Path, dtype: torch.dtype) -> TrainingArguments:
+    """Method §4 defaults, at the precision of `dtype`, the weights' (`precision`)."""
     return TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=f.steps,
@@ -261,8 +302,7 @@ def training_args(f: FinetuneParams, checkpoints: Path) -> TrainingArguments:
         report_to="none",
         seed=f.seed,
         data_seed=f.seed,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        **precision(dtype, device().type),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
@@ -284,7 +324,7 @@ def train(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if (teacher is None) != (f.loss == "lm"):
-        raise ValueError(f"finetune.loss {f.loss} needs a teacher exactly when it is not lm")
+        raise ParamError(f"params: finetune.loss = {f.loss!r} needs a teacher model exactly when it is not 'lm'")
     set_seed(f.seed)  # LoRA's initial A matrices are random
     config, dtype = model.config, model.dtype
     student = trainable(model, f)
@@ -293,7 +333,7 @@ def train(
         f=f,
         teacher=teacher,
         model=student,
-        args=training_args(f, checkpoints),
+        args=training_args(f, checkpoints, dtype),
         train_dataset=examples,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
         callbacks=[counter, NoFinalCheckpoint(), *callbacks],

@@ -88,8 +88,13 @@ QWEN2_SPLIT = CONTRACTIONS + r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+
 SPLIT_PRE = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
-class ExportError(ValueError):
-    """Bad input to `export`: raised before anything is written."""
+class ExportError(InputError):
+    """Bad input to `export`: raised before anything is written, shown as one line by the CLI and the stages."""
+
+
+class UnsupportedModel(ExportError):
+    """A sound model llama.cpp's deci graph cannot run (its architecture or its tokenizer's form): the export
+    stage records why and the pipeline goes on, where any other ExportError stops it."""
 
 
 @dataclass
@@ -179,18 +184,20 @@ def check_architecture(config: PretrainedConfig) -> None:
             "t5": "T5 is an encoder-decoder; deci is a decoder-only Llama graph",
         }
         reason = reasons.get(str(model_type), "deci (llama.cpp's per-layer-width Llama) computes a Llama layer only")
-        raise ExportError(
+        raise UnsupportedModel(
             f"architecture {model_type!r} cannot be exported to GGUF: {reason}; supported: {', '.join(SUPPORTED)}"
         )
     if model_type == "mistral" and getattr(config, "sliding_window", None):
-        raise ExportError("mistral with sliding_window set cannot be exported: deci attends to the whole context")
+        raise UnsupportedModel("mistral with sliding_window set cannot be exported: deci attends to the whole context")
     if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-        raise ExportError("qwen2 with use_sliding_window cannot be exported: deci attends to the whole context")
+        raise UnsupportedModel("qwen2 with use_sliding_window cannot be exported: deci attends to the whole context")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ExportError(f"hidden_act {config.hidden_act!r} cannot be exported: deci's MLP is SiLU-gated")
+        raise UnsupportedModel(f"hidden_act {config.hidden_act!r} cannot be exported: deci's MLP is SiLU-gated")
     rope = rope_parameters(config)
     if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
-        raise ExportError(f"rope_type {rope['rope_type']!r} cannot be exported; supported: default, linear, llama3")
+        raise UnsupportedModel(
+            f"rope_type {rope['rope_type']!r} cannot be exported; supported: default, linear, llama3"
+        )
 
 
 def head_dim(config: PretrainedConfig) -> int:
@@ -316,7 +323,7 @@ def pre_tokenizer(spec: dict[str, Any] | None) -> str:
     kinds = [s.get("type") if s else None for s in steps]
     byte_level = (steps[-1] if steps else None) or {}
     if byte_level.get("add_prefix_space"):
-        raise ExportError("tokenizer adds a prefix space (ByteLevel add_prefix_space); llama.cpp's BPE does not")
+        raise UnsupportedModel("tokenizer adds a prefix space (ByteLevel add_prefix_space); llama.cpp's BPE does not")
     if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
         return "gpt-2"
     digits = kinds == ["Digits", "ByteLevel"] and (steps[0] or {}).get("individual_digits")
@@ -327,7 +334,7 @@ def pre_tokenizer(spec: dict[str, Any] | None) -> str:
         pattern = split.get("pattern", {}).get("Regex")
         if pattern in SPLIT_PRE and split.get("behavior") == "Isolated":
             return SPLIT_PRE[pattern]
-    raise ExportError(f"tokenizer pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp equivalent known here")
+    raise UnsupportedModel(f"tokenizer pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp equivalent known here")
 
 
 def read_vocab(folder: Path, n_vocab: int) -> Vocab:
@@ -335,9 +342,9 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     spec = json.loads((folder / "tokenizer.json").read_text())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError("only byte-level BPE tokenizers (GPT-2 style tokenizer.json) can be exported")
+        raise UnsupportedModel("only byte-level BPE tokenizers (GPT-2 style tokenizer.json) can be exported")
     if spec.get("normalizer") not in (None, {"type": "NFC"}):
-        raise ExportError(f"tokenizer normalizer {spec['normalizer'].get('type')!r} has no llama.cpp equivalent")
+        raise UnsupportedModel(f"tokenizer normalizer {spec['normalizer'].get('type')!r} has no llama.cpp equivalent")
     pre = pre_tokenizer(spec.get("pre_tokenizer"))
     by_id = {int(i): t for t, i in model["vocab"].items()}
     types = dict.fromkeys(by_id, int(gguf.TokenType.NORMAL))

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -102,6 +103,17 @@ def folder_digest(path: str | Path) -> str:
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         with file.open("rb") as handle:
             digest.update(file.relative_to(path).as_posix().encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def code_digest(script: str | Path) -> str:
+    """SHA-256 of a stage script and of every nirvana module this process has loaded, shortened: the code the
+    stage runs, in its resume keys so that rows or checkpoints written by other code are not resumed."""
+    loaded = [(name, getattr(module, "__file__", None)) for name, module in list(sys.modules.items())]
+    sources = {name: Path(file) for name, file in loaded if name.partition(".")[0] == "nirvana" and file}
+    digest = hashlib.sha256()
+    for name, path in sorted({**sources, "__main__": Path(script)}.items()):
+        digest.update(name.encode() + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 

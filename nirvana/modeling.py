@@ -28,7 +28,7 @@ from transformers import (
 from nirvana.errors import InputError
 from nirvana.io import asset_folder
 from nirvana.models import GRANULARITY_KEY
-from nirvana.params import ModelParams
+from nirvana.params import ModelParams, defaults
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,9 @@ def load_model(
     """A dense or pruned model folder written by this pipeline, in eval mode and `model.dtype`, on `on`
     (default `device()`; training passes "cpu" and lets accelerate place each process's copy), or
     sharded layer by layer across the GPUs with `model.device_map: auto`. `granularity` sets the
-    attention unit of a dense model (`attention.granularity`); a pruned one keeps its own."""
-    m = m or ModelParams()
+    attention unit of a dense model (`attention.granularity`); a pruned one keeps its own. Without `m`,
+    the committed params.yaml's `model`."""
+    m = m or defaults(ModelParams)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=m.trust_remote_code)
     sharded = m.device_map is not None and on is None
     model = auto_class(config).from_pretrained(
@@ -165,21 +166,32 @@ def load_model(
         device_map=m.device_map if sharded else None,
         trust_remote_code=m.trust_remote_code,
     )
-    if granularity is not None:
-        setattr(model.config, GRANULARITY_KEY, granularity)
+    set_granularity(model.config, granularity)
     if not sharded:
         model = model.to(on or device())  # type: ignore[arg-type]  # transformers types .to() oddly
     return model.eval()
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def skeleton(model_dir: str | Path, granularity: str | None = None) -> PreTrainedModel:
-    """The model's architecture on the meta device: shapes without weights, built instantly."""
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if granularity is not None:
+def set_granularity(config: PretrainedConfig, granularity: str | None) -> None:
+    """Give a dense model's config the attention unit `granularity`; a pruned one keeps the unit it
+    recorded, which its stored widths count."""
+    if granularity is not None and getattr(config, GRANULARITY_KEY, None) is None:
         setattr(config, GRANULARITY_KEY, granularity)
+
+
+def _remote(m: ModelParams | None) -> bool:
+    """Whether a load may run a folder's own code: `model.trust_remote_code`, without `m` the committed one."""
+    return (m or defaults(ModelParams)).trust_remote_code
+
+
+def load_tokenizer(path: str | Path, m: ModelParams | None = None) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer; it runs the folder's own code only with `model.trust_remote_code`."""
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=_remote(m))
+
+
+def skeleton(model_dir: str | Path, granularity: str | None = None, m: ModelParams | None = None) -> PreTrainedModel:
+    """The model's architecture on the meta device: shapes without weights, built instantly."""
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=_remote(m))
+    set_granularity(config, granularity)
     with torch.device("meta"):
         return auto_class(config).from_config(config)

@@ -1,4 +1,5 @@
-"""Typed, validated view of params.yaml, so a bad value fails before any work starts."""
+"""Typed, validated view of params.yaml, so a bad value fails before any work starts. params.yaml sets every
+key: the dataclasses hold no defaults, so deleting a key fails instead of silently changing the run."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from nirvana.models.base import GRANULARITIES
+
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 METHODS = ("nirvana", "magnitude", "taylor", "wanda_sp", "flap", "random")
 
@@ -37,10 +41,10 @@ GGUF_TYPES = (
 
 @dataclass(frozen=True)
 class ModelParams:
-    name_or_path: str = "smollm2-135m"
-    dtype: str = "float32"  # what every stage loads and computes in; unit scores sum in float32 regardless
-    device_map: str | None = None  # null = one device (the first GPU, else the CPU); "auto" = accelerate shards
-    trust_remote_code: bool = False
+    name_or_path: str
+    dtype: str  # what every stage loads and computes in; unit scores sum in float32 regardless
+    device_map: str | None  # null = one device (the first GPU, else the CPU); "auto" = accelerate shards
+    trust_remote_code: bool
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
@@ -52,8 +56,8 @@ KERNELS = ("portable", "native")  # nirvana.environment pins them
 
 @dataclass(frozen=True)
 class CpuParams:
-    kernels: str = "portable"  # AVX2 code paths on every x86-64 CPU (same bits anywhere), or native (faster)
-    threads: int | None = 2  # torch's threads in every stage (sums depend on it); null = this job's share of the CPUs
+    kernels: str  # AVX2 code paths on every x86-64 CPU (same bits anywhere), or native (faster)
+    threads: int | None  # torch's threads in every stage (sums depend on it); null = this job's share of the CPUs
 
     def __post_init__(self) -> None:
         _check(self.kernels in KERNELS, "cpu.kernels", self.kernels, f"one of {', '.join(KERNELS)}")
@@ -63,7 +67,7 @@ class CpuParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    overlap_ngram: int = 13
+    overlap_ngram: int
 
     def __post_init__(self) -> None:
         _check(self.overlap_ngram >= 4, "data.overlap_ngram", self.overlap_ngram, "an integer >= 4")
@@ -97,16 +101,16 @@ def _check_data_file(key: str, value: str, folder: Path, suffixes: tuple[str, ..
 
 @dataclass(frozen=True)
 class CalibrationParams:
-    num_samples: int = 32
-    seq_len: int = 128
-    seed: int = 0
-    candidates: int = 8
-    kl_samples: int = 128
-    kl_seq_len: int = 64
-    kl_batch_size: int = 16
-    select_at_sparsity: float | None = None
-    path: str = BUILTIN_CORPUS  # the pool candidates are drawn from: the built-in one or a user's file
-    source: str | None = None  # or a Hugging Face dataset id (path stays the built-in pool)
+    num_samples: int
+    seq_len: int
+    seed: int
+    candidates: int
+    kl_samples: int
+    kl_seq_len: int
+    kl_batch_size: int
+    select_at_sparsity: float | None
+    path: str  # the pool candidates are drawn from: the built-in one or a user's file
+    source: str | None  # or a Hugging Face dataset id (path stays the built-in pool)
 
     @property
     def user_file(self) -> bool:
@@ -132,8 +136,8 @@ class CalibrationParams:
 
 @dataclass(frozen=True)
 class SaliencyParams:
-    batch_size: int = 4
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    batch_size: int
+    gradient_checkpointing: bool  # recompute activations in backward: less memory, ~30% more time
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "saliency.batch_size", self.batch_size, "a positive integer")
@@ -141,7 +145,7 @@ class SaliencyParams:
 
 @dataclass(frozen=True)
 class AttentionParams:
-    granularity: str = "group"  # an attention unit: a whole KV group, or one query head per group
+    granularity: str  # an attention unit: a whole KV group, or one query head per group
 
     def __post_init__(self) -> None:
         allowed = f"one of {', '.join(GRANULARITIES)}"
@@ -152,11 +156,11 @@ class AttentionParams:
 class AllocationParams:
     MODES: typing.ClassVar[tuple[str, ...]] = ("nirvana", "uniform", "llm_pruner", "flap")
 
-    mlp_multiple: int = 8
-    attn_multiple: int = 1  # kept attention units per layer are a multiple of this (where the layer has more)
-    mode: str | None = None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
-    gamma_candidates: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0])
-    band: list[int] | None = None  # llm_pruner's pruned layers [start, end); null = LLM-Pruner's, scaled
+    mlp_multiple: int
+    attn_multiple: int  # kept attention units per layer are a multiple of this (where the layer has more)
+    mode: str | None  # null = the method's own allocation (nirvana.allocation.allocation_mode)
+    gamma_candidates: list[float]
+    band: list[int] | None  # llm_pruner's pruned layers [start, end); null = LLM-Pruner's, scaled
 
     def __post_init__(self) -> None:
         _check(self.mlp_multiple > 0, "allocation.mlp_multiple", self.mlp_multiple, "a positive integer")
@@ -173,13 +177,11 @@ class AllocationParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    windows: list[int] = field(default_factory=lambda: [128, 512])
-    max_tokens: int | None = 16384
-    batch_size: int = 8
-    tasks: list[str] = field(
-        default_factory=lambda: ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
-    )
-    limit: int | None = 100
+    windows: list[int]
+    max_tokens: int | None
+    batch_size: int
+    tasks: list[str]
+    limit: int | None
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit > 0, "evaluate.limit", self.limit, "null or a positive integer")
@@ -209,25 +211,29 @@ ADAPTERS = ("lora", "full")
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    launch: str = "python"
-    steps: int = 100
-    path: str = BUILTIN_CORPUS  # the built-in corpus as plain text, or a user's .parquet/.jsonl
-    source: str | None = None  # or a Hugging Face dataset id (path stays the built-in corpus)
-    seq_len: int = 128
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    save_steps: int = 25
-    seed: int = 0
-    loss: str = "lm"  # lm (next token), kd (KL from the teacher), mix (kd_alpha x kd + (1 - kd_alpha) x lm)
-    kd_temperature: float = 1.0
-    kd_alpha: float = 0.5
-    teacher: str | None = None  # null: this run's dense model (outputs/base_model); or a folder / model id
-    adapter: str = "lora"  # lora (adapters merged after training) or full (every weight trains)
+    launch: str
+    steps: int
+    path: str  # the built-in corpus as plain text, or a user's .parquet/.jsonl
+    source: str | None  # or a Hugging Face dataset id (path stays the built-in corpus)
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    save_steps: int
+    seed: int
+    loss: str  # lm (next token), kd (KL from the teacher), mix (kd_alpha x kd + (1 - kd_alpha) x lm)
+    kd_temperature: float
+    kd_alpha: float
+    teacher: str | None  # null: this run's dense model (outputs/base_model); or a folder / model id
+    adapter: str  # lora (adapters merged after training) or full (every weight trains)
+
+    @property
+    def user_file(self) -> bool:
+        return self.path != BUILTIN_CORPUS
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, "finetune.loss", self.loss, f"one of {', '.join(LOSSES)}")
@@ -249,14 +255,13 @@ class FinetuneParams:
             self.launch,
             "'python' or an 'accelerate launch ...' command line",
         )
-        user_file = self.path != BUILTIN_CORPUS
         _check(
-            not (user_file and self.source),
+            not (self.user_file and self.source),
             "finetune.source",
             self.source,
             f"null when finetune.path is a file of yours (one or the other; the default path is {BUILTIN_CORPUS})",
         )
-        if user_file:
+        if self.user_file:
             _check_data_file("finetune.path", self.path, USER_FINETUNE_DIR, (".parquet", ".jsonl"))
             columns = _columns(self.path)
             ok = {"instruction", "output"} <= columns or "text" in columns
@@ -285,11 +290,11 @@ def _columns(path: str) -> set[str]:
 
 @dataclass(frozen=True)
 class EfficiencyParams:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    prompt_len: int = 128
-    new_tokens: int = 64
-    warmup: int = 1
-    repeats: int = 3
+    batch_sizes: list[int]
+    prompt_len: int
+    new_tokens: int
+    warmup: int
+    repeats: int
 
     def __post_init__(self) -> None:
         ok = len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes)
@@ -301,12 +306,12 @@ class EfficiencyParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
-    threads: int = 2
-    prompt_len: int = 128
-    new_tokens: int = 64
-    warmup: int = 1
-    repeats: int = 3
+    types: list[str]
+    threads: int
+    prompt_len: int
+    new_tokens: int
+    warmup: int
+    repeats: int
 
     def __post_init__(self) -> None:
         ok = len(self.types) > 0 and len(set(self.types)) == len(self.types)
@@ -319,20 +324,20 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class Params:
-    method: str | list[str] = "nirvana"  # or several: the plan of lowest held-out KL wins (nirvana.selection)
-    sparsity: float = 0.2
-    gamma: float | str = 3.0  # or "auto": the allocation.gamma_candidates value of lowest held-out KL
-    model: ModelParams = field(default_factory=ModelParams)
-    cpu: CpuParams = field(default_factory=CpuParams)
-    data: DataParams = field(default_factory=DataParams)
-    calibration: CalibrationParams = field(default_factory=CalibrationParams)
-    saliency: SaliencyParams = field(default_factory=SaliencyParams)
-    attention: AttentionParams = field(default_factory=AttentionParams)
-    allocation: AllocationParams = field(default_factory=AllocationParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
-    export: ExportParams = field(default_factory=ExportParams)
+    method: str | list[str]  # one, or several: the plan of lowest held-out KL wins (nirvana.selection)
+    sparsity: float
+    gamma: float | str  # a number, or "auto": the allocation.gamma_candidates value of lowest held-out KL
+    model: ModelParams
+    cpu: CpuParams
+    data: DataParams
+    calibration: CalibrationParams
+    saliency: SaliencyParams
+    attention: AttentionParams
+    allocation: AllocationParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    efficiency: EfficiencyParams
+    export: ExportParams
 
     def __post_init__(self) -> None:
         ms = self.methods
@@ -341,6 +346,10 @@ class Params:
         _check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number with 0 <= sparsity < 1")
         ok = self.gamma == "auto" or (not isinstance(self.gamma, str) and 0 < self.gamma < math.inf)
         _check(ok, "gamma", self.gamma, "a number > 0 (and finite), or auto")
+        full_fp16 = self.model.dtype == "float16" and self.finetune.adapter == "full" and self.finetune.steps > 0
+        why = "fp16 weights lose small updates; LoRA trains float32 adapters over them"
+        allowed = f"lora when model.dtype = 'float16' ({why}), or model.dtype bfloat16 or float32"
+        _check(not full_fp16, "finetune.adapter", self.finetune.adapter, allowed)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -394,7 +403,7 @@ def _build(cls: type, raw: object, prefix: str) -> object:
     if not isinstance(raw, dict):
         raise ParamError(f"params: {prefix.rstrip('.') or 'params.yaml'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         if f"{prefix}{key}" in RENAMED:
@@ -411,20 +420,25 @@ def _build(cls: type, raw: object, prefix: str) -> object:
             )
         else:
             kwargs[key] = value
+    missing = [name for name in fields if name not in kwargs]
+    if missing:
+        raise ParamError(
+            f"params: missing key {prefix}{missing[0]}; params.yaml sets every key (`git diff params.yaml` shows a "
+            "deleted one)"
+        )
     return cls(**kwargs)
 
 
-def schema(cls: type | None = None, prefix: str = "") -> dict[str, dict[str, object]]:
-    """Every key params.yaml accepts, with its type and default: what check_params validated against."""
-    cls = cls or Params
-    hints = typing.get_type_hints(cls)
+def schema(params: DataclassInstance, prefix: str = "") -> dict[str, dict[str, object]]:
+    """Every key of params.yaml with its type and the value this run uses: what check_params validated."""
+    hints = typing.get_type_hints(type(params))
     out: dict[str, dict[str, object]] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out |= schema(hints[f.name], f"{prefix}{f.name}.")
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out |= schema(value, f"{prefix}{f.name}.")
         else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out[f"{prefix}{f.name}"] = {"type": _name(hints[f.name]), "default": default}
+            out[f"{prefix}{f.name}"] = {"type": _name(hints[f.name]), "value": value}
     return out
 
 
@@ -440,3 +454,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     params = _build(Params, raw, "")
     assert isinstance(params, Params)
     return params
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "params.yaml"
+Part = typing.TypeVar("Part", bound="DataclassInstance")
+
+
+def defaults(part: type[Part], **changes: typing.Any) -> Part:
+    """Params or one part of it (`defaults(FinetuneParams, steps=3)`) at the committed params.yaml's values, with
+    `changes`: how code outside a stage (tests, benchmarks, a load without params) builds params without a
+    second set of defaults."""
+    params = load_params(COMMITTED)
+    parts = [params, *(getattr(params, f.name) for f in dataclasses.fields(params))]
+    return dataclasses.replace(next(p for p in parts if type(p) is part), **changes)

@@ -32,6 +32,13 @@ def log_probs(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) ->
         yield torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
+def kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """sum p (log p - log q), a token with p = 0 adding 0 (0 x -inf would make it NaN where log p = -inf);
+    on finite inputs the same bits as the plain product's sum."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum().item()
+
+
 @torch.no_grad()
 def kl_to_reference(
     reference: list[torch.Tensor], model: PreTrainedModel, windows: torch.Tensor, batch_size: int
@@ -41,7 +48,7 @@ def kl_to_reference(
     `reference` holds the dense model's log-probabilities in the same chunks."""
     total, tokens = 0.0, 0
     for log_p, log_q in zip(reference, log_probs(model, windows, batch_size), strict=True):
-        total += (log_p.exp() * (log_p - log_q)).sum().item()
+        total += kl_sum(log_p, log_q)
         tokens += log_p.shape[0] * log_p.shape[1]
     return total / tokens
 

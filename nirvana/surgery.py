@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.io import atomic_path
 from nirvana.models import get_adapter
-from nirvana.models.base import unit_rows
+from nirvana.models.base import Slice, unit_rows
 from nirvana.remote import add_remote_code
 
 CONFIG_KEY = "nirvana_units"
@@ -44,15 +44,18 @@ def units_by_layer(plan: pd.DataFrame, keep: bool) -> dict[int, dict[str, torch.
     return out
 
 
-def _removed_input_mean(plan: pd.DataFrame, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input columns of the output projection that the plan removes in one layer and module, and
-    their calibration means (float64), from the plan's `input_mean` lists (one per unit)."""
+def _removed_input_mean(
+    plan: pd.DataFrame, layer: int, module: str, out: Slice, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input columns of the output projection (slice `out` of `count` units) that the plan removes in
+    one layer and module, and their calibration means (float64), from the plan's `input_mean` lists
+    (one per unit, in the column order `unit_rows` gives for that unit alone)."""
     rows = plan[(plan["layer"] == layer) & (plan["module"] == module) & ~plan["keep"]].sort_values("unit")
     if rows.empty:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     means = [torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in rows["input_mean"]]
-    units = torch.tensor(rows["unit"].tolist(), dtype=torch.long)
-    return unit_rows(units, len(means[0])), torch.cat(means)
+    columns = [unit_rows(torch.tensor([u]), out.size, out.groups, count) for u in rows["unit"].tolist()]
+    return torch.cat(columns), torch.cat(means)
 
 
 def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:
@@ -66,8 +69,9 @@ def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:
         for index, layer in enumerate(adapter.layers(model)):
             adapter.add_output_bias(layer)
             for module in adapter.modules(layer):
-                proj = adapter.output_projection(layer, module)
-                columns, mean = _removed_input_mean(plan, index, module)
+                proj, out = adapter.output_projection(layer, module), adapter.output_slice(module, layer)
+                count = adapter.unit_count(layer, module)
+                columns, mean = _removed_input_mean(plan, index, module, out, count)
                 assert proj.bias is not None
                 w = proj.weight.detach()
                 shift = w[:, columns.to(w.device)].double() @ mean.to(w.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -24,13 +25,13 @@ def sweep_commands(methods: list[str], sparsities: list[float], settings: list[s
     """The `dvc exp run` command lines, checked before any of them runs."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"sweep: unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
     bad = [s for s in sparsities if not 0 <= s < 1]
     if bad:
-        raise ValueError(f"sweep: sparsity {bad[0]} is invalid; expected 0 <= sparsity < 1")
+        raise ValueError(f"sparsity {bad[0]} is invalid; expected 0 <= sparsity < 1")
     malformed = [s for s in settings if "=" not in s]
     if malformed:
-        raise ValueError(f"sweep: --set {malformed[0]!r} is not KEY=VALUE")
+        raise ValueError(f"--set {malformed[0]!r} is not KEY=VALUE")
     copies = [arg for path in untracked_data(settings) for arg in ("--copy-paths", path)] if queue else []
     dvc = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue", *copies] if queue else []), *TARGETS]
     extra = [arg for setting in settings for arg in ("-S", setting)]
@@ -62,11 +63,17 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=env)
 
 
+def dvc_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The line of a failed `dvc` call's output that says why: its first ERROR line, else its first line."""
+    lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "no message")
+
+
 def default_remote() -> str:
     """The DVC default remote a shared sweep pulls from and pushes to, or a ValueError saying how to add one."""
     found = dvc("remote", "default")
     if found.returncode != 0 or not found.stdout.strip():
-        raise ValueError("sweep: --share needs a default DVC remote: `dvc remote add -d NAME URL` (README: Sharing)")
+        raise ValueError("--share needs a default DVC remote: `dvc remote add -d NAME URL` (README: Sharing)")
     return found.stdout.strip()
 
 
@@ -104,9 +111,7 @@ def share(direction: str, remote: str) -> None:
     print(f"+ dvc {direction} --run-cache -r {remote}", flush=True)
     done = dvc(direction, "--run-cache", *missing, "-r", remote)
     if done.returncode != 0:
-        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        reason = next((line for line in lines if line.startswith("ERROR")), lines[0] if lines else "no message")
-        raise ValueError(f"sweep: dvc {direction} with remote {remote!r} failed: {reason}")
+        raise ValueError(f"dvc {direction} with remote {remote!r} failed: {dvc_error(done)}")
     transfer_run_outputs(direction, remote)
 
 
@@ -116,8 +121,21 @@ def start_queue(jobs: int) -> None:
     print(f"+ NIRVANA_JOBS={jobs} dvc queue start -j {jobs}", flush=True)
     done = dvc("queue", "start", "-j", str(jobs), env=os.environ | {"NIRVANA_JOBS": str(jobs)})
     if done.returncode != 0:
-        raise ValueError(f"sweep: dvc queue start -j {jobs} failed (exit code {done.returncode})")
+        raise ValueError(f"dvc queue start -j {jobs} failed (exit code {done.returncode})")
     print("note: `dvc queue status` follows the runs; a worker started earlier keeps its own NIRVANA_JOBS", flush=True)
+
+
+def run_experiment(command: list[str]) -> None:
+    """One `dvc exp run`; its failure is a ValueError naming the experiment's settings (DVC's own messages are
+    printed above it), so that `nirvana sweep` stops in one line instead of a CalledProcessError traceback."""
+    print("+", " ".join(command[2:]), flush=True)
+    code = subprocess.run(command).returncode
+    if code != 0:
+        settings = " ".join(value for flag, value in itertools.pairwise(command) if flag == "-S")
+        raise ValueError(
+            f"experiment {settings} failed (dvc exp run exit code {code}, its messages above); the ones after it "
+            "did not run"
+        )
 
 
 def sweep(
@@ -132,7 +150,7 @@ def sweep(
     workers, each job with its share of the CPUs. `shared`: first exchange outputs and run records with the
     default remote, and push each finished experiment's to it."""
     if jobs is not None and jobs < 1:
-        raise ValueError(f"sweep: --jobs {jobs} is invalid; expected the number of experiments run at once (>= 1)")
+        raise ValueError(f"--jobs {jobs} is invalid; expected the number of experiments run at once (>= 1)")
     queue = queue or jobs is not None
     commands = sweep_commands(methods, sparsities, settings, queue)  # every check before anything runs
     remote = default_remote() if shared else ""
@@ -142,8 +160,7 @@ def sweep(
         share("push", remote)
         share("pull", remote)
     for command in commands:
-        print("+", " ".join(command[2:]), flush=True)
-        subprocess.run(command, check=True)
+        run_experiment(command)
         if shared and not queue:
             share("push", remote)
     if jobs is not None:

@@ -35,7 +35,7 @@ def main(
     """`calibration` is select_calibration's windows; `builtin` prepare_data's pool, whose tail is the
     held-out KL set; `candidates` the search's table, whose winning plan is not pruned again."""
     granularity, runs = params.attention.granularity, choices(params)
-    model, windows, held_out, known = skeleton(model_dir, granularity), None, None, None
+    model, windows, held_out, known = skeleton(model_dir, granularity, params.model), None, None, None
     check_reachable(model, params)
     scores = by_method(pd.read_parquet(saliency))
     missing = [m for m in params.methods if m not in scores]
@@ -47,7 +47,7 @@ def main(
         check_windows(calibration, check_model(model_dir, lengths, tokenizer=search))
         model, windows = load_model(model_dir, params.model, granularity=granularity), read_windows(calibration)
     if search:
-        kl_windows = kl_set(params.calibration, load_tokenizer(model_dir), read_texts(builtin))
+        kl_windows = kl_set(params.calibration, load_tokenizer(model_dir, params.model), read_texts(builtin))
         held_out = HeldOut.of(model, kl_windows, params.calibration.kl_batch_size)
         known = judged_plan(pd.read_parquet(candidates), params.sparsity)
     plan, table = choose(model, scores, params, params.sparsity, windows, held_out, known=known)

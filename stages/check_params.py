@@ -1,16 +1,22 @@
-"""Stage check_params: validate the whole of params.yaml before any other stage runs, so a misspelt or
-unknown key fails every `dvc repro` (no other stage depends on a key nobody reads). It writes the
-schema it checked against, which changes only with the code: the stages after it never rerun for it;
-and the environment every stage of this run computes in (nirvana.environment), for the audit."""
+"""Stage check_params: validate the whole of params.yaml before any other stage runs, so a misspelt,
+unknown or missing key fails every `dvc repro` (no other stage depends on a key nobody reads), and
+model.name_or_path before prepare_model runs (DVC deletes a stage's outputs first). It writes the keys it
+checked, which change only with the code: the stages it orders first never rerun for it; the schema, each
+key's type and value in this run; and the environment every stage of this run computes in
+(nirvana.environment), for the audit."""
 
+from nirvana.checks import check_model_name
 from nirvana.environment import reproducible
 from nirvana.io import write_json
 from nirvana.params import Params, schema
 from nirvana.stage import run_stage
 
 
-def main(params: Params, schema_out: str, environment_out: str) -> None:
-    write_json(schema(), schema_out)  # run_stage has validated params.yaml (or stopped) before this
+def main(params: Params, keys_out: str, schema_out: str, environment_out: str) -> None:
+    check_model_name(params.model.name_or_path)  # run_stage has validated params.yaml (or stopped) before this
+    values = schema(params)
+    write_json({"checked": list(values)}, keys_out)
+    write_json(values, schema_out)
     write_json(reproducible(), environment_out)
 
 

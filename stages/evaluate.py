@@ -14,7 +14,7 @@ def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, inf
     e = params.evaluate
     check_zero_shot(e.tasks)  # an unknown task stops here, before any model work
     check_model(model_dir, [(f"evaluate.windows[{i}]", w) for i, w in enumerate(e.windows)])
-    model, tokenizer = load_model(model_dir, params.model), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir, params.model), load_tokenizer(model_dir, params.model)
     metrics: dict = param_counts(model) | {"model_digest": folder_digest(model_dir)}
     for name in EVAL_SETS:
         for seq_len in e.windows:

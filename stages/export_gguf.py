@@ -1,12 +1,13 @@
 """Stage export_gguf: GGUF files of the dense, pruned and fine-tuned models for llama.cpp / Ollama
 (architecture deci, one width per layer), each with a JSON record of its SHA-256 and source folder, and
 a manifest `export.json`. A model llama.cpp cannot run this way (Gemma 3, T5, a tokenizer it cannot
-represent) gets a manifest that says why, and no files: the rest of the pipeline still runs."""
+represent) gets a manifest that says why, and no files: the rest of the pipeline still runs. Any other export
+error (a bad folder, a regression in the writer) stops the stage in one line and leaves no output."""
 
 import json
 from pathlib import Path
 
-from nirvana.gguf import ExportError, export, prepare
+from nirvana.gguf import UnsupportedModel, export, prepare
 from nirvana.io import atomic_path, log
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -25,7 +26,7 @@ def main(params: Params, dense_dir: str, pruned_dir: str, finetuned_dir: str, ou
             for name, by_type in files.items():
                 for type, path in by_type.items():
                     prepare(folders[name], path, type)
-        except ExportError as error:  # export.types was checked with params: the model rules it out
+        except UnsupportedModel as error:  # any other ExportError is an InputError: run_stage stops in one line
             write_manifest(tmp, {"unsupported": str(error)})
             log.warning("no GGUF export: %s", error)
             return

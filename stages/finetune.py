@@ -7,22 +7,26 @@ import shutil
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from nirvana.card import CARD, finetune_record, model_card
 from nirvana.checks import check_finetune, check_teacher
 from nirvana.finetune import (
     build_examples,
+    check_launch_precision,
     check_sharded_saving,
     checkpoint_key,
     is_main_process,
     load_rows,
     load_teacher,
+    precision,
     remove_checkpoints,
     train,
     wait_for_everyone,
 )
 from nirvana.forward import is_seq2seq
-from nirvana.io import atomic_path, folder_digest, log, sha256_file, write_json
-from nirvana.modeling import load_model, load_tokenizer
+from nirvana.io import atomic_path, code_digest, folder_digest, log, sha256_file, write_json
+from nirvana.modeling import device, load_model, load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
 from nirvana.surgery import save_model
@@ -37,6 +41,9 @@ def main(params: Params, model_dir: str, data: str, dense_dir: str, out_dir: str
     check_finetune(f, model_dir)
     if f.steps:
         check_sharded_saving()
+        dtype = getattr(torch, params.model.dtype)
+        precision(dtype, device().type)  # float16 on a CPU stops here
+        check_launch_precision(dtype)
     teacher_dir = (f.teacher or dense_dir) if f.loss != "lm" else None
     if teacher_dir and f.steps:
         check_teacher(teacher_dir, model_dir)
@@ -51,12 +58,13 @@ def main(params: Params, model_dir: str, data: str, dense_dir: str, out_dir: str
             log.info("finetune.steps is 0: %s is a copy of %s", out_dir, model_dir)
         return
     rows = load_rows(data, f.source)  # a bad file fails here, before the model is loaded
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, params.model, on="cpu")
-    examples = build_examples(rows, tokenizer, f.seq_len, is_seq2seq(model))
+    tokenizer, seq2seq = load_tokenizer(model_dir, params.model), is_seq2seq(skeleton(model_dir, m=params.model))
+    examples = build_examples(rows, tokenizer, f.seq_len, seq2seq, f.source or data)  # before the model loads too
+    model = load_model(model_dir, params.model, on="cpu")
     base = folder_digest(model_dir)
     teacher = load_teacher(teacher_dir, params.model) if teacher_dir else None
     taught = {"teacher": teacher_dir, "teacher_digest": folder_digest(teacher_dir)} if teacher_dir else {}
-    checkpoints = CHECKPOINTS / checkpoint_key(base, f, data, taught.get("teacher_digest", ""))
+    checkpoints = CHECKPOINTS / checkpoint_key(base, code_digest(__file__), f, data, taught.get("teacher_digest", ""))
     merged, summary = train(model, tokenizer, examples, f, checkpoints, teacher=teacher)
     summary |= taught
     if merged is not None:  # rank 0: the one process that holds the gathered model
@@ -66,7 +74,7 @@ def main(params: Params, model_dir: str, data: str, dense_dir: str, out_dir: str
             "data_sha256": "" if f.source else sha256_file(data),
         }
         card = partial(model_card, finetune_record(model_dir, f, summary | provenance, merged))
-        save_model(merged, load_tokenizer(model_dir), out_dir, card=card)
+        save_model(merged, load_tokenizer(model_dir, params.model), out_dir, card=card)
         write_json(summary | {"base_digest": base, "model_digest": folder_digest(out_dir)}, metrics_out)
         remove_checkpoints(checkpoints)
         log.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v}" for k, v in summary.items()))

@@ -1,7 +1,7 @@
 """Stage prepare_model: the base model as a Hugging Face folder (safetensors + tokenizer)."""
 
 from nirvana.io import log
-from nirvana.modeling import check_name, load_base
+from nirvana.modeling import load_base
 from nirvana.models import get_adapter
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -9,7 +9,6 @@ from nirvana.surgery import save_model
 
 
 def main(params: Params, out_dir: str) -> None:
-    check_name(params.model.name_or_path)
     log.info("loading %s", params.model.name_or_path)
     model, tokenizer = load_base(params.model)
     get_adapter(model.config)  # an unsupported architecture fails here, not three stages later

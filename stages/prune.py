@@ -41,7 +41,7 @@ def main(
     choices = pd.read_parquet(plans)
     calibrated, selected = calibration_record(calibration, candidates), selection_record(params, choices)
     record = prune_record(chosen(params, choices), model_dir, model, metrics, calibrated, selected)
-    save_model(model, load_tokenizer(model_dir), out_dir, card=partial(model_card, record))
+    save_model(model, load_tokenizer(model_dir, params.model), out_dir, card=partial(model_card, record))
     # which model this run made: `nirvana report` credits evaluate's numbers only to the model they measured
     write_json(metrics | {"model_digest": folder_digest(out_dir)}, metrics_out)
     log.info(

@@ -11,7 +11,7 @@ from nirvana.allocation import check_reachable
 from nirvana.calibration import candidate_pool, resume_key, select, summary
 from nirvana.checks import check_calibration
 from nirvana.data import read_texts
-from nirvana.io import folder_digest, log, sha256_file, write_json, write_parquet
+from nirvana.io import code_digest, folder_digest, log, sha256_file, write_json, write_parquet
 from nirvana.modeling import load_model, load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
@@ -25,12 +25,14 @@ def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, tabl
     c = params.calibration
     user_file = pool if Path(pool).resolve() != Path(builtin).resolve() else None
     check_calibration(c, model_dir, user_file)
-    check_reachable(skeleton(model_dir, params.attention.granularity), params)
-    windows, kl_windows = candidate_pool(c, load_tokenizer(model_dir), read_texts(builtin), user_file)
+    check_reachable(skeleton(model_dir, params.attention.granularity, params.model), params)
+    tokenizer, overlap = load_tokenizer(model_dir, params.model), params.data.overlap_ngram
+    windows, kl_windows = candidate_pool(c, tokenizer, read_texts(builtin), user_file, overlap_ngram=overlap)
     model, checkpoints = None, None  # one candidate: nothing to search, nothing to resume
     if c.candidates > 1:
         model = load_model(model_dir, params.model, granularity=params.attention.granularity)
-        checkpoints = CHECKPOINTS / resume_key(folder_digest(model_dir), windows, kl_windows, params)
+        code = code_digest(__file__)
+        checkpoints = CHECKPOINTS / resume_key(folder_digest(model_dir), code, windows, kl_windows, params)
     selected, table = select(model, windows, kl_windows, params, user_file is not None, checkpoints)
     table["pool"] = c.source or pool  # provenance, read into the model card by prune
     table["pool_sha256"] = "" if c.source else sha256_file(pool)

@@ -10,14 +10,14 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nirvana.finetune import rebuild, trainable
-from nirvana.params import FinetuneParams
+from nirvana.params import FinetuneParams, defaults
 from nirvana.surgery import save_model
 
 
 def student(folder: str, adapter: str) -> torch.nn.Module:
     """The pruned model as `train` wraps it, every trainable weight moved as a training run would move it."""
     torch.manual_seed(1)  # LoRA's A matrices start random
-    model = trainable(AutoModelForCausalLM.from_pretrained(folder), FinetuneParams(adapter=adapter))
+    model = trainable(AutoModelForCausalLM.from_pretrained(folder), defaults(FinetuneParams, adapter=adapter))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -37,7 +37,7 @@ def main(folder: str, adapter: str, out: str) -> None:
     state = get_model_state_dict(model, options=options)
     if dist.get_rank() == 0:
         assert sharded == "DTensor", sharded
-        rebuilt = rebuild(config, state, FinetuneParams(adapter=adapter), dtype)
+        rebuilt = rebuild(config, state, defaults(FinetuneParams, adapter=adapter), dtype)
         save_model(rebuilt, AutoTokenizer.from_pretrained(folder), out)
     dist.barrier()
     dist.destroy_process_group()

@@ -20,7 +20,7 @@ from nirvana.allocation import (
     standardise,
     uniform_counts,
 )
-from nirvana.params import METHODS, AllocationParams, Params
+from nirvana.params import METHODS, AllocationParams, Params, defaults
 
 LAYERS, HEADS, CHANNELS = 6, 4, 64
 A, M = 1000, 30  # parameters per attention unit and per MLP channel
@@ -67,6 +67,24 @@ def test_removes_the_requested_share_within_one_unit(sparsity: float) -> None:
     gone = plan[~plan.keep]
     assert (gone.module == "attn").sum() == round(p_a * LAYERS * HEADS)
     assert (gone.module == "mlp").sum() == round(p_m * LAYERS * CHANNELS)
+
+
+@pytest.mark.parametrize("multiple", [1, 2])
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 1.0])
+def test_attention_cap_gives_the_rest_to_the_mlp(gamma: float, multiple: int) -> None:
+    """At low gamma attention would remove more than its removable share (each layer keeps its best
+    unit, or block): the MLP takes the rest, so the budget is met to one unit."""
+    sparsity = 0.5
+    plan = allocate(scores(seed=5), sparsity, gamma, A, M, mlp_multiple=1, attn_multiple=multiple)
+    target = sparsity * (A * LAYERS * HEADS + M * LAYERS * CHANNELS)
+    assert removed_params(plan) == pytest.approx(target, abs=A * multiple / 2 + M)
+    assert (layer_widths(plan).attn_kept >= multiple).all()
+
+
+def test_fractions_clip_attention_and_give_the_rest_to_the_mlp() -> None:
+    p_a, p_m = pool_fractions(0.5, 0.5, A, 24, M, 384, attn_cap=0.5)
+    assert p_a == 0.5
+    assert A * 24 * p_a + M * 384 * p_m == pytest.approx(0.5 * (A * 24 + M * 384))
 
 
 def test_lowest_scores_go_first() -> None:
@@ -226,11 +244,12 @@ def test_llm_pruner_refuses_a_band_past_the_model_or_a_sparsity_it_cannot_reach(
 
     model = tiny_llama("gqa")  # 2 layers
     with pytest.raises(InputError, match=r"allocation.band = \[0, 3\] ends past this model's 2 layers"):
-        check_reachable(model, Params(method="taylor", allocation=AllocationParams(band=[0, 3])))
-    half = Params(method="taylor", sparsity=0.4, allocation=AllocationParams(band=[1, 2]))
+        check_reachable(model, defaults(Params, method="taylor", allocation=defaults(AllocationParams, band=[0, 3])))
+    tiny = defaults(AllocationParams, mlp_multiple=8)  # the tiny model has 40 MLP channels a layer
+    half = defaults(Params, method="taylor", sparsity=0.4, allocation=defaults(AllocationParams, band=[1, 2]))
     with pytest.raises(InputError, match=r"sparsity = 0.4 is unreachable.*only layers 1-1 are pruned"):
         check_reachable(model, half)
-    check_reachable(model, Params(method="taylor", sparsity=0.4))  # the default band: both layers
+    check_reachable(model, defaults(Params, method="taylor", sparsity=0.4, allocation=tiny))  # the default band
 
 
 def test_standardise_per_layer_and_module() -> None:
@@ -285,7 +304,8 @@ def test_flap_keeps_one_unit_and_a_block_per_layer_at_extreme_sparsity() -> None
     ],
 )
 def test_a_null_mode_means_the_methods_own_allocation(method: str, mode: str | None, expected: str) -> None:
-    assert allocation_mode(Params(method=method, allocation=AllocationParams(mode=mode))) == expected
+    params = defaults(Params, method=method, allocation=defaults(AllocationParams, mode=mode))
+    assert allocation_mode(params) == expected
     assert set(METHODS) >= set(METHOD_MODES) and set(AllocationParams.MODES) >= set(METHOD_MODES.values())
 
 

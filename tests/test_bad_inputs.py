@@ -17,13 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
 import pandas as pd
 import pytest
 import yaml
+from test_determinism import dvc_env, lock_outs, read_lock, tiny_checkout
+from test_pipeline import sh, stages_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
-from nirvana.checks import check_model, check_windows
+from nirvana.checks import check_model, check_model_name, check_windows
 from nirvana.errors import InputError
 from nirvana.stage import run_stage
 from nirvana.surgery import prune_model
@@ -36,6 +39,7 @@ SMALL = {
     "evaluate": {"windows": [32], "max_tokens": 256, "tasks": ["piqa"], "limit": 4},
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
     "allocation": {"mlp_multiple": 8},  # the tiny model has 40 MLP channels a layer
+    "export": {"prompt_len": 16, "new_tokens": 4},
 }
 MINE = "data/calibration/mine.parquet"  # a user calibration file (calibration.path)
 ALPACA = "data/finetune/alpaca.jsonl"  # a user fine-tuning file (finetune.path)
@@ -43,7 +47,8 @@ DEFAULT_PATHS = {"calibration.path": "pool.parquet", "finetune.path": "pool.parq
 
 # stage -> its input paths and output paths (all outputs under out/, so "nothing written" is one check)
 STAGES = {
-    "check_params": ([], ["out/params_schema.json", "out/environment.json"]),
+    "check_params": ([], ["out/params_checked.json", "out/params_schema.json", "out/environment.json"]),
+    "check_inputs": (["model", "{calibration.path}", "{finetune.path}"], ["out/inputs_checked.json"]),
     "allocate_sparsity": (
         ["model", "calibration.parquet", "pool.parquet", "candidates.parquet", "saliency.parquet"],
         ["out/plan.parquet", "out/plans.parquet", "out/plan.json", "out/widths.csv"],
@@ -296,10 +301,10 @@ CASES = [
         ["calibration.select_at_sparsity = 0.9 is unreachable", "at most 0.6956"],
         {"calibration.select_at_sparsity": 0.9},
     ),
-    # the model name: no hub is reachable in the tests (HF_HUB_OFFLINE)
+    # the model name: no hub is reachable in the tests (HF_HUB_OFFLINE); checked before DVC deletes the base model
     Case(
         "misspelt_model_name",
-        "prepare_model",
+        "check_params",
         ["model.name_or_path = 'smollm2-135'", "did you mean 'smollm2-135m'?", "HF_HUB_OFFLINE"],
         {"model.name_or_path": "smollm2-135"},
     ),
@@ -347,6 +352,49 @@ CASES = [
         {"finetune.loss": "kd", "finetune.teacher": "teacher"},
         lambda repo: other_vocabulary_teacher(repo / "teacher"),
     ),
+]
+
+
+# check_inputs: every check above of a stage after prepare_model that a value can fail, run before any of them
+CASES += [
+    Case(f"{case.name}_checked_first", "check_inputs", case.culprit, case.params, case.spoil)
+    for case in CASES
+    if case.name
+    in (
+        "calibration_seq_len_beyond_context",
+        "evaluate_window_beyond_context",
+        "finetune_seq_len_beyond_context",
+        "efficiency_run_beyond_context",
+        "too_short_calibration_text",
+        "out_of_vocabulary_calibration_ids",
+        "unreachable_sparsity",
+        "unreachable_selection_sparsity",
+        "llm_pruner_band_past_the_model",
+        "teacher_of_another_vocabulary",
+    )
+]
+CASES += [
+    Case(
+        "export_run_beyond_context",
+        "check_inputs",
+        ["export.prompt_len + export.new_tokens = 66", "context of 64"],
+        {"export.prompt_len": 62},
+    ),
+    Case(
+        "finetune_file_without_rows",
+        "check_inputs",
+        ["data/finetune/empty.parquet: no rows"],
+        {"finetune.path": "data/finetune/empty.parquet"},
+        lambda repo: pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(repo / "data/finetune/empty.parquet"),
+    ),
+    Case(  # a ValueError traceback from the model adapter in select_calibration before
+        "query_heads_without_grouped_query_attention",
+        "check_inputs",
+        ["attention.granularity = 'query_head'", "needs grouped-query attention"],
+        {"attention.granularity": "query_head"},
+        lambda repo: tiny_model_dir(repo / "model", "mha"),
+    ),
+    Case("zero_shot_task_twice", "check_inputs", ["evaluate.tasks", "repeated"], {"evaluate.tasks": ["piqa"] * 2}),
 ]
 
 
@@ -483,3 +531,69 @@ def test_a_wrong_model_name_asks_the_hub_once_and_fails_in_seconds() -> None:
         "model.name_or_path = 'smollm2-135' is not an embedded model (did you mean 'smollm2-135m'?"
     )
     assert "the Hub cannot be reached (" in message, message
+
+
+def test_a_model_in_the_hub_cache_passes_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_params asks about model.name_or_path on every change of params.yaml: a Hub model already downloaded
+    passes without the Hub, as prepare_model loads it from the cache; a name the cache lacks still fails."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "snapshots/abc").mkdir(parents=True)
+    (repo / "snapshots/abc/config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text("abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    check_model_name("org/tiny")
+    with pytest.raises(InputError, match=r"^model.name_or_path = 'org/other' .* \(HF_HUB_OFFLINE is set\)$"):
+        check_model_name("org/other")
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline of tests/test_determinism.py, reproduced and committed: a user's last run."""
+    repo = tiny_checkout(tmp_path_factory.mktemp("pipeline"), tiny_model_dir(tmp_path_factory.mktemp("tiny_model")))
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "run")
+    return repo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "key,value,stage",
+    [
+        ("calibration.seq_len", 1000000, "check_inputs"),  # was refused by select_calibration, its outputs gone
+        ("evaluate.windows", [100], "check_inputs"),  # evaluate@dense, which no other stage orders
+        ("sparsity", 0.95, "check_inputs"),  # unreachable
+        ("model.name_or_path", "smollm2-135", "check_params"),  # was refused by prepare_model, the base model gone
+    ],
+)
+def test_a_refused_value_deletes_no_output(reproduced: Path, key: str, value: object, stage: str) -> None:
+    """A value that a stage after the checks would refuse stops `dvc repro` in one line naming it, before any
+    other stage that owns outputs runs with it: their outputs and git-tracked metrics stay (issue 36, finding 8)."""
+    params = (reproduced / "params.yaml").read_text()
+    changed = yaml.safe_load(params)
+    *parents, name = key.split(".")
+    node = changed
+    for parent in parents:
+        node = node[parent]
+    node[name] = value
+    (reproduced / "params.yaml").write_text(yaml.safe_dump(changed))
+    try:
+        done = subprocess.run(
+            ["dvc", "repro"], cwd=reproduced, env=dvc_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True
+        )
+        log = done.stdout + done.stderr
+        assert done.returncode != 0 and "Traceback" not in log, log[-3000:]
+        refusals = [line for line in log.splitlines() if line.startswith(f"[{stage}] ") and key in line]
+        assert len(refusals) == 1 and f"failed to reproduce '{stage}'" in log, log[-3000:]
+        assert stages_run(log) == {"check_params", stage}
+        # the checks' own outputs persist (DVC leaves them while the stage runs): nothing is gone
+        gone = {(owner, path) for owner, path in lock_outs(read_lock(reproduced)) if not (reproduced / path).exists()}
+        assert not gone, gone
+        tracked = sh(reproduced, "git", "status", "--porcelain", "metrics", "plots").splitlines()
+        assert tracked == [], tracked
+    finally:  # the last run as it was, for the next case
+        (reproduced / "params.yaml").write_text(params)
+        sh(reproduced, "git", "checkout", "--", "metrics")
+        sh(reproduced, "dvc", "checkout")

@@ -1,9 +1,13 @@
 """KL calibration selection: the KL itself, the search, and calibration data users bring."""
 
 import copy
+import dataclasses
 import hashlib
+import importlib.util
+import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +17,10 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
-from nirvana.calibration import select
+from nirvana.calibration import draw, select
 from nirvana.card import calibration_record
-from nirvana.params import CalibrationParams, Params
+from nirvana.errors import InputError
+from nirvana.params import AllocationParams, CalibrationParams, Params, defaults
 from nirvana.selection import kl_to_reference, log_probs
 from nirvana.surgery import prune_model
 
@@ -40,7 +45,13 @@ def test_kl_matches_a_direct_computation_and_chunking_changes_nothing() -> None:
 
 def test_search_picks_the_candidate_with_the_lowest_kl() -> None:
     pool = torch.randint(0, 64, (40, 8), generator=torch.Generator().manual_seed(3))
-    params = Params(sparsity=0.4, calibration=CalibrationParams(num_samples=4, candidates=4, kl_batch_size=4))
+    params = defaults(
+        Params,
+        sparsity=0.4,
+        gamma=3.0,
+        allocation=defaults(AllocationParams, mlp_multiple=8),
+        calibration=defaults(CalibrationParams, num_samples=4, candidates=4, kl_batch_size=4),
+    )
     windows, table = select(tiny_llama("gqa"), pool, KL_WINDOWS, params)
     assert table["kl"].nunique() == 4 and table["seed"].tolist() == [0, 1, 2, 3]
     winner = table.loc[table.selected].iloc[0]
@@ -50,7 +61,7 @@ def test_search_picks_the_candidate_with_the_lowest_kl() -> None:
 
 def test_one_candidate_is_a_seeded_draw_without_a_model() -> None:
     pool = torch.arange(200).view(20, 10)
-    params = Params(calibration=CalibrationParams(num_samples=5, candidates=1, seed=7))
+    params = defaults(Params, calibration=defaults(CalibrationParams, num_samples=5, candidates=1, seed=7))
     first, table = select(None, pool, KL_WINDOWS, params)
     again, _ = select(None, pool, KL_WINDOWS, params)
     assert torch.equal(first, again) and first.shape == (5, 10) and table.selected.all()
@@ -123,3 +134,63 @@ def test_bad_calibration_params_stop_before_any_work(repo: Path, calibration: di
     done = run_select_stage(repo, calibration)
     assert done.returncode != 0 and message in done.stderr
     assert not (repo / "out").exists()
+
+
+def load_stage(name: str) -> types.ModuleType:
+    """A stage script as a module, to run its `main` in this process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"stages/{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SEARCH = defaults(
+    CalibrationParams, num_samples=4, seq_len=16, candidates=2, kl_samples=8, kl_seq_len=16, kl_batch_size=4
+)
+TINY_MLP = defaults(AllocationParams, mlp_multiple=8)  # the tiny model has 40 MLP channels a layer
+OUTS = ("out/calibration.parquet", "out/candidates.parquet", "out/calibration.json")
+
+
+def test_a_search_resumes_only_rows_written_by_the_same_code(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search interrupted before a code change must not resume its rows after it: a planted row (kl -1) is
+    resumed by the same code only."""
+    stage, params = load_stage("select_calibration"), defaults(Params, calibration=SEARCH, allocation=TINY_MLP)
+    monkeypatch.chdir(repo)
+
+    def run(code: str) -> pd.DataFrame:
+        monkeypatch.setattr(stage, "code_digest", lambda script: code)
+        stage.main(params, "model", "pool.parquet", "pool.parquet", *OUTS)
+        return pd.read_parquet(OUTS[1])
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # stopped once every candidate's row is saved, before any output
+        patch.setattr(stage, "write_parquet", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run("old")
+    (folder,) = (repo / "checkpoints/select_calibration").iterdir()
+    row = json.loads((folder / "candidate-0.json").read_text())
+    (folder / "candidate-0.json").write_text(json.dumps(row | {"kl": -1.0}))
+    assert (run("new")["kl"] > 0).all()  # computed afresh
+    assert run("old")["kl"].tolist()[0] == -1.0  # the planted row, resumed by the code that wrote it
+    assert not any((repo / "checkpoints/select_calibration").iterdir())
+
+
+def test_more_samples_than_windows_stop_the_stage_in_one_line_before_any_work(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage = load_stage("select_calibration")
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(stage, "load_model", None)  # never reached
+    params = defaults(Params, calibration=dataclasses.replace(SEARCH, num_samples=5000), allocation=TINY_MLP)
+    with pytest.raises(InputError) as err:
+        stage.main(params, "model", "pool.parquet", "pool.parquet", *OUTS)
+    message = str(err.value)
+    assert message.startswith("params: calibration.num_samples = 5000 exceeds the ") and "\n" not in message
+    available = int(message.split("exceeds the ")[1].split()[0])
+    assert 0 < available < 5000
+    assert not (repo / "out").exists() and not (repo / "checkpoints").exists()
+    with pytest.raises(InputError, match=r"^params: calibration\.num_samples = 6 exceeds the 5 windows"):
+        draw(torch.zeros(5, 4), 6, seed=0)

@@ -31,7 +31,7 @@ from nirvana.card import (
     verify_folder,
 )
 from nirvana.cli import main as cli
-from nirvana.params import FinetuneParams, ModelParams, Params
+from nirvana.params import FinetuneParams, ModelParams, Params, defaults
 from nirvana.surgery import layer_units, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-PARAMS = Params(gamma="auto", model=ModelParams(name_or_path=BASE))
+PARAMS = defaults(Params, gamma="auto", model=defaults(ModelParams, name_or_path=BASE))
 PLANS = pd.DataFrame(
     {
         "method": ["nirvana", "nirvana"],
@@ -228,7 +228,7 @@ def test_zero_step_finetune_writes_a_card_for_the_copy(repo: Path, capsys: pytes
         "outputs/finetuned_model",
         "metrics/finetune.json",
     )
-    stage(repo, "finetune", Params(finetune=FinetuneParams(steps=0)), *paths)
+    stage(repo, "finetune", defaults(Params, finetune=defaults(FinetuneParams, steps=0)), *paths)
     pruned, tuned = repo / "outputs/pruned_model", repo / "outputs/finetuned_model"
     for path in pruned.iterdir():
         assert path.name == CARD or (tuned / path.name).read_bytes() == path.read_bytes()
@@ -249,13 +249,15 @@ def test_tuned_card_of_a_pruned_folder_without_one_says_what_is_unknown(repo: Pa
         model,
         AutoTokenizer.from_pretrained(pruned),
         tmp_path / "tuned",
-        card=partial(model_card, finetune_record(pruned, FinetuneParams(steps=3), summary, model), cwd=tmp_path),
+        card=partial(
+            model_card, finetune_record(pruned, defaults(FinetuneParams, steps=3), summary, model), cwd=tmp_path
+        ),
     )
     meta = read_card(tmp_path / "tuned")
     card = meta["nirvana"]
     assert "base_model" not in meta and {"lora", "fine-tuned"} <= set(meta["tags"])
     assert card["pruned_model"]["card"] is None and card["layers"] == layer_units(model)
-    assert card["finetune"] == summary | {"params": dataclasses.asdict(FinetuneParams(steps=3))}
+    assert card["finetune"] == summary | {"params": dataclasses.asdict(defaults(FinetuneParams, steps=3))}
     assert card["code"] == code_state("finetune") and card["dvc_lock"]["sha256"] is None
     text = (tmp_path / "tuned" / CARD).read_text()
     assert "Unknown: the pruned model this was fine-tuned from had no model card" in text
@@ -309,11 +311,10 @@ def test_the_card_names_llm_pruners_band_of_pruned_layers() -> None:
     from nirvana.card import allocation_label
     from nirvana.params import AllocationParams, Params
 
-    assert allocation_label(Params(method="taylor"), 30) == "llm_pruner (layers 4-27)"
-    assert allocation_label(Params(method="taylor", allocation=AllocationParams(band=[1, 3])), 30) == (
-        "llm_pruner (layers 1-2)"
-    )
-    assert allocation_label(Params(method="wanda_sp"), 30) == "uniform"
+    assert allocation_label(defaults(Params, method="taylor"), 30) == "llm_pruner (layers 4-27)"
+    banded = defaults(Params, method="taylor", allocation=defaults(AllocationParams, band=[1, 3]))
+    assert allocation_label(banded, 30) == "llm_pruner (layers 1-2)"
+    assert allocation_label(defaults(Params, method="wanda_sp"), 30) == "uniform"
 
 
 def test_the_lock_hash_of_a_card_leads_to_the_commit_that_made_it(tmp_path: Path) -> None:
@@ -352,7 +353,7 @@ def test_a_distilled_full_fine_tune_says_so_in_its_card(repo: Path, tmp_path: Pa
     """The card's title and tags name the recipe: every weight trained, distilled from the teacher, whose digest
     is recorded."""
     pruned = repo / "outputs/pruned_model"
-    f = FinetuneParams(steps=3, adapter="full", loss="kd")
+    f = defaults(FinetuneParams, steps=3, adapter="full", loss="kd")
     summary = {"steps": 3, "loss": "kd", "adapter": "full", "teacher": "outputs/base_model", "teacher_digest": "ab"}
     text = model_card(finetune_record(pruned, f, summary, None), pruned, cwd=repo)
     assert "## Fine-tuning (every weight; distilled from the teacher)" in text

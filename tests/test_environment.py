@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from nirvana.audit import (
     RTOL,
@@ -77,11 +78,15 @@ def test_a_pin_after_torch_computed_stops_with_one_line() -> None:
 
 def test_the_cpu_params_are_checked(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    for bad, key in (("{cpu: {kernels: fast}}", "cpu.kernels"), ("{cpu: {threads: 0}}", "cpu.threads")):
-        params.write_text(bad)
+    committed = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    for cpu, key in (
+        ({"kernels": "fast", "threads": 2}, "cpu.kernels"),
+        ({"kernels": "native", "threads": 0}, "cpu.threads"),
+    ):
+        params.write_text(yaml.safe_dump(committed | {"cpu": cpu}))
         with pytest.raises(ParamError, match=key.replace(".", r"\.")):
             load_params(params)
-    params.write_text("{cpu: {threads: null}}")
+    params.write_text(yaml.safe_dump(committed | {"cpu": {"kernels": "portable", "threads": None}}))
     assert load_params(params).cpu.threads is None and load_params(params).cpu.kernels == "portable"
 
 

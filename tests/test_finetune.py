@@ -5,10 +5,12 @@ launch`, and the pass-through."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -26,20 +28,23 @@ from nirvana.finetune import (
     RecoveryTrainer,
     add_lora,
     build_examples,
+    check_launch_precision,
     check_sharded_saving,
     distillation_loss,
     instruction_example,
+    precision,
     rebuild,
     target_modules,
     train,
     training_args,
 )
 from nirvana.io import folder_digest
-from nirvana.params import FinetuneParams
+from nirvana.models import GRANULARITY_KEY
+from nirvana.params import FinetuneParams, ParamError, Params, defaults, load_params
 from nirvana.surgery import prune_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = FinetuneParams(steps=6, seq_len=16, batch_size=2, warmup_steps=1, save_steps=2, lr=1e-2)
+TINY = defaults(FinetuneParams, steps=6, seq_len=16, batch_size=2, warmup_steps=1, save_steps=2, lr=1e-2)
 
 
 @pytest.fixture
@@ -92,11 +97,6 @@ def test_instruction_prompt_is_masked_out_of_the_loss(pruned_dir: Path) -> None:
     assert learned == answer and example["input_ids"][-3:] == answer
     assert len(example["labels"]) == len(example["input_ids"])
     assert example["labels"][: -len(answer)] == [IGNORE] * (len(example["input_ids"]) - len(answer))
-
-
-def test_unknown_columns_are_refused(pruned_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"instruction\+output or text.*prompt"):
-        build_examples(pd.DataFrame({"prompt": ["w1"]}), AutoTokenizer.from_pretrained(pruned_dir), 16)
 
 
 class Interrupt(TrainerCallback):
@@ -165,7 +165,7 @@ def test_the_trainer_mixes_distillation_and_next_token_loss(pruned_dir: Path, tm
     """RecoveryTrainer's loss on a batch with masked positions: kd_alpha x KL + (1 - kd_alpha) x cross-entropy."""
     f = dataclasses.replace(TINY, loss="mix", kd_alpha=0.3, kd_temperature=2.0)
     student, teacher = AutoModelForCausalLM.from_pretrained(pruned_dir), frozen_teacher(pruned_dir, f)
-    trainer = RecoveryTrainer(f=f, teacher=teacher, model=student, args=training_args(f, tmp_path))
+    trainer = RecoveryTrainer(f=f, teacher=teacher, model=student, args=training_args(f, tmp_path, student.dtype))
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :4] = IGNORE  # a prompt
@@ -352,3 +352,153 @@ def test_rebuilt_model_keeps_its_computed_buffers_with_its_weights() -> None:
     rebuilt = rebuild(model.config, state, dataclasses.replace(TINY, adapter="full"), model.dtype)
     assert [name for name, _ in rebuilt.named_buffers()]  # there is something to place
     assert {b.device.type for b in rebuilt.buffers()} == {p.device.type for p in rebuilt.parameters()} == {"meta"}
+
+
+NO_AMP = {"use_cpu": False, "bf16": False, "fp16": False}
+
+
+@pytest.mark.parametrize(
+    "dtype,device,flags",
+    [
+        (torch.float32, "cuda", NO_AMP),  # float32 trains in float32, even where the GPU has bf16
+        (torch.bfloat16, "cuda", NO_AMP | {"bf16": True}),
+        (torch.float16, "cuda", NO_AMP | {"fp16": True}),  # autocast with loss scaling
+        (torch.float32, "cpu", NO_AMP | {"use_cpu": True}),
+        (torch.bfloat16, "cpu", NO_AMP | {"use_cpu": True, "bf16": True}),
+    ],
+)
+def test_training_precision_follows_model_dtype(dtype: torch.dtype, device: str, flags: dict) -> None:
+    assert precision(dtype, device) == flags
+
+
+def test_float16_on_the_cpu_is_refused_and_the_trainer_takes_the_flags(tmp_path: Path) -> None:
+    """accelerate scales the loss only on a GPU: fp16 gradients on the CPU would underflow unscaled."""
+    with pytest.raises(InputError, match=r"^params: model\.dtype = 'float16' cannot fine-tune on the CPU"):
+        precision(torch.float16, "cpu")
+    bf16, fp32 = training_args(TINY, tmp_path, torch.bfloat16), training_args(TINY, tmp_path, torch.float32)
+    assert (bf16.bf16, bf16.fp16, bf16.use_cpu) == (True, False, True)
+    assert (fp32.bf16, fp32.fp16, fp32.mixed_precision) == (False, False, "no")
+
+
+def test_lora_over_float16_weights_trains_float32_adapters() -> None:
+    """What makes fp16 with loss scaling sound: the gradients the scaler unscales are those of float32 adapters."""
+    model = add_lora(tiny_llama(dtype=torch.float16), TINY)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.float16}
+
+
+def yaml_params(tmp_path: Path, dtype: str, finetune: dict) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["dtype"] = dtype
+    raw["finetune"] |= finetune
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "params.yaml"
+
+
+def test_a_float16_full_fine_tune_is_refused_with_the_params(tmp_path: Path) -> None:
+    with pytest.raises(ParamError, match=r"^params: finetune\.adapter = 'full' is invalid; .*model\.dtype = 'float16'"):
+        load_params(yaml_params(tmp_path, "float16", {"adapter": "full"}))
+    assert load_params(yaml_params(tmp_path, "float16", {"adapter": "lora"})).finetune.adapter == "lora"
+    assert load_params(yaml_params(tmp_path, "bfloat16", {"adapter": "full"})).model.dtype == "bfloat16"
+    assert load_params(yaml_params(tmp_path, "float16", {"adapter": "full", "steps": 0})).finetune.steps == 0
+
+
+def test_lora_adapts_every_projection_at_query_head_granularity() -> None:
+    """query_head units own q and o slices only; the adapters still go on k_proj and v_proj."""
+    model = tiny_llama(num_attention_heads=4, num_key_value_heads=2)
+    setattr(model.config, GRANULARITY_KEY, "query_head")
+    prune_model(model, random_plan(model, seed=0, drop=0.9))
+    attention = [layer.self_attn for layer in model.model.layers]
+    assert any(a.q_proj.out_features < 16 for a in attention) and all(a.k_proj.out_features == 8 for a in attention)
+    expected = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert target_modules(model) == expected
+    adapted = {name.rsplit(".", 1)[-1] for name, m in add_lora(model, TINY).named_modules() if hasattr(m, "lora_A")}
+    assert sorted(adapted) == expected
+
+
+def load_stage(name: str) -> types.ModuleType:
+    """A stage script as a module, to run its `main` in this process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"stages/{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+OUTS = ("out/finetuned", "out/finetune.json")
+
+
+def test_a_fine_tune_resumes_only_a_checkpoint_of_the_same_code(pruned_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    repo, stage = pruned_dir.parent, load_stage("finetune")
+    text_rows(40).to_parquet(repo / "corpus.parquet")
+    params = defaults(Params, finetune=dataclasses.replace(TINY, steps=4))
+    monkeypatch.chdir(repo)
+
+    def run(code: str) -> int:
+        monkeypatch.setattr(stage, "code_digest", lambda script: code)
+        stage.main(params, "pruned", "corpus.parquet", "dense", *OUTS)
+        return json.loads((repo / OUTS[1]).read_text())["resumed_from_step"]
+
+    with monkeypatch.context() as patch:  # the checkpoint of step 2 stays, as after a kill
+        patch.setattr(stage, "remove_checkpoints", lambda folder: None)
+        assert run("old") == 0
+    assert run("new") == 0  # not the old code's checkpoint
+    assert run("old") == 2  # which the old code resumes
+
+
+def test_unknown_columns_are_refused(pruned_dir: Path) -> None:
+    with pytest.raises(InputError, match=r"^mine\.jsonl: needs columns instruction and output .*; has prompt$"):
+        build_examples(
+            pd.DataFrame({"prompt": ["w1"]}), AutoTokenizer.from_pretrained(pruned_dir), 16, False, "mine.jsonl"
+        )
+
+
+def test_data_without_an_example_stops_the_stage_in_one_line_before_the_model_loads(
+    pruned_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every prompt longer than finetune.seq_len leaves no answer token to learn."""
+    repo, stage = pruned_dir.parent, load_stage("finetune")
+    prompt = " ".join(["w1"] * 40)
+    pd.DataFrame({"instruction": [prompt, prompt], "output": ["w2", "w3"]}).to_parquet(repo / "long.parquet")
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(stage, "load_model", None)  # never reached
+    with pytest.raises(InputError) as err:
+        stage.main(defaults(Params, finetune=TINY), "pruned", "long.parquet", "dense", *OUTS)
+    message = str(err.value)
+    assert message.startswith("long.parquet: no example with a token to learn") and "\n" not in message
+    assert "finetune.seq_len = 16" in message
+    assert not (repo / "out").exists() and not (repo / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("loss,teacher", [("kd", False), ("lm", True)])
+def test_a_loss_without_its_teacher_is_a_param_error(pruned_dir: Path, tmp_path: Path, loss: str, teacher: bool):
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(pruned_dir), AutoTokenizer.from_pretrained(pruned_dir)
+    examples, f = build_examples(text_rows(), tokenizer, 16), dataclasses.replace(TINY, loss=loss)
+    with pytest.raises(ParamError, match=rf"^params: finetune\.loss = '{loss}' "):
+        train(model, tokenizer, examples, f, tmp_path, teacher=model if teacher else None)
+    assert not (tmp_path / "checkpoint-2").exists()
+
+
+@pytest.mark.parametrize(
+    "dtype,launched,stops",
+    [
+        (torch.float32, None, False),  # plain python
+        (torch.float32, "no", False),
+        (torch.float32, "bf16", True),  # Trainer would autocast the float32 weights to bf16
+        (torch.bfloat16, "bf16", False),
+        (torch.float16, "fp16", False),
+        (torch.bfloat16, "fp16", True),
+    ],
+)
+def test_a_launcher_precision_other_than_model_dtype_is_refused(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, launched: str | None, stops: bool
+) -> None:
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if launched is not None:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    if stops:
+        with pytest.raises(InputError, match=rf"^finetune\.launch: accelerate's mixed_precision is {launched}, but "):
+            check_launch_precision(dtype)
+    else:
+        check_launch_precision(dtype)

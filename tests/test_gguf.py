@@ -533,6 +533,58 @@ def test_failure_midway_leaves_nothing(project: Path, monkeypatch: pytest.Monkey
     assert nothing_written(project)
 
 
+def run_export_stage(project: Path, monkeypatch: pytest.MonkeyPatch, folder: Path) -> dict:
+    """stages/export_gguf.py on `folder` as dense, pruned and fine-tuned model; its manifest."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_gguf", Path(__file__).parents[1] / "stages/export_gguf.py")
+    assert spec is not None and spec.loader is not None
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    shutil.copy(Path(__file__).parents[1] / "params.yaml", project / "params.yaml")
+    monkeypatch.setattr(sys, "argv", ["export_gguf.py", str(folder), str(folder), str(folder), "outputs/gguf"])
+    run_stage("export_gguf", stage.main)
+    return json.loads((project / "outputs/gguf/export.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["t5", "word-level tokenizer"])
+def test_export_stage_records_a_model_llama_cpp_cannot_run(
+    project: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from transformers import T5Config
+
+    if kind == "t5":
+        folder = project / "model"
+        folder.mkdir()
+        T5Config().save_pretrained(folder)
+        (folder / "model.safetensors").write_bytes(b"")
+        (folder / "tokenizer.json").write_text("{}")
+    else:
+        folder = tiny_model_dir(project / "model")
+    manifest = run_export_stage(project, monkeypatch, folder)
+    why = "architecture 't5' cannot be exported" if kind == "t5" else "only byte-level BPE tokenizers"
+    assert list(manifest) == ["unsupported"] and manifest["unsupported"].startswith(why)
+    assert [p.name for p in (project / "outputs/gguf").iterdir()] == ["export.json"]
+
+
+@pytest.mark.parametrize("broken", ["read_layers", "write_gguf"])
+def test_export_stage_fails_on_any_other_export_error(
+    project: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    """A regression in the checks or the writer stops the stage in one line, no manifest says "unsupported"."""
+    import nirvana.gguf
+
+    folder, _ = pruned_folder(project / "model")
+
+    def regression(*args: object) -> None:
+        raise ExportError(f"{broken} broke")
+
+    monkeypatch.setattr(nirvana.gguf, broken, regression)
+    with pytest.raises(SystemExit, match=rf"^\[export_gguf\] {broken} broke$"):
+        run_export_stage(project, monkeypatch, folder)
+    assert nothing_written(project)
+
+
 def test_cli_exports_and_reports_errors_in_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder, _ = pruned_folder(project / "model")
     main(["export", str(folder), "outputs/m.gguf", "--type", "q8_0"])

@@ -1,12 +1,16 @@
 """A bad parameter fails up front with a message that names the key, the value and what is allowed."""
 
+import dataclasses
+import importlib.util
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from nirvana.criteria import CRITERIA
-from nirvana.params import METHODS, AllocationParams, ParamError, load_params
+from nirvana.params import METHODS, AllocationParams, FinetuneParams, ParamError, Params, defaults, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +116,67 @@ def test_a_queued_run_names_a_file_left_untracked(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("DVC_ROOT", str(copy))  # a plain `dvc repro`: the file is simply missing
     with pytest.raises(ParamError, match=r"expected an existing file"):
         load_params(params)
+
+
+def dotted(tree: dict, prefix: str = "") -> dict[str, object]:
+    """params.yaml's keys, sections included, as check_params names them, with their values."""
+    found: dict[str, object] = {}
+    for key, value in tree.items():
+        found[f"{prefix}{key}"] = value
+        if isinstance(value, dict):
+            found |= dotted(value, f"{prefix}{key}.")
+    return found
+
+
+COMMITTED = yaml.safe_load((ROOT / "params.yaml").read_text())
+VALUES = {key: value for key, value in dotted(COMMITTED).items() if not isinstance(value, dict)}
+
+
+def test_deleting_any_key_fails_naming_it(tmp_path: Path) -> None:
+    """params.yaml is the one source of values: a deleted key, or section, is refused, not replaced by a default
+    that may differ from the committed value (issue 36, finding 9)."""
+    for key in dotted(COMMITTED):
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        *parents, name = key.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        del node[name]
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        with pytest.raises(ParamError, match=rf"^params: missing key {re.escape(key)}; params.yaml sets every key"):
+            load_params(tmp_path / "params.yaml")
+
+
+def test_the_dataclasses_hold_no_value() -> None:
+    params = load_params(ROOT / "params.yaml")
+    for part in [params, *(getattr(params, f.name) for f in dataclasses.fields(params))]:
+        if dataclasses.is_dataclass(part):
+            unset = (dataclasses.MISSING,) * 2
+            assert all((f.default, f.default_factory) == unset for f in dataclasses.fields(part)), type(part)
+
+
+def test_params_built_outside_a_stage_take_the_committed_values() -> None:
+    committed = load_params(ROOT / "params.yaml")
+    assert defaults(Params) == committed
+    assert defaults(FinetuneParams, steps=3) == dataclasses.replace(committed.finetune, steps=3)
+    with pytest.raises(ParamError, match=r"finetune.steps = -1 is invalid"):
+        defaults(FinetuneParams, steps=-1)
+
+
+def test_the_schema_gives_each_keys_type_and_the_value_this_run_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_params writes the committed values, not a second set of defaults; and the keys it checked, which the
+    stages it orders first depend on: they change with the code only."""
+    spec = importlib.util.spec_from_file_location("check_params", ROOT / "stages/check_params.py")
+    assert spec is not None and spec.loader is not None
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stage.main(load_params(ROOT / "params.yaml"), *(str(tmp_path / name) for name in ("keys", "schema", "env")))
+    schema = json.loads((tmp_path / "schema").read_text())
+    assert {key: entry["value"] for key, entry in schema.items()} == VALUES
+    assert schema["finetune.lr"] == {"type": "float", "value": COMMITTED["finetune"]["lr"]}
+    assert sorted(json.loads((tmp_path / "keys").read_text())["checked"]) == sorted(VALUES)
+    stage.main(defaults(Params, sparsity=0.5), *(str(tmp_path / name) for name in ("keys2", "schema2", "env2")))
+    assert (tmp_path / "keys2").read_bytes() == (tmp_path / "keys").read_bytes()

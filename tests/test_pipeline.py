@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -102,7 +103,9 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
         assert 0 <= metrics["acc_piqa"] <= 1 and metrics["acc_average"] == metrics["acc_piqa"]
     efficiency = json.loads((repo / "metrics/efficiency.json").read_text())
     timed = json.loads((repo / "timings/compare.json").read_text())
-    assert 1 < efficiency["speedup_ideal"] < 1.5 and timed["speedup_prefill_bs1"] > 0
+    assert 1 < efficiency["speedup_ideal"] < 1.5
+    ratio = timed["dense"]["prefill_bs1_ms"] / timed["pruned"]["prefill_bs1_ms"]
+    assert timed["speedup_prefill_bs1"] == pytest.approx(ratio, abs=1e-3)  # the speedup is the timed ratio
     assert "speedup_prefill_bs1" not in efficiency and timed["machine"]["cpu"]
     assert efficiency["pruned"]["weights_mb"] < efficiency["dense"]["weights_mb"]
     prune = json.loads((repo / "metrics/prune.json").read_text())
@@ -111,7 +114,7 @@ def test_metrics_list_dense_and_pruned_perplexities(repo: Path) -> None:
     finetuned = json.loads((repo / "metrics/finetuned.json").read_text())
     assert finetuned["params_total"] == pruned["params_total"] and finetuned["ppl_wiki_64"] != pruned["ppl_wiki_64"]
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
-    assert finetune["steps"] == 4 and finetune["world_size"] == 1 and finetune["loss_last"] > 0
+    assert finetune["steps"] == 4 and finetune["world_size"] == 1 and math.isfinite(finetune["loss_last"])
     assert not any((repo / "checkpoints/finetune").iterdir())
     calibration = json.loads((repo / "metrics/calibration.json").read_text())
     table = pd.read_parquet(repo / "outputs/calibration_candidates.parquet")
@@ -132,11 +135,13 @@ def test_llama_cpp_runs_the_exported_models_as_evaluate_measured_them(repo: Path
     for name in ("dense", "pruned", "finetuned"):
         evaluated = json.loads((repo / f"metrics/{name}.json").read_text())["ppl_wiki_64"]
         assert f16[name]["ppl_wiki_64"] == pytest.approx(evaluated, rel=0.005), name
-        assert f16[name]["fallbacks"] == 0 and f16[name]["prompt_tokens_per_s"] > 0
+        assert f16[name]["fallbacks"] == 0
         gguf = repo / "outputs/gguf" / manifest["exported"][name]["f16"]["gguf"]
         assert hashlib.sha256(gguf.read_bytes()).hexdigest() == manifest["exported"][name]["f16"]["sha256"]
     assert f16["pruned"]["mib"] < f16["dense"]["mib"] and f16["pruned_bytes_ratio"] > 1
-    assert 1 < report["ideal_flop_ratio"] < 1.5 and f16["pruned_gen_speedup"] > 0
+    assert 1 < report["ideal_flop_ratio"] < 1.5
+    ratio = f16["pruned"]["gen_tokens_per_s"] / f16["dense"]["gen_tokens_per_s"]
+    assert f16["pruned_gen_speedup"] == pytest.approx(ratio, rel=2e-3)  # the speedup is the timed ratio
     assert report["pruned_digest"] == json.loads((repo / "metrics/pruned.json").read_text())["model_digest"]
 
 
@@ -164,8 +169,9 @@ def test_second_repro_does_nothing_and_a_sparsity_change_reruns_only_downstream(
     # so the cached saliency and the dense evaluation are reused.
     downstream = {"allocate_sparsity", "prune", "finetune", "evaluate@pruned", "evaluate@finetuned", "compare"}
     downstream |= {"export_gguf", "measure_gguf"}
-    # check_params reruns (params.yaml changed) but writes the same schema: nothing after it reruns for it
-    assert stages_run(log) == {"check_params", "select_calibration", "publish"} | downstream
+    # check_params and check_inputs rerun (params.yaml changed) but write the same keys and checks: nothing
+    # after them reruns for them
+    assert stages_run(log) == {"check_params", "check_inputs", "select_calibration", "publish"} | downstream
     assert (repo / "outputs/calibration.parquet").read_bytes() == selected
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert prune["sparsity_realised"] == pytest.approx(0.4, abs=0.005)

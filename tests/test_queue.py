@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from test_pipeline import checkout, sh
 
 from nirvana.params import ParamError
@@ -65,12 +66,17 @@ def test_a_stage_runs_on_its_share_and_refuses_a_bad_job_count(tmp_path: Path) -
     """With cpu.threads null a stage takes its share of the CPUs; with the default fixed count it keeps it
     (the numbers depend on it) and warns that the jobs ask for more threads than there are CPUs."""
     script = Path(__file__).parents[1] / "stages/check_params.py"
-    stage = [sys.executable, str(script), str(tmp_path / "schema.json"), str(tmp_path / "environment.json")]
-    (tmp_path / "params.yaml").write_text("cpu: {threads: null}\n")
+    stage = [
+        sys.executable,
+        str(script),
+        *(str(tmp_path / f) for f in ("keys.json", "schema.json", "environment.json")),
+    ]
+    committed = yaml.safe_load((script.parents[1] / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed | {"cpu": {"kernels": "portable", "threads": None}}))
     done = subprocess.run(stage, cwd=tmp_path, env=os.environ | {"NIRVANA_JOBS": "64"}, capture_output=True, text=True)
     assert done.returncode == 0 and "starting (1 threads" in done.stdout + done.stderr
     assert json.loads((tmp_path / "environment.json").read_text())["cpu"]["threads"] == 1
-    (tmp_path / "params.yaml").write_text("cpu: {threads: 2}\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed | {"cpu": {"kernels": "portable", "threads": 2}}))
     done = subprocess.run(stage, cwd=tmp_path, env=os.environ | {"NIRVANA_JOBS": "64"}, capture_output=True, text=True)
     assert done.returncode == 0 and "starting (2 threads" in done.stderr and "64 jobs share" in done.stderr
     done = subprocess.run(stage, cwd=tmp_path, env=os.environ | {"NIRVANA_JOBS": "x"}, capture_output=True, text=True)
@@ -110,3 +116,25 @@ def test_a_stage_in_a_queued_copy_shares_the_cpus_with_the_other_copies(
     monkeypatch.delenv("NIRVANA_JOBS")
     monkeypatch.chdir(tmp_path)  # a workspace run
     assert running_jobs() == 1
+
+
+def test_a_failed_experiment_stops_the_sweep_in_one_line_naming_its_params(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nirvana.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = subprocess.run
+    codes = iter([0, 3])  # the first experiment passes, the second fails as `dvc exp run` does
+
+    def dvc_exp_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        return run([sys.executable, "-c", f"raise SystemExit({next(codes)})"], **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("nirvana.sweep.subprocess.run", dvc_exp_run)
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--methods", "flap", "--sparsities", "0.1", "0.2", "0.3", "--set", "evaluate.limit=5"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "nirvana sweep: experiment method=flap sparsity=0.2 evaluate.limit=5 failed (dvc exp run exit code 3"
+    ), err

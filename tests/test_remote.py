@@ -107,7 +107,7 @@ def test_a_shared_sweep_without_a_usable_remote_stops_in_one_line_before_running
     sh(b, "dvc", "remote", "default", "--unset")
     done = subprocess.run(sweep, cwd=b, env=env, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "sweep: --share needs a default DVC remote: `dvc remote add -d NAME URL` (README: Sharing)"
+        "nirvana sweep: --share needs a default DVC remote: `dvc remote add -d NAME URL` (README: Sharing)"
     ], done.stderr
 
     (tmp_path / "not-a-folder").write_text("a file where the remote's folder should be\n")
@@ -115,7 +115,7 @@ def test_a_shared_sweep_without_a_usable_remote_stops_in_one_line_before_running
     done = subprocess.run(sweep, cwd=b, env=env, capture_output=True, text=True)
     assert done.returncode == 1, done.stdout + done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("sweep: dvc push with remote 'broken' failed: ERROR: "), done.stderr
+    assert line.startswith("nirvana sweep: dvc push with remote 'broken' failed: ERROR: "), done.stderr
     assert "+ dvc exp run" not in done.stdout
     assert sh(b, "dvc", "exp", "list", "--name-only") == experiments
     assert {out: file_digests(b / out) for out in before} == before

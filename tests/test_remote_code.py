@@ -18,15 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_architectures import tiny
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from conftest import random_plan, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
 from nirvana import remote
 from nirvana.card import model_card, prune_record, verify_folder
 from nirvana.environment import PORTABLE
 from nirvana.evaluation import param_counts
+from nirvana.modeling import load_tokenizer, skeleton
 from nirvana.models import GRANULARITY_KEY
-from nirvana.params import Params
+from nirvana.params import ModelParams, Params, defaults
 from nirvana.remote import MODELING_FILE, modeling_source
 from nirvana.surgery import BIAS_KEY, CONFIG_KEY, layer_units, prune_model, save_model
 from nirvana.zeroshot import render_tasks
@@ -270,6 +271,34 @@ def test_dense_folder_gets_no_modeling_file(tmp_path: Path) -> None:
     assert "auto_map" not in json.loads((tmp_path / "dense/config.json").read_text())
 
 
+def recorded(cls: type, seen: list[tuple[str, object]]) -> Callable:
+    """`cls.from_pretrained` that notes the trust_remote_code it was given."""
+    load = cls.from_pretrained  # type: ignore[attr-defined]
+
+    def record(*args: object, **kwargs: object) -> object:
+        seen.append((cls.__name__, kwargs.get("trust_remote_code")))
+        return load(*args, **kwargs)
+
+    return record
+
+
+@pytest.mark.parametrize("trust", [None, False, True], ids=["no params", "off", "on"])
+def test_trust_remote_code_reaches_the_tokenizer_and_the_skeleton(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trust: bool | None
+) -> None:
+    """model.trust_remote_code goes to every load that could run a folder's own code, as it does to
+    load_model's; without params it is the committed params.yaml's, off."""
+    folder = tiny_model_dir(tmp_path / "model")
+    seen: list[tuple[str, object]] = []
+    for cls in (AutoConfig, AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", recorded(cls, seen))
+    m = None if trust is None else defaults(ModelParams, trust_remote_code=trust)
+    load_tokenizer(folder, m)
+    skeleton(folder, m=m)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer"}
+    assert {flag for _, flag in seen} == {bool(trust)}
+
+
 def test_keys_match_the_pipeline() -> None:
     """The modeling file cannot import nirvana, so it repeats the config keys: they must not drift."""
     from nirvana.remote import modeling_nirvana
@@ -284,7 +313,7 @@ def test_card_verifies_a_folder_with_the_modeling_file(tmp_path: Path) -> None:
     dense = param_counts(model)
     prune_model(model, random_plan(model, seed=3))
     metrics = {"dense": dense, "pruned": param_counts(model), "sparsity_realised": 0.3}
-    record = prune_record(Params(), base, model, metrics, None)
+    record = prune_record(defaults(Params), base, model, metrics, None)
     save_model(model, AutoTokenizer.from_pretrained(base), tmp_path / "pruned", card=partial(model_card, record))
     assert (tmp_path / "pruned" / MODELING_FILE).is_file()
     ok, message = verify_folder(tmp_path / "pruned")

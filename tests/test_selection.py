@@ -15,9 +15,9 @@ from nirvana.calibration import judged_at, judged_plan, search
 from nirvana.criteria import CRITERIA
 from nirvana.evaluation import param_counts
 from nirvana.io import write_parquet
-from nirvana.params import AllocationParams, CalibrationParams, Params
+from nirvana.params import AllocationParams, CalibrationParams, Params, SaliencyParams, defaults
 from nirvana.plan import plan_for
-from nirvana.selection import HeldOut, by_method, choices, choose, coarse_to_fine, summary
+from nirvana.selection import HeldOut, by_method, choices, choose, coarse_to_fine, kl_sum, log_probs, summary
 from nirvana.surgery import prune_model
 
 KL_WINDOWS = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(5))
@@ -27,8 +27,8 @@ GAMMAS = [0.5, 1.0, 3.0, 8.0]
 
 def auto(gammas: list[float] = GAMMAS, **changes) -> Params:
     """gamma: auto over `gammas`, single MLP channels, so that each gamma makes its own plan."""
-    allocation = AllocationParams(mlp_multiple=1, gamma_candidates=gammas)
-    return Params(**{"sparsity": 0.4, "gamma": "auto", "allocation": allocation, **changes})
+    allocation = defaults(AllocationParams, mlp_multiple=1, gamma_candidates=gammas)
+    return defaults(Params, **{"sparsity": 0.4, "gamma": "auto", "allocation": allocation, **changes})
 
 
 def kl_of(model, scores: pd.DataFrame, run: Params, held_out: HeldOut, windows: torch.Tensor = WINDOWS) -> float:
@@ -109,7 +109,7 @@ def test_the_realised_sparsity_is_what_prune_measures() -> None:
 def test_auto_with_one_candidate_is_the_fixed_gamma_plan_and_measures_nothing() -> None:
     model = tiny_llama("gqa")
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
-    fixed = Params(sparsity=0.4, gamma=2.0, allocation=AllocationParams(mlp_multiple=1))  # as a user writes it
+    fixed = defaults(Params, sparsity=0.4, gamma=2.0, allocation=defaults(AllocationParams, mlp_multiple=1))
     assert [(r.method, r.gamma) for r in choices(auto([2.0]))] == [("nirvana", 2.0)]
     plan, table = choose(model, {"nirvana": scores}, auto([2.0]), 0.4)
     pd.testing.assert_frame_equal(plan, plan_for(model, scores, fixed, 0.4))
@@ -129,7 +129,7 @@ def test_choices_cross_criteria_with_gammas_only_under_nirvanas_allocation() -> 
     forced = auto(
         [1.0, 4.0],
         method=["nirvana", "taylor"],
-        allocation=AllocationParams(mode="nirvana", gamma_candidates=[1.0, 4.0]),
+        allocation=defaults(AllocationParams, mode="nirvana", gamma_candidates=[1.0, 4.0]),
     )
     assert [(r.method, r.gamma) for r in choices(forced)] == [
         ("nirvana", 1.0),
@@ -137,13 +137,17 @@ def test_choices_cross_criteria_with_gammas_only_under_nirvanas_allocation() -> 
         ("taylor", 1.0),
         ("taylor", 4.0),
     ]
-    assert [(r.method, r.gamma) for r in choices(Params(gamma=2.5))] == [("nirvana", 2.5)]
+    assert [(r.method, r.gamma) for r in choices(defaults(Params, gamma=2.5))] == [("nirvana", 2.5)]
 
 
 def test_several_criteria_each_under_its_own_allocation() -> None:
     model = tiny_llama("gqa")
-    params = Params(
-        method=["magnitude", "taylor", "wanda_sp"], sparsity=0.4, allocation=AllocationParams(mlp_multiple=1)
+    params = defaults(
+        Params,
+        method=["magnitude", "taylor", "wanda_sp"],
+        sparsity=0.4,
+        gamma=3.0,
+        allocation=defaults(AllocationParams, mlp_multiple=1),
     )
     scores = {m: CRITERIA[m](model, WINDOWS, 2) for m in params.methods}
     held_out = HeldOut.of(model, KL_WINDOWS, 3)
@@ -170,8 +174,8 @@ def test_the_calibration_search_judges_each_candidate_at_the_middle_gamma(monkey
     nirvana = CRITERIA["nirvana"]
     monkeypatch.setitem(CRITERIA, "nirvana", lambda *args: calls.append(1) or nirvana(*args))
     pool = torch.randint(0, 64, (30, 10), generator=torch.Generator().manual_seed(7))
-    params = auto(calibration=CalibrationParams(num_samples=4, candidates=3, kl_batch_size=3))
-    assert judged_at(params).gamma == 3.0 and judged_at(Params(gamma=2.5)).gamma == 2.5
+    params = auto(calibration=defaults(CalibrationParams, num_samples=4, candidates=3, kl_batch_size=3))
+    assert judged_at(params).gamma == 3.0 and judged_at(defaults(Params, gamma=2.5)).gamma == 2.5
     model = tiny_llama("gqa")
     table = search(model, pool, KL_WINDOWS, params)
     assert len(calls) == 3 and table["gamma"].tolist() == [3.0] * 3 and table["search_sparsity"].tolist() == [0.4] * 3
@@ -207,7 +211,7 @@ def test_compute_saliency_scores_every_criterion_of_a_list(tmp_path: Path, monke
     model.save_pretrained(tmp_path / "model")
     pd.DataFrame({"input_ids": WINDOWS.tolist()}).to_parquet(tmp_path / "calibration.parquet")
     monkeypatch.chdir(tmp_path)
-    params = Params(method=["taylor", "flap"], saliency=dataclasses.replace(Params().saliency, batch_size=2))
+    params = defaults(Params, method=["taylor", "flap"], saliency=defaults(SaliencyParams, batch_size=2))
     load_stage("compute_saliency").main(params, "model", "calibration.parquet", "saliency.parquet")
     scores = by_method(pd.read_parquet("saliency.parquet"))
     assert list(scores) == ["taylor", "flap"]
@@ -225,7 +229,7 @@ def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch:
     pd.DataFrame({"input_ids": WINDOWS.tolist()}).to_parquet(tmp_path / "calibration.parquet")
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
     write_parquet(scores.assign(method="nirvana"), tmp_path / "saliency.parquet")
-    params = auto(calibration=CalibrationParams(kl_samples=4, kl_seq_len=16, kl_batch_size=2))
+    params = auto(calibration=defaults(CalibrationParams, kl_samples=4, kl_seq_len=16, kl_batch_size=2))
     _, judged = choose(model, {"nirvana": scores}, judged_at(params), 0.4)
     judged = judged.assign(candidate=0, kl=0.125, search_sparsity=0.4)
     write_parquet(judged, tmp_path / "candidates.parquet")
@@ -244,3 +248,25 @@ def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch:
     assert table.loc[table["gamma"] == 3.0, "kl"].item() == 0.125  # not measured again
     assert metrics["gamma"] == table.loc[table["kl"].idxmin(), "gamma"]
     assert pd.read_parquet("plan.parquet")["keep"].sum() < len(pd.read_parquet("plan.parquet"))
+
+
+def test_a_token_the_dense_model_rules_out_adds_nothing_to_the_kl() -> None:
+    """A reference with p = 0 at a token (log p = -inf, e.g. a masked token): its term is 0, not 0 x -inf = NaN.
+    Token 5 masked and the rest renormalised, KL(p' || p) = -log(1 - p_5) at each position."""
+    model = tiny_llama("gqa")
+    dense = list(log_probs(model, KL_WINDOWS, 4))
+    masked = [torch.log_softmax(chunk.index_fill(-1, torch.tensor([5]), float("-inf")), -1) for chunk in dense]
+    expected = -torch.log1p(-torch.cat(dense)[..., 5].exp()).mean().item()
+    assert HeldOut(KL_WINDOWS, masked, 4).kl(model) == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_kl_sum_keeps_the_bits_of_the_plain_formula_on_finite_inputs() -> None:
+    """The committed KLs were summed as (exp(log p) x (log p - log q)).sum(): on finite inputs, positions
+    where p underflows to 0 included, the guarded sum gives the same bits, so no recorded result moves."""
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 40.0):  # at 40, many log p fall below -104, where exp underflows to 0 in float32
+        logits = torch.randn(16, 9, 1000, generator=gen) * scale
+        log_p = logits.log_softmax(-1)
+        log_q = (logits + torch.randn(logits.shape, generator=gen) * scale).log_softmax(-1)
+        assert scale == 1.0 or (log_p.exp() == 0).any()
+        assert kl_sum(log_p, log_q) == (log_p.exp() * (log_p - log_q)).sum().item()

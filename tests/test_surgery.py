@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from conftest import random_plan, tiny_llama
-from nirvana.models import get_adapter
+from nirvana.models import GRANULARITY_KEY, get_adapter
 from nirvana.surgery import BIAS_KEY, CONFIG_KEY, layer_units, prune_model, zero_model
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -100,6 +100,37 @@ def test_compensated_projections_equal_the_dense_ones_at_the_calibration_mean(ki
             with torch.no_grad():
                 torch.testing.assert_close(small(at_mean[:, kept]), full(at_mean), atol=1e-5, rtol=0)
                 assert not torch.allclose(small(x[:, kept]), full(x), atol=1e-3)  # elsewhere it differs
+
+
+def test_query_head_compensation_uses_each_heads_strided_columns() -> None:
+    """Under query_head granularity a unit's o_proj columns are one head in every KV group: the bias
+    must hold exactly those columns at their calibration mean (FLAP's mean of window means, by hand)."""
+    dense = tiny_llama("gqa")  # 6 query heads, 2 KV groups of 3, head_dim 4
+    setattr(dense.config, GRANULARITY_KEY, "query_head")
+    inputs: list[torch.Tensor] = []
+    hook = dense.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    with torch.no_grad():
+        dense(input_ids=CALIBRATION)
+    hook.remove()
+    mean = torch.cat(inputs).mean(dim=1).mean(dim=0)  # per column: the mean of the windows' means
+    plan = flap_plan(dense, sparsity=0.5)
+    pruned = copy.deepcopy(dense)
+    prune_model(pruned, plan)
+    rows = plan[(plan.layer == 0) & (plan.module == "attn")]
+    removed = rows.unit[~rows.keep].tolist()
+    assert removed, "the plan must remove a head position in layer 0"
+    c = dense.config
+    group, dim = c.num_attention_heads // c.num_key_value_heads, c.head_dim
+    columns = {
+        u: [g * group * dim + u * dim + j for g in range(c.num_key_value_heads) for j in range(dim)] for u in rows.unit
+    }
+    gone = [col for u in removed for col in columns[u]]
+    kept = sorted(set(range(c.num_attention_heads * dim)) - set(gone))
+    x = torch.randn(5, c.num_attention_heads * dim, generator=torch.Generator().manual_seed(4))
+    x[:, gone] = mean[gone]
+    full, small = dense.model.layers[0].self_attn.o_proj, pruned.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:, kept]), full(x), atol=1e-5, rtol=0)
 
 
 def test_a_flap_pruned_model_reloads_with_its_biases(kind: str, tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from nirvana.errors import InputError
 from nirvana.models.base import GRANULARITIES, GRANULARITY_KEY, MODULES, Adapter, Slice, pool
 from nirvana.models.llama import LlamaAdapter, Qwen2Adapter
 from nirvana.models.t5 import T5Adapter
@@ -20,9 +21,10 @@ __all__ = ["ADAPTERS", "GRANULARITIES", "GRANULARITY_KEY", "MODULES", "Adapter",
 
 
 def get_adapter(config: PretrainedConfig) -> Adapter:
-    """The adapter for this config's model_type, or a clear error listing the supported ones."""
+    """The adapter for this config's model_type, or an InputError naming the model and the supported types."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported}")
+        model = getattr(config, "name_or_path", "") or "the model"
+        raise InputError(f"{model}: model_type {model_type!r} is not supported; supported: {supported}")
     return ADAPTERS[model_type](config)

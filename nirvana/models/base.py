@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from nirvana.errors import InputError
+
 ATTENTION, MLP = "attn", "mlp"
 MODULES = (ATTENTION, MLP)
 """The modules of a decoder-only layer. Encoder-decoder layers may add "cross" (cross-attention),
@@ -52,6 +54,12 @@ def slice_sums(per_weight: torch.Tensor, s: Slice, n: int) -> torch.Tensor:
     return per_weight.float().movedim(s.dim, 0).reshape(s.groups, n, -1).sum(dim=(0, 2)).cpu()
 
 
+def by_unit(values: torch.Tensor, s: Slice, n: int) -> torch.Tensor:
+    """Values along slice `s`'s dim (one per row or column) regrouped as (n units, their values): unit u's
+    blocks of every group in group order, the order `unit_rows` gives for u alone."""
+    return values.reshape(s.groups, n, s.size).transpose(0, 1).reshape(n, -1)
+
+
 class Adapter:
     """Names the prunable units of one layer; subclasses give `layers` and `slices`.
 
@@ -61,7 +69,7 @@ class Adapter:
         self.config = config
         self.granularity = getattr(config, GRANULARITY_KEY, None) or "group"
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"attention.granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+            raise InputError(f"attention.granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
 
     def find_layers(self, model: nn.Module) -> list[nn.Module] | None:
         """The prunable layers in order if `model` holds them all (the full model or its backbone), else None."""
@@ -110,6 +118,11 @@ class Adapter:
         """The module's one slice along input columns: its units' share of the output projection."""
         (out,) = [s for s in self.slices(module, layer) if s.dim == 1]
         return out
+
+    def output_columns(self, layer: nn.Module, module: str, values: torch.Tensor) -> torch.Tensor:
+        """Per-column values of the output projection's input regrouped per unit, (units, columns of a unit):
+        a query-head unit's columns are strided across KV groups, a KV group's are contiguous."""
+        return by_unit(values, self.output_slice(module, layer), self.unit_count(layer, module))
 
     def output_projection(self, layer: nn.Module, module: str) -> nn.Linear:
         """The Linear that maps the module's units back to the residual stream (o_proj, down_proj)."""

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
+from nirvana.errors import InputError
 from nirvana.models.base import ATTENTION, Adapter, Slice
 
 
@@ -19,8 +20,13 @@ class LlamaAdapter(Adapter):
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
-        if self.granularity == "query_head" and config.num_attention_heads == config.num_key_value_heads:
-            raise ValueError("attention.granularity query_head needs grouped-query attention; this model has none")
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        if self.granularity == "query_head" and heads == kv_heads:
+            model = config.name_or_path or "the model"
+            raise InputError(
+                f"attention.granularity = 'query_head' needs grouped-query attention; {model} has none ({heads} "
+                f"query heads, {kv_heads} KV heads): use attention.granularity = 'group'"
+            )
 
     def find_layers(self, model: nn.Module) -> list[nn.Module] | None:
         layers = getattr(model, "layers", None) or getattr(getattr(model, "model", None), "layers", None)

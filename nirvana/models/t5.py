@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from nirvana.errors import InputError
 from nirvana.models.base import ATTENTION, MLP, Adapter, Slice
 
 CROSS = "cross"
@@ -33,7 +34,7 @@ class T5Adapter(Adapter):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
         if self.granularity != "group":
-            raise ValueError("attention.granularity query_head needs grouped-query attention; T5 has none")
+            raise InputError("attention.granularity query_head needs grouped-query attention; T5 has none")
 
     def find_layers(self, model: nn.Module) -> list[nn.Module] | None:
         encoder, decoder = getattr(model, "encoder", None), getattr(model, "decoder", None)
