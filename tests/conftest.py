@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import types
+from pathlib import Path
 
 from nirvana.environment import PORTABLE, is_x86
 
@@ -115,3 +118,13 @@ def tiny_t5(feed_forward: str, seed: int = 0) -> PreTrainedModel:
 def random_text(words: int, seed: int) -> str:
     gen = torch.Generator().manual_seed(seed)
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=gen).tolist())
+
+
+def load_stage(name: str) -> types.ModuleType:
+    """A stage script as a module, to run its `main` in this process."""
+    script = Path(__file__).resolve().parents[1] / f"stages/{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

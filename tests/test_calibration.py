@@ -3,11 +3,9 @@
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
+from conftest import load_stage, random_plan, random_text, tiny_llama, tiny_model_dir
 from nirvana.calibration import draw, select
 from nirvana.card import calibration_record
 from nirvana.errors import InputError
@@ -134,15 +132,6 @@ def test_bad_calibration_params_stop_before_any_work(repo: Path, calibration: di
     done = run_select_stage(repo, calibration)
     assert done.returncode != 0 and message in done.stderr
     assert not (repo / "out").exists()
-
-
-def load_stage(name: str) -> types.ModuleType:
-    """A stage script as a module, to run its `main` in this process."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"stages/{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SEARCH = defaults(

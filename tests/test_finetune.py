@@ -5,12 +5,10 @@ launch`, and the pass-through."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +19,7 @@ from fsdp_worker import student
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import random_plan, random_text, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
+from conftest import load_stage, random_plan, random_text, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
 from nirvana.errors import InputError
 from nirvana.finetune import (
     IGNORE,
@@ -415,15 +413,6 @@ def test_lora_adapts_every_projection_at_query_head_granularity() -> None:
     assert target_modules(model) == expected
     adapted = {name.rsplit(".", 1)[-1] for name, m in add_lora(model, TINY).named_modules() if hasattr(m, "lora_A")}
     assert sorted(adapted) == expected
-
-
-def load_stage(name: str) -> types.ModuleType:
-    """A stage script as a module, to run its `main` in this process."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"stages/{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 OUTS = ("out/finetuned", "out/finetune.json")
