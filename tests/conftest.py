@@ -17,9 +17,18 @@ if is_x86():
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import nirvana  # noqa: F401  (registers pruned-model loading)
+from nirvana.models import GRANULARITY_KEY
 
 SHAPES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -43,6 +52,36 @@ def tiny_llama(kind: str = "gqa", seed: int = 0, dtype: torch.dtype = torch.floa
     )
     config = LlamaConfig(**{**shape, **overrides})
     model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(-0.5, 0.5)
+    return model
+
+
+DECODERS: dict[str, dict] = {
+    "llama": dict(num_attention_heads=6, num_key_value_heads=2, head_dim=4),
+    "mistral": dict(num_attention_heads=6, num_key_value_heads=2, head_dim=4, sliding_window=5),
+    "qwen2": dict(num_attention_heads=6, num_key_value_heads=3, head_dim=4),
+    "gemma3_text": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,  # head_dim x heads (32) differs from hidden_size (24), as in Gemma 3
+        query_pre_attn_scalar=8,
+        sliding_window=5,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    ),
+}
+"""Tiny shapes of every decoder-only architecture the adapters cover (`tiny_decoder`)."""
+
+
+def tiny_decoder(model_type: str, granularity: str = "group", seed: int = 0, **overrides) -> PreTrainedModel:
+    """A random 3-layer decoder of `model_type` at attention `granularity`, with distinct weights everywhere
+    (biases and norms included)."""
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=3, tie_word_embeddings=False)
+    config = AutoConfig.for_model(model_type, **{**shape, **DECODERS[model_type], **overrides})
+    setattr(config, GRANULARITY_KEY, granularity)
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(-0.5, 0.5)

@@ -5,39 +5,13 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
-from conftest import random_plan, tiny_t5
-from nirvana.models import GRANULARITY_KEY, get_adapter
+from conftest import DECODERS, random_plan, tiny_decoder, tiny_t5
+from nirvana.models import get_adapter
 from nirvana.surgery import layer_units, prune_model, zero_model
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
-COMMON = dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=3, tie_word_embeddings=False)
-CONFIGS: dict[str, dict] = {
-    "llama": dict(num_attention_heads=6, num_key_value_heads=2, head_dim=4),
-    "mistral": dict(num_attention_heads=6, num_key_value_heads=2, head_dim=4, sliding_window=5),
-    "qwen2": dict(num_attention_heads=6, num_key_value_heads=3, head_dim=4),
-    "gemma3_text": dict(
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=8,  # head_dim x heads (32) differs from hidden_size (24), as in Gemma 3
-        query_pre_attn_scalar=8,
-        sliding_window=5,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-    ),
-}
-
-
-def tiny(model_type: str, granularity: str, seed: int = 0) -> PreTrainedModel:
-    """A random 3-layer model of `model_type` with distinct weights everywhere (biases and norms included)."""
-    torch.manual_seed(seed)
-    config: PretrainedConfig = AutoConfig.for_model(model_type, **COMMON, **CONFIGS[model_type])
-    setattr(config, GRANULARITY_KEY, granularity)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(-0.5, 0.5)
-    return model
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -45,12 +19,12 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=TOKENS).logits
 
 
-CASES = [(t, g) for t in CONFIGS for g in ("group", "query_head")]
+CASES = [(t, g) for t in DECODERS for g in ("group", "query_head")]
 
 
 @pytest.mark.parametrize(("model_type", "granularity"), CASES)
 def test_pruned_equals_masked_and_reloads(model_type: str, granularity: str, tmp_path) -> None:
-    dense = tiny(model_type, granularity)
+    dense = tiny_decoder(model_type, granularity)
     plan = random_plan(dense, seed=2, drop=0.5)
     zeroed, pruned = copy.deepcopy(dense), copy.deepcopy(dense)
     zero_model(zeroed, plan)
@@ -68,7 +42,7 @@ def test_pruned_equals_masked_and_reloads(model_type: str, granularity: str, tmp
 
 
 def test_query_head_granularity_keeps_kv_heads_and_equal_groups() -> None:
-    model = tiny("llama", "query_head")
+    model = tiny_decoder("llama", "query_head")
     adapter = get_adapter(model.config)
     assert [adapter.unit_count(layer, "attn") for layer in adapter.layers(model)] == [3, 3, 3]  # n_rep
     plan = random_plan(model, seed=5, drop=0.5)
@@ -83,7 +57,7 @@ def test_query_head_granularity_keeps_kv_heads_and_equal_groups() -> None:
 
 def test_query_head_rows_are_strided_across_groups() -> None:
     """Unit j of a layer is query head j of every KV group: heads j, n_rep + j, ... in HF's layout."""
-    model = tiny("llama", "query_head")
+    model = tiny_decoder("llama", "query_head")
     adapter = get_adapter(model.config)
     layer = adapter.layers(model)[0]
     q = layer.self_attn.q_proj.weight.detach().clone()
@@ -93,7 +67,7 @@ def test_query_head_rows_are_strided_across_groups() -> None:
 
 
 def test_qwen2_biases_follow_their_rows() -> None:
-    model = tiny("qwen2", "group")
+    model = tiny_decoder("qwen2", "group")
     adapter = get_adapter(model.config)
     layer = adapter.layers(model)[0]
     bias = layer.self_attn.k_proj.bias.detach().clone()
@@ -104,7 +78,7 @@ def test_qwen2_biases_follow_their_rows() -> None:
 
 def test_unknown_granularity_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"attention.granularity 'head' is not one of group, query_head"):
-        get_adapter(tiny("llama", "head").config)
+        get_adapter(tiny_decoder("llama", "head").config)
 
 
 def t5_logits(model: torch.nn.Module) -> torch.Tensor:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from conftest import save_tokenizer, tiny_t5
+from conftest import save_tokenizer, tiny_decoder, tiny_t5
 from nirvana.allocation import check_reachable, planned_sparsity, unit_sizes
 from nirvana.criteria import CRITERIA
 from nirvana.errors import InputError
@@ -34,20 +34,11 @@ from nirvana.surgery import prune_model, zero_model
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS = torch.randint(1, 63, (4, 10), generator=torch.Generator().manual_seed(11))
 SPARSITY, MLP_MULTIPLE = 0.3, 8
-COMMON = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=3, tie_word_embeddings=False)
-DECODERS: dict[str, dict] = {
-    "llama_gqa": dict(model_type="llama", num_attention_heads=6, num_key_value_heads=2, head_dim=4),
-    "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, head_dim=4),
-    "qwen2": dict(model_type="qwen2", num_attention_heads=6, num_key_value_heads=3, head_dim=4),
-    "gemma3_text": dict(
-        model_type="gemma3_text",
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        sliding_window=5,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-    ),
+DECODERS: dict[str, tuple[str, dict]] = {  # conftest.tiny_decoder's model types, 48 MLP channels (6 blocks of 8)
+    "llama_gqa": ("llama", dict(intermediate_size=48)),
+    "llama_mha": ("llama", dict(intermediate_size=48, num_attention_heads=4, num_key_value_heads=4)),
+    "qwen2": ("qwen2", dict(intermediate_size=48)),
+    "gemma3_text": ("gemma3_text", dict(intermediate_size=48)),
 }
 ARCHITECTURES = (*DECODERS, "t5")
 GRANULARITIES = ("group", "query_head")
@@ -59,15 +50,10 @@ def build(arch: str, granularity: str) -> PreTrainedModel:
     """A random 3-layer model with distinct weights everywhere; raises if the granularity is refused."""
     if arch == "t5":
         model = tiny_t5("gated-gelu")
+        setattr(model.config, GRANULARITY_KEY, granularity)
     else:
-        torch.manual_seed(0)
-        spec = dict(DECODERS[arch])
-        config = AutoConfig.for_model(spec.pop("model_type"), **COMMON, **spec)
-        model = AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(-0.5, 0.5)
-    setattr(model.config, GRANULARITY_KEY, granularity)
+        model_type, overrides = DECODERS[arch]
+        model = tiny_decoder(model_type, granularity, **overrides)
     get_adapter(model.config)  # the adapter judges the granularity
     return model
 
