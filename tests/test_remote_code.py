@@ -17,10 +17,9 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_architectures import tiny
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from conftest import random_plan, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
+from conftest import random_plan, save_tokenizer, tiny_decoder, tiny_llama, tiny_model_dir, tiny_t5
 from nirvana import remote
 from nirvana.card import model_card, prune_record, verify_folder
 from nirvana.environment import PORTABLE
@@ -118,9 +117,9 @@ CASES: dict[str, tuple[Callable[[], PreTrainedModel], Callable]] = {
     "llama_biases": (lambda: tiny_llama("gqa_bias"), partial(random_plan, seed=9)),  # q/k/v/gate/up biases
     # bias compensation gives o_proj and down_proj the biases the dense model lacks
     "llama_compensated": (lambda: tiny_llama("gqa", seed=2), partial(flap_plan, sparsity=0.3)),
-    "mistral": (lambda: tiny("mistral", "group"), partial(random_plan, seed=2, drop=0.5)),
-    "qwen2": (lambda: tiny("qwen2", "group"), flap_plan),
-    "gemma3_text": (lambda: tiny("gemma3_text", "query_head"), partial(random_plan, seed=2, drop=0.5)),
+    "mistral": (lambda: tiny_decoder("mistral", "group"), partial(random_plan, seed=2, drop=0.5)),
+    "qwen2": (lambda: tiny_decoder("qwen2", "group"), flap_plan),
+    "gemma3_text": (lambda: tiny_decoder("gemma3_text", "query_head"), partial(random_plan, seed=2, drop=0.5)),
     "t5": (lambda: tiny_t5("gated-gelu"), partial(random_plan, seed=3, drop=0.5)),
 }
 
