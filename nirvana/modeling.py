@@ -1,4 +1,5 @@
-"""Loading models: the embedded offline default, any Hugging Face id or folder, pruned folders."""
+"""Loading models: the embedded offline default, any Hugging Face id or folder, pruned folders (each loader
+calls `nirvana.register()` first, so a pruned folder builds at its recorded widths)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import huggingface_hub
 import torch
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from nirvana import register
 from nirvana.errors import InputError
 from nirvana.io import asset_folder
 from nirvana.models import GRANULARITY_KEY
 from nirvana.params import ModelParams, defaults
+
+if TYPE_CHECKING:  # transformers' modeling code takes seconds to import: check_params needs none of it
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,8 @@ def _from_gguf(embedded: EmbeddedModel) -> tuple[PreTrainedModel, PreTrainedToke
 
 def load_base(m: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model named in params: an embedded alias, a Hugging Face id, or a local HF folder, in
-    `model.dtype` on the CPU (prepare_model only converts and saves it)."""
+    `model.dtype` on the CPU (prepare_model only converts and saves it). A pruned folder loads pruned."""
+    register()
     if m.name_or_path in EMBEDDED:
         model, tokenizer = _from_gguf(EMBEDDED[m.name_or_path])
         return model.to(getattr(torch, m.dtype)), tokenizer
@@ -157,6 +156,7 @@ def load_model(
     sharded layer by layer across the GPUs with `model.device_map: auto`. `granularity` sets the
     attention unit of a dense model (`attention.granularity`); a pruned one keeps its own. Without `m`,
     the committed params.yaml's `model`."""
+    register()
     m = m or defaults(ModelParams)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=m.trust_remote_code)
     sharded = m.device_map is not None and on is None
@@ -191,6 +191,7 @@ def load_tokenizer(path: str | Path, m: ModelParams | None = None) -> PreTrained
 
 def skeleton(model_dir: str | Path, granularity: str | None = None, m: ModelParams | None = None) -> PreTrainedModel:
     """The model's architecture on the meta device: shapes without weights, built instantly."""
+    register()
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=_remote(m))
     set_granularity(config, granularity)
     with torch.device("meta"):

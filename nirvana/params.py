@@ -308,18 +308,24 @@ class EfficiencyParams:
 class ExportParams:
     types: list[str]
     threads: int
+    ppl_tokens: int  # llama.cpp and transformers perplexity over the first this many of evaluate's wiki tokens
     prompt_len: int
     new_tokens: int
     warmup: int
-    repeats: int
+    repeats: int  # timed rounds at least
+    max_repeats: int  # timed rounds at most, while a speedup's spread is above `spread`
+    spread: float  # the standard error each speedup is timed down to
 
     def __post_init__(self) -> None:
         ok = len(self.types) > 0 and len(set(self.types)) == len(self.types)
         ok = ok and all(t in GGUF_TYPES for t in self.types)
         _check(ok, "export.types", self.types, f"a non-empty list of distinct types from {', '.join(GGUF_TYPES)}")
-        for key in ("threads", "prompt_len", "new_tokens", "repeats"):
+        for key in ("threads", "ppl_tokens", "prompt_len", "new_tokens", "repeats"):
             _check(getattr(self, key) > 0, f"export.{key}", getattr(self, key), "a positive integer")
         _check(self.warmup >= 0, "export.warmup", self.warmup, "an integer >= 0")
+        ok = self.max_repeats >= self.repeats
+        _check(ok, "export.max_repeats", self.max_repeats, f"an integer >= export.repeats ({self.repeats})")
+        _check(0 < self.spread < math.inf, "export.spread", self.spread, "a number > 0 (and finite)")
 
 
 @dataclass(frozen=True)
@@ -350,6 +356,16 @@ class Params:
         why = "fp16 weights lose small updates; LoRA trains float32 adapters over them"
         allowed = f"lora when model.dtype = 'float16' ({why}), or model.dtype bfloat16 or float32"
         _check(not full_fp16, "finetune.adapter", self.finetune.adapter, allowed)
+        self._check_ppl_tokens()
+
+    def _check_ppl_tokens(self) -> None:
+        """export.ppl_tokens are whole windows of `evaluate`'s first length, within the tokens it scores:
+        gguf_perplexity measures the first of evaluate's wiki windows."""
+        x, e = self.export, self.evaluate
+        window, most = e.windows[0], e.max_tokens
+        ok = x.ppl_tokens % window == 0 and (most is None or x.ppl_tokens <= most)
+        within = "" if most is None else f", at most evaluate.max_tokens ({most})"
+        _check(ok, "export.ppl_tokens", x.ppl_tokens, f"a multiple of evaluate.windows[0] ({window}){within}")
 
     @property
     def methods(self) -> tuple[str, ...]:

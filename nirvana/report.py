@@ -357,29 +357,45 @@ def readme_table(root: str | Path = ".") -> str:
     return "\n".join([README_BEGIN, *lines, README_END]) + "\n"
 
 
+def _ratio(by_model: dict, key: str) -> str:
+    """`x1.08 ± 0.02`: a measured speedup with its spread (the standard error of its median), where it has one."""
+    spread = by_model.get(f"{key}_spread")
+    return f"x{by_model[key]:.2f}" + ("" if spread is None else f" ± {spread:.2f}")
+
+
 def llamacpp_table(gguf: dict) -> list[str]:
-    """The committed run in llama.cpp (measure_gguf): per GGUF type and model, size, wiki perplexity and
-    throughput, and the pruned model's speedups against the ideal ratios."""
+    """The committed run in llama.cpp (measure_gguf): per GGUF type and model, size, wiki perplexity in llama.cpp
+    and in transformers on the same tokens, and throughput; then the pruned model's speedups with their spreads
+    against the ideal ratios."""
     if "unsupported" in gguf:
         return [f"No GGUF export for this model: {gguf['unsupported']}."]
-    types = [t for t, v in gguf.items() if isinstance(v, dict) and "dense" in v]
-    ppl = next(k for k in gguf[types[0]]["dense"] if k.startswith("ppl_"))
+    types = [t for t, v in gguf.items() if isinstance(v, dict) and "pruned_bytes_ratio" in v]
+    transformers = gguf["transformers"]
+    ppl = next(k for k in transformers["dense"] if k.startswith("ppl_"))
+    measured = f"wiki ppl @{ppl.rsplit('_', 1)[1]}, {gguf['ppl_tokens']:,} tokens: llama.cpp"
     lines = [
         f"In llama.cpp ({gguf['threads']} threads; measure_gguf, dense, pruned and fine-tuned timed alternately):",
         "",
-        f"| type | model | MiB | wiki ppl @{ppl.rsplit('_', 1)[1]} | prompt tok/s | generation tok/s |",
-        "|---|---|---|---|---|---|",
+        f"| type | model | MiB | {measured} | transformers | prompt tok/s | generation tok/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for type in types:
         for name in ("dense", "pruned", "finetuned"):
             m = gguf[type][name]
-            cells = [type, name, f"{m['mib']:.1f}", f"{m[ppl]:.2f}", f"{m['prompt_tokens_per_s']:.0f}"]
-            lines.append("| " + " | ".join([*cells, f"{m['gen_tokens_per_s']:.1f}"]) + " |")
-    lines += ["", f"Pruned against dense in llama.cpp (ideal FLOP ratio x{gguf['ideal_flop_ratio']:.2f}):", ""]
+            cells = [type, name, f"{m['mib']:.1f}", f"{m[ppl]:.2f}", f"{transformers[name][ppl]:.2f}"]
+            cells += [f"{m['prompt_tokens_per_s']:.0f}", f"{m['gen_tokens_per_s']:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Pruned against dense in llama.cpp (ideal FLOP ratio x{gguf['ideal_flop_ratio']:.2f}; a speedup is the median "
+        "of its rounds' ratios, ± its standard error):",
+        "",
+    ]
     for type in types:
         t = gguf[type]
+        rounds = f"{t['rounds']} round{'' if t['rounds'] == 1 else 's'}"
         lines.append(
-            f"- {type}: bytes x{t['pruned_bytes_ratio']:.2f}, prompt x{t['pruned_prompt_speedup']:.2f}, "
-            f"generation x{t['pruned_gen_speedup']:.2f}."
+            f"- {type} ({rounds}): bytes x{t['pruned_bytes_ratio']:.2f}, "
+            f"prompt {_ratio(t, 'pruned_prompt_speedup')}, generation {_ratio(t, 'pruned_gen_speedup')}."
         )
     return lines

@@ -2,7 +2,7 @@
 
 A pruned model's per-layer widths live in `config.json` under `nirvana_units` (one
 `{"attn": kv_groups, "mlp": channels}` per layer), and `nirvana_output_bias: true` when FLAP's
-bias compensation gave the output projections a bias. `import nirvana` wraps
+bias compensation gave the output projections a bias. `register()` (as `nirvana.register()`) wraps
 `PreTrainedModel.post_init` so that any model built from such a config shrinks its layers (and
 adds those biases) before the weights load; `AutoModelForCausalLM.from_pretrained` then just works.
 """
@@ -145,5 +145,6 @@ def _post_init(self: PreTrainedModel) -> None:
 
 
 def register() -> None:
-    """Teach transformers to build pruned models (idempotent; run by `import nirvana`)."""
+    """Teach transformers to build pruned models (idempotent; `nirvana.register()` runs it, and so does every
+    loader in `nirvana.modeling`)."""
     PreTrainedModel.post_init = _post_init  # type: ignore[method-assign]

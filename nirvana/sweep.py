@@ -1,4 +1,5 @@
-"""`nirvana sweep`: one DVC experiment per (method, sparsity), each run through fine-tuning and `compare`."""
+"""`nirvana sweep`: one DVC experiment per (method, sparsity), each run through fine-tuning, `compare` and
+`measure_gguf`."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ DATA_KEYS = ("calibration.path", "finetune.path")  # the params that name a user
 
 # `compare` and all it needs: the pruned and the recovered model evaluated, speed timed, and plots/models.csv
 # written by the experiment itself (stopping at evaluate@pruned left the committed run's bars in `dvc plots
-# diff`). The GGUF export and llama.cpp timing stay out; `dvc exp run` with no target adds them.
-TARGETS = ["compare"]
+# diff`); and `measure_gguf`, so that each row carries its llama.cpp speedups. The dense model's GGUF and its
+# perplexity (export_gguf@dense, gguf_perplexity@dense) depend on nothing a sweep changes: measured once.
+TARGETS = ["compare", "measure_gguf"]
 
 
 def sweep_commands(methods: list[str], sparsities: list[float], settings: list[str], queue: bool) -> list[list[str]]:

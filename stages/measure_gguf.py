@@ -1,10 +1,14 @@
-"""Stage measure_gguf: the exported GGUF files in llama.cpp: size, fallback tensors, perplexity on
-`evaluate`'s wiki windows, and prompt and generation throughput of dense, pruned and fine-tuned
-timed alternately, with the speedups next to the ideal FLOP ratio and the file-bytes ratio. A stage
-apart from export_gguf so that re-exporting identical files does not re-time them. llama.cpp runs in a
-child process: if it dies by a signal, the stage stops with one line naming the file and the signal.
-The throughputs and speedups go to their own file, with the machine that made them (nirvana.timings)."""
+"""Stage measure_gguf: the exported GGUF files in llama.cpp: size, fallback tensors, and prompt and generation
+throughput of dense, pruned and fine-tuned timed alternately, with the speedups next to the ideal FLOP ratio and
+the file-bytes ratio; it gathers gguf_perplexity's three files (llama.cpp and transformers perplexity) into the
+same record. Each round times every model once, so a speedup is the median of its rounds' ratios; rounds are
+added after export.repeats until every speedup's standard error is at most export.spread, or export.max_repeats
+ran (a warning then names the speedups still above it). A stage apart from export_gguf so that re-exporting
+identical files does not re-time them. llama.cpp runs in a child process: if it dies by a signal, the stage stops
+with one line naming the file and the signal. The throughputs, speedups, spreads and rounds go to their own file,
+with the machine that made them (nirvana.timings)."""
 
+import functools
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -14,70 +18,123 @@ import torch
 from nirvana.checks import check_model
 from nirvana.efficiency import forward_flops
 from nirvana.environment import machine
+from nirvana.errors import InputError
 from nirvana.evaluation import held_out
 from nirvana.io import log, write_json
-from nirvana.llamacpp import isolated, measure
+from nirvana.llamacpp import isolated, timed
 from nirvana.modeling import load_tokenizer, skeleton
 from nirvana.params import Params
 from nirvana.stage import run_stage
-from nirvana.timings import split
+from nirvana.timings import more_rounds, paired_speedups, split, wide_spreads
+
+MODELS = ("dense", "pruned", "finetuned")  # the order of the GGUF folders and perplexity files on the command line
 
 
-def wiki_windows(params: Params, corpora_dir: str, tokenizer_dir: str) -> tuple[str, torch.Tensor]:
-    """The wiki windows `evaluate` scores at its first window length, and its metric name (books, twice
-    the llama.cpp time, is in benchmarks/gguf_llamacpp.py)."""
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def measured_perplexity(path: str, manifest: dict, gguf_dir: str, types: list[str]) -> dict:
+    """gguf_perplexity's record of one model, checked to be about the files in `gguf_dir`."""
+    record = read_json(path)
+    for type in types:
+        if record.get(type, {}).get("sha256") != manifest["exported"][type]["sha256"]:
+            raise InputError(f"{path}: measured another {type} file than {gguf_dir} holds; rerun gguf_perplexity")
+    return record
+
+
+def timed_prompt(params: Params, corpora_dir: str, tokenizer_dir: str) -> list[int]:
+    """The first export.prompt_len tokens of the wiki windows `evaluate` scores at its first length: held-out
+    text, not random ids."""
     e = params.evaluate
     wiki = held_out(corpora_dir, "wiki", load_tokenizer(tokenizer_dir), e.max_tokens, e.windows[0])
-    return f"ppl_wiki_{e.windows[0]}", wiki
+    return wiki.flatten()[: params.export.prompt_len].tolist()
+
+
+def model_record(file: Path, exported: dict, key: str, ppl: float, speed: dict) -> dict:
+    """One model at one GGUF type: size, fallback tensors, llama.cpp perplexity (`key`), the median throughputs
+    and each round's seconds."""
+    return {
+        "mib": round(file.stat().st_size / 2**20, 2),
+        "fallbacks": exported["fallbacks"],
+        key: ppl,
+        "prompt_tokens_per_s": speed["prompt_tokens_per_s"],
+        "gen_tokens_per_s": speed["gen_tokens_per_s"],
+        "prompt_seconds": speed["prompt_s"],
+        "gen_seconds": speed["gen_s"],
+    }
+
+
+def speedups(type: str, by_name: dict[str, dict], target: float) -> dict:
+    """The pruned and fine-tuned models' paired speedups over dense at one GGUF type, their spreads and the
+    rounds; a warning for each spread the rounds left above `target` (export.max_repeats ran out)."""
+    rounds = {name: list(zip(m["prompt_s"], m["gen_s"], strict=True)) for name, m in by_name.items()}
+    out = paired_speedups(rounds, "dense")
+    for wide in wide_spreads(rounds, "dense", target):
+        spread = out[f"{wide}_spread"]
+        log.warning(
+            "%s %s: spread %s after %d rounds, above export.spread %s; raise export.max_repeats or time on an "
+            "idle machine", type, wide, "unknown" if spread is None else spread, out["rounds"], target,
+        )  # fmt: skip
+    return out
 
 
 def main(
-    params: Params, gguf_dir: str, corpora_dir: str, dense_dir: str, pruned_dir: str, metrics_out: str, timings_out: str
+    params: Params,
+    dense_gguf: str,
+    pruned_gguf: str,
+    finetuned_gguf: str,
+    dense_ppl: str,
+    pruned_ppl: str,
+    finetuned_ppl: str,
+    corpora_dir: str,
+    dense_dir: str,
+    pruned_dir: str,
+    metrics_out: str,
+    timings_out: str,
 ) -> None:
     x = params.export
     threads = min(x.threads, torch.get_num_threads())  # export.threads, or this job's share of the CPUs
-    manifest = json.loads(Path(gguf_dir, "export.json").read_text())
-    if "unsupported" in manifest:
-        write_json({"unsupported": manifest["unsupported"]}, metrics_out)
+    folders = dict(zip(MODELS, (dense_gguf, pruned_gguf, finetuned_gguf), strict=True))
+    manifests = {name: read_json(Path(folder, "export.json")) for name, folder in folders.items()}
+    unsupported = [m["unsupported"] for m in manifests.values() if "unsupported" in m]
+    if unsupported:
+        write_json({"unsupported": unsupported[0]}, metrics_out)
         write_json({"machine": machine()}, timings_out)
-        log.warning("nothing to measure: %s", manifest["unsupported"])
+        log.warning("nothing to measure: %s", unsupported[0])
         return
     check_model(dense_dir, [("export.prompt_len + export.new_tokens", x.prompt_len + x.new_tokens)])
-    ppl_key, wiki = wiki_windows(params, corpora_dir, dense_dir)
-    prompt = wiki.flatten()[: x.prompt_len].tolist()  # held-out text, not random ids
+    paths = dict(zip(MODELS, (dense_ppl, pruned_ppl, finetuned_ppl), strict=True))
+    ppl = {name: measured_perplexity(paths[name], manifests[name], folders[name], x.types) for name in MODELS}
+    (key,) = ppl["dense"]["transformers"]
+    prompt = timed_prompt(params, corpora_dir, dense_dir)
     dense, pruned = (forward_flops(skeleton(folder), x.prompt_len) for folder in (dense_dir, pruned_dir))
     report: dict = {
         "llama_cpp_python": version("llama-cpp-python"),
         "threads": threads,
         "flash_attn": False,
         "ideal_flop_ratio": round(dense / pruned, 4),
-        "pruned_digest": next(iter(manifest["exported"]["pruned"].values()))["source"]["digest"],
+        "pruned_digest": next(iter(manifests["pruned"]["exported"].values()))["source"]["digest"],
+        "ppl_tokens": ppl["dense"]["ppl_tokens"],
+        "transformers": {name: ppl[name]["transformers"] for name in MODELS},
     }
     files = {
-        type: {name: Path(gguf_dir, exported[type]["gguf"]) for name, exported in manifest["exported"].items()}
+        type: {name: Path(folders[name], manifests[name]["exported"][type]["gguf"]) for name in MODELS}
         for type in x.types
     }
-    measured = isolated(measure, files, wiki.tolist(), prompt, x.new_tokens, threads, x.warmup, x.repeats)
+    more = functools.partial(more_rounds, reference="dense", target=x.spread, most=x.max_repeats)
+    measured = isolated(timed, files, prompt, x.new_tokens, threads, x.warmup, x.repeats, more)
     for type, by_name in measured.items():
-        by_model: dict = {}
-        for name, m in by_name.items():
-            by_model[name] = {
-                "mib": round(files[type][name].stat().st_size / 2**20, 2),
-                "fallbacks": manifest["exported"][name][type]["fallbacks"],
-                ppl_key: round(m["ppl"], 4),
-                "prompt_tokens_per_s": m["prompt_tokens_per_s"],
-                "gen_tokens_per_s": m["gen_tokens_per_s"],
-            }
-            log.info("%s %s: %s", name, type, by_model[name])
-        for name in ("pruned", "finetuned"):
-            m, d = by_model[name], by_model["dense"]
-            by_model[f"{name}_bytes_ratio"] = round(d["mib"] / m["mib"], 4)
-            by_model[f"{name}_prompt_speedup"] = round(m["prompt_tokens_per_s"] / d["prompt_tokens_per_s"], 4)
-            by_model[f"{name}_gen_speedup"] = round(m["gen_tokens_per_s"] / d["gen_tokens_per_s"], 4)
-        report[type] = by_model
-    results, timed = split(report)
+        models = {
+            name: model_record(files[type][name], manifests[name]["exported"][type], key, ppl[name][type][key], m)
+            for name, m in by_name.items()
+        }
+        ratios = {f"{name}_bytes_ratio": round(models["dense"]["mib"] / models[name]["mib"], 4) for name in MODELS[1:]}
+        report[type] = models | ratios | speedups(type, by_name, x.spread)
+        log.info("%s: %s", type, {k: v for k, v in report[type].items() if k.endswith(("speedup", "rounds"))})
+    results, timings = split(report)
     write_json(results, metrics_out)
-    write_json(timed | {"machine": machine()}, timings_out)
+    write_json(timings | {"machine": machine()}, timings_out)
 
 
 if __name__ == "__main__":

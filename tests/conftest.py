@@ -27,8 +27,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-import nirvana  # noqa: F401  (registers pruned-model loading)
+import nirvana
 from nirvana.models import GRANULARITY_KEY
+
+nirvana.register()  # the tests load pruned folders with transformers' own from_pretrained, as a user would
 
 SHAPES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),

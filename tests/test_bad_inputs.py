@@ -39,7 +39,7 @@ SMALL = {
     "evaluate": {"windows": [32], "max_tokens": 256, "tasks": ["piqa"], "limit": 4},
     "efficiency": {"batch_sizes": [1], "prompt_len": 16, "new_tokens": 4, "warmup": 0, "repeats": 1},
     "allocation": {"mlp_multiple": 8},  # the tiny model has 40 MLP channels a layer
-    "export": {"prompt_len": 16, "new_tokens": 4},
+    "export": {"prompt_len": 16, "new_tokens": 4, "ppl_tokens": 256},
 }
 MINE = "data/calibration/mine.parquet"  # a user calibration file (calibration.path)
 ALPACA = "data/finetune/alpaca.jsonl"  # a user fine-tuning file (finetune.path)
@@ -564,7 +564,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "key,value,stage",
     [
         ("calibration.seq_len", 1000000, "check_inputs"),  # was refused by select_calibration, its outputs gone
-        ("evaluate.windows", [100], "check_inputs"),  # evaluate@dense, which no other stage orders
+        ("evaluate.windows", [128], "check_inputs"),  # evaluate@dense, which no other stage orders
         ("sparsity", 0.95, "check_inputs"),  # unreachable
         ("model.name_or_path", "smollm2-135", "check_params"),  # was refused by prepare_model, the base model gone
     ],

@@ -19,7 +19,7 @@ from nirvana.calibration import draw, select
 from nirvana.card import calibration_record
 from nirvana.errors import InputError
 from nirvana.params import AllocationParams, CalibrationParams, Params, defaults
-from nirvana.selection import kl_to_reference, log_probs
+from nirvana.selection import HeldOut
 from nirvana.surgery import prune_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,9 @@ def test_kl_matches_a_direct_computation_and_chunking_changes_nothing() -> None:
         log_q = torch.log_softmax(pruned(input_ids=KL_WINDOWS).logits, -1)
     expected = F.kl_div(log_q, log_p, log_target=True, reduction="sum").item() / KL_WINDOWS.numel()
     for batch_size in (1, 3, 7):
-        reference = list(log_probs(dense, KL_WINDOWS, batch_size))
-        assert kl_to_reference(reference, pruned, KL_WINDOWS, batch_size) == pytest.approx(expected, rel=1e-5)
+        assert HeldOut.of(dense, KL_WINDOWS, batch_size).kl(pruned) == pytest.approx(expected, rel=1e-5)
     assert expected > 0
-    assert kl_to_reference(list(log_probs(dense, KL_WINDOWS, 4)), dense, KL_WINDOWS, 4) == pytest.approx(0, abs=1e-7)
+    assert HeldOut.of(dense, KL_WINDOWS, 4).kl(dense) == pytest.approx(0, abs=1e-7)
 
 
 def test_search_picks_the_candidate_with_the_lowest_kl() -> None:

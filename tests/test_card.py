@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
@@ -360,3 +363,33 @@ def test_a_distilled_full_fine_tune_says_so_in_its_card(repo: Path, tmp_path: Pa
     assert "| teacher_digest | ab |" in text
     meta = card_data(finetune_record(pruned, f, summary, None)).to_dict()
     assert {"full-fine-tune", "distillation", "fine-tuned"} <= set(meta["tags"]) and "lora" not in meta["tags"]
+
+
+LOAD_BY_CARD = """
+import sys
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+folder, out = sys.argv[1:]
+{setup}
+model = {load}.eval()
+with torch.no_grad():
+    save_file({{"logits": model(input_ids=torch.arange(12).view(2, 6)).logits.contiguous()}}, out)
+"""
+
+
+def test_the_cards_loading_line_loads_the_pruned_folder(repo: Path, tmp_path: Path) -> None:
+    """The card's own instructions, run as written in a fresh process (where nothing registered the pruned widths
+    before them), give the model the pipeline pruned."""
+    pruned = repo / "outputs/pruned_model"
+    found = re.search(
+        r"Load it with `([^`]+)` first .*?then `(AutoModelForCausalLM\.from_pretrained\(folder\))`",
+        (pruned / CARD).read_text(),
+    )
+    assert found, "the card no longer says how to load the folder with nirvana"
+    script = LOAD_BY_CARD.format(setup=found[1].replace("; ", "\n"), load=found[2])
+    done = sh(ROOT, sys.executable, "-c", script, str(pruned), str(tmp_path / "logits.safetensors"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(pruned).eval()(input_ids=torch.arange(12).view(2, 6)).logits
+    torch.testing.assert_close(load_file(tmp_path / "logits.safetensors")["logits"], expected, atol=0, rtol=0)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,10 @@ from pathlib import Path
 import gguf
 import llama_cpp  # the deploy extra; `make install` installs it
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 from tokenizers import pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,7 +32,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from conftest import random_plan, tiny_llama, tiny_model_dir
+from conftest import load_stage, random_plan, tiny_llama, tiny_model_dir
 from nirvana.cli import main
 from nirvana.errors import NativeCrash
 from nirvana.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export, gguf_name, rope_rows
@@ -533,18 +537,25 @@ def test_failure_midway_leaves_nothing(project: Path, monkeypatch: pytest.Monkey
     assert nothing_written(project)
 
 
-def run_export_stage(project: Path, monkeypatch: pytest.MonkeyPatch, folder: Path) -> dict:
-    """stages/export_gguf.py on `folder` as dense, pruned and fine-tuned model; its manifest."""
-    import importlib.util
+def run_gguf_stage(
+    project: Path, monkeypatch: pytest.MonkeyPatch, name: str, *paths: str | Path, **export: object
+) -> None:
+    """stages/<name>.py run in this process on `paths`, under the committed params.yaml with `export` and small
+    `evaluate` windows (16 tokens, the tiny models' texts are short), perplexity on the first 4 of them."""
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["export"] |= {"ppl_tokens": 64} | export
+    params["evaluate"] |= {"windows": [16], "max_tokens": 256}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, paths)])
+    run_stage(name, load_stage(name).main)
 
-    spec = importlib.util.spec_from_file_location("export_gguf", Path(__file__).parents[1] / "stages/export_gguf.py")
-    assert spec is not None and spec.loader is not None
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    shutil.copy(Path(__file__).parents[1] / "params.yaml", project / "params.yaml")
-    monkeypatch.setattr(sys, "argv", ["export_gguf.py", str(folder), str(folder), str(folder), "outputs/gguf"])
-    run_stage("export_gguf", stage.main)
-    return json.loads((project / "outputs/gguf/export.json").read_text())
+
+def export_stage(
+    project: Path, monkeypatch: pytest.MonkeyPatch, folder: Path, out: str = "outputs/gguf/pruned"
+) -> dict:
+    """stages/export_gguf.py on one model folder; its manifest."""
+    run_gguf_stage(project, monkeypatch, "export_gguf", folder, out, types=["f32", "f16"])
+    return json.loads((project / out / "export.json").read_text())
 
 
 @pytest.mark.parametrize("kind", ["t5", "word-level tokenizer"])
@@ -561,10 +572,10 @@ def test_export_stage_records_a_model_llama_cpp_cannot_run(
         (folder / "tokenizer.json").write_text("{}")
     else:
         folder = tiny_model_dir(project / "model")
-    manifest = run_export_stage(project, monkeypatch, folder)
+    manifest = export_stage(project, monkeypatch, folder)
     why = "architecture 't5' cannot be exported" if kind == "t5" else "only byte-level BPE tokenizers"
     assert list(manifest) == ["unsupported"] and manifest["unsupported"].startswith(why)
-    assert [p.name for p in (project / "outputs/gguf").iterdir()] == ["export.json"]
+    assert [p.name for p in (project / "outputs/gguf/pruned").iterdir()] == ["export.json"]
 
 
 @pytest.mark.parametrize("broken", ["read_layers", "write_gguf"])
@@ -581,8 +592,187 @@ def test_export_stage_fails_on_any_other_export_error(
 
     monkeypatch.setattr(nirvana.gguf, broken, regression)
     with pytest.raises(SystemExit, match=rf"^\[export_gguf\] {broken} broke$"):
-        run_export_stage(project, monkeypatch, folder)
-    assert nothing_written(project)
+        export_stage(project, monkeypatch, folder)
+    assert not [path for path in (project / "outputs").rglob("*") if not path.is_dir()]
+
+
+def wiki_corpus(project: Path) -> Path:
+    """A corpora folder whose wiki set is the tiny tokenizer's own sentences."""
+    corpora = project / "outputs/corpora"
+    corpora.mkdir()
+    pd.DataFrame({"text": CORPUS}).to_parquet(corpora / "wiki.parquet")
+    return corpora
+
+
+@pytest.fixture
+def measured(project: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Three tiny models (dense, a pruned one, a second pruned one as `finetuned`) through export_gguf and
+    gguf_perplexity at f32 and f16; each model's folder."""
+    corpora = wiki_corpus(project)
+    dense = project / "dense"
+    tokenizer = bpe_tokenizer()
+    save_model(tiny_model("llama", len(tokenizer)), tokenizer, dense)
+    folders = {"dense": dense}
+    for name, seed in (("pruned", 0), ("finetuned", 1)):
+        folders[name] = pruned_folder(project / name, seed=seed)[0]
+    for name, folder in folders.items():
+        manifest = export_stage(project, monkeypatch, folder, f"outputs/gguf/{name}")
+        assert sorted(manifest["exported"]) == ["f16", "f32"]
+        assert manifest["exported"]["f16"]["gguf"] == f"{name}-f16.gguf"
+        out = project / f"metrics/gguf_ppl_{name}.json"
+        run_gguf_stage(
+            project, monkeypatch, "gguf_perplexity", f"outputs/gguf/{name}", folder, corpora, out, ppl_tokens=64
+        )
+    return folders
+
+
+def test_gguf_perplexity_scores_llama_cpp_and_transformers_on_evaluates_first_windows(
+    measured: dict[str, Path],
+) -> None:
+    """Both perplexities over the first export.ppl_tokens // evaluate.windows[0] of evaluate's wiki windows: the
+    transformers one is evaluate's function on those windows, and llama.cpp's f32 file gives the same number."""
+    from nirvana.evaluation import held_out, perplexity
+
+    for name, folder in measured.items():
+        record = json.loads(Path(f"metrics/gguf_ppl_{name}.json").read_text())
+        assert record["ppl_tokens"] == 64 and sorted(record) == ["f16", "f32", "ppl_tokens", "transformers"]
+        windows = held_out("outputs/corpora", "wiki", AutoTokenizer.from_pretrained(folder), 256, 16)[:4]
+        expected = perplexity(AutoModelForCausalLM.from_pretrained(folder).eval(), windows, 8)
+        assert record["transformers"]["ppl_wiki_16"] == round(expected, 4), name
+        assert record["f32"]["ppl_wiki_16"] == pytest.approx(expected, rel=1e-4), name
+        assert record["f16"]["ppl_wiki_16"] == pytest.approx(expected, rel=1e-2), name
+        manifest = json.loads(Path(f"outputs/gguf/{name}/export.json").read_text())
+        assert record["f16"]["sha256"] == manifest["exported"]["f16"]["sha256"]
+
+
+MEASURE = ["outputs/gguf/dense", "outputs/gguf/pruned", "outputs/gguf/finetuned"]
+MEASURE += [f"metrics/gguf_ppl_{name}.json" for name in ("dense", "pruned", "finetuned")]
+MEASURE += ["outputs/corpora", "dense", "pruned", "metrics/gguf.json", "timings/gguf.json"]
+TIMING = {"types": ["f32", "f16"], "prompt_len": 8, "new_tokens": 2, "warmup": 0, "repeats": 2, "max_repeats": 3}
+
+
+def test_measure_gguf_times_in_paired_rounds_and_gathers_the_perplexities(
+    measured: dict[str, Path], project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each speedup is the median of its rounds' ratios (dense seconds / model seconds in the same round), with
+    its spread, after export.repeats to export.max_repeats rounds; the results file holds no wall-clock figure
+    and carries gguf_perplexity's numbers as they were measured, refusing those of other files."""
+    run_gguf_stage(project, monkeypatch, "measure_gguf", *MEASURE, **TIMING)
+    results = json.loads((project / "metrics/gguf.json").read_text())
+    timed = json.loads((project / "timings/gguf.json").read_text())
+    assert results["ppl_tokens"] == 64 and timed["machine"]["cpu"]
+    for name in measured:
+        record = json.loads((project / f"metrics/gguf_ppl_{name}.json").read_text())
+        assert results["transformers"][name] == record["transformers"]
+        assert results["f16"][name]["ppl_wiki_16"] == record["f16"]["ppl_wiki_16"]
+    for type in ("f32", "f16"):
+        t = timed[type]
+        assert 2 <= t["rounds"] <= 3 and "rounds" not in results[type]
+        for name in ("pruned", "finetuned"):
+            for kind in ("prompt", "gen"):
+                dense, own = t["dense"][f"{kind}_seconds"], t[name][f"{kind}_seconds"]
+                ratios = [d / m for d, m in zip(dense, own, strict=True)]
+                assert len(ratios) == t["rounds"]
+                assert t[f"{name}_{kind}_speedup"] == round(statistics.median(ratios), 4)
+                spread = 1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios))
+                assert t[f"{name}_{kind}_speedup_spread"] == pytest.approx(spread, rel=1e-3, abs=1e-4)
+                assert f"{name}_{kind}_speedup" not in results[type]
+            assert results[type][f"{name}_bytes_ratio"] > 1
+    manifest = json.loads(Path("outputs/gguf/pruned/export.json").read_text())
+    assert results["pruned_digest"] == manifest["exported"]["f32"]["source"]["digest"]
+    # a perplexity file about other GGUF files than the folder holds (a stale one) stops the stage in one line
+    stale = project / "metrics/gguf_ppl_pruned.json"
+    stale.write_text(json.dumps(json.loads(stale.read_text()) | {"f32": {"ppl_wiki_16": 1.0, "sha256": "0" * 64}}))
+    (project / "metrics/gguf.json").unlink()
+    with pytest.raises(SystemExit, match=r"^\[measure_gguf\] metrics/gguf_ppl_pruned.json: measured another f32 file"):
+        run_gguf_stage(project, monkeypatch, "measure_gguf", *MEASURE, **TIMING)
+    assert not (project / "metrics/gguf.json").exists()
+
+
+# ---- the adaptive number of timed rounds, on made-up seconds ----
+
+ROUNDS = {"dense": [(1.0, 2.0), (1.2, 2.2), (0.9, 2.1)], "pruned": [(0.8, 1.6), (1.0, 1.7), (0.75, 1.8)]}
+
+
+def test_a_speedup_is_the_median_of_paired_round_ratios_with_its_standard_error() -> None:
+    from nirvana.timings import median_spread, paired_speedups, round_ratios
+
+    ratios = round_ratios(ROUNDS, "dense")
+    assert ratios == {"pruned_prompt_speedup": [1.25, 1.2, 1.2], "pruned_gen_speedup": [1.25, 2.2 / 1.7, 2.1 / 1.8]}
+    found = paired_speedups(ROUNDS, "dense")
+    assert found["rounds"] == 3 and found["pruned_prompt_speedup"] == 1.2
+    assert found["pruned_prompt_speedup_spread"] == round(1.2533 * statistics.stdev([1.25, 1.2, 1.2]) / 3**0.5, 4)
+    assert found["pruned_gen_speedup"] == 1.25 != round(2.1 / 1.7, 4)  # the median round, not a ratio of medians
+    one = paired_speedups({"dense": [(1.0, 1.0)], "m": [(0.5, 1.0)]}, "dense")
+    assert median_spread([1.1]) is None and one["rounds"] == 1 and one["m_prompt_speedup_spread"] is None
+
+
+def test_rounds_are_added_while_a_spread_is_above_the_target_up_to_the_most() -> None:
+    from nirvana.timings import more_rounds, wide_spreads
+
+    assert wide_spreads(ROUNDS, "dense", 0.03) == ["pruned_gen_speedup"]  # prompt: 0.0209, generation: 0.0468
+    assert more_rounds(ROUNDS, "dense", 0.03, most=4) and not more_rounds(ROUNDS, "dense", 0.03, most=3)
+    assert not more_rounds(ROUNDS, "dense", 0.05, most=12)
+    one = {name: times[:1] for name, times in ROUNDS.items()}
+    assert wide_spreads(one, "dense", 10.0) == ["pruned_prompt_speedup", "pruned_gen_speedup"]  # unknown from one
+
+
+class FakeModel:
+    """Stands for a llama.cpp model: `run_once` returns its next made-up (prompt, generation) seconds."""
+
+    def __init__(self, times: Iterator[tuple[float, float]]) -> None:
+        self.times = times
+
+    def close(self) -> None:
+        pass
+
+
+def fake_speed(monkeypatch: pytest.MonkeyPatch, pruned: list[float], **rule: object) -> dict:
+    """nirvana.llamacpp.speed on made-up seconds: dense takes 1 s a round, pruned as listed (then 0.8 s), with
+    export.repeats 3 and nirvana.timings.more_rounds; what it measured."""
+    import functools
+    import itertools
+
+    from nirvana import llamacpp
+    from nirvana.timings import more_rounds
+
+    seconds = {"dense": itertools.repeat((1.0, 1.0)), "pruned": ((s, s) for s in itertools.chain(pruned, [0.8] * 99))}
+    monkeypatch.setattr(llamacpp, "open_model", lambda path, *args, **kwargs: FakeModel(seconds[path.stem]))
+    monkeypatch.setattr(llamacpp, "run_once", lambda llm, prompt, new_tokens: next(llm.times))
+    more = functools.partial(more_rounds, reference="dense", **rule)
+    return llamacpp.speed({"dense": Path("dense"), "pruned": Path("pruned")}, [1] * 4, 2, 1, 0, 3, more=more)
+
+
+def test_speed_times_as_few_rounds_as_bring_every_spread_under_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steady ratios stop at export.repeats; one slow first round needs more rounds, exactly as many as bring its
+    standard error to the target; ratios that never settle stop at export.max_repeats."""
+    from nirvana.timings import median_spread
+
+    steady = fake_speed(monkeypatch, [], target=0.03, most=12)
+    assert len(steady["pruned"]["prompt_s"]) == 3 and steady["pruned"]["prompt_tokens_per_s"] == 5.0
+    settling = fake_speed(monkeypatch, [0.7], target=0.03, most=12)
+    ratios = [1 / 0.7] + [1.25] * 11
+    needed = next(n for n in range(3, 13) if median_spread(ratios[:n]) <= 0.03)  # type: ignore[operator]
+    assert len(settling["dense"]["gen_s"]) == needed == 8
+    noisy = fake_speed(monkeypatch, [0.5, 1.0] * 10, target=0.03, most=7)
+    assert len(noisy["pruned"]["gen_s"]) == 7
+
+
+def test_a_model_llama_cpp_cannot_run_is_recorded_through_every_gguf_stage(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny word-level model: each export manifest, each perplexity file and metrics/gguf.json say why, and
+    the timing file holds only the machine."""
+    corpora = wiki_corpus(project)
+    folder = tiny_model_dir(project / "dense")
+    for name in ("dense", "pruned", "finetuned"):
+        export_stage(project, monkeypatch, folder, f"outputs/gguf/{name}")
+        out = f"metrics/gguf_ppl_{name}.json"
+        run_gguf_stage(project, monkeypatch, "gguf_perplexity", f"outputs/gguf/{name}", folder, corpora, out)
+        assert list(json.loads(Path(out).read_text())) == ["unsupported"]
+    run_gguf_stage(project, monkeypatch, "measure_gguf", *MEASURE)
+    assert json.loads(Path("metrics/gguf.json").read_text())["unsupported"].startswith("only byte-level BPE")
+    assert list(json.loads(Path("timings/gguf.json").read_text())) == ["machine"]
 
 
 def test_cli_exports_and_reports_errors_in_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,11 +79,37 @@ def test_the_committed_params_are_valid() -> None:
         ({"calibration__kl_seq_len": 1}, r"calibration.kl_seq_len = 1 is invalid; expected an integer > 1"),
         ({"evaluate__max_tokens": 100}, r"evaluate.max_tokens = 100 is invalid; expected null or at least the longest"),
         ({"finetune__lr": "1e-4"}, r"YAML: write 1.0e-4\)$"),
+        (
+            {"export__ppl_tokens": 2000},
+            r"^params: export.ppl_tokens = 2000 is invalid; expected a multiple of evaluate.windows\[0\] \(128\), "
+            r"at most evaluate.max_tokens \(8192\)$",
+        ),
+        (
+            {"export__ppl_tokens": 8320},
+            r"export.ppl_tokens = 8320 is invalid; .* at most evaluate.max_tokens \(8192\)$",
+        ),
+        ({"export__ppl_tokens": 0}, r"export.ppl_tokens = 0 is invalid; expected a positive integer$"),
+        ({"evaluate__windows": [100]}, r"export.ppl_tokens = 2048 is invalid; expected a multiple of evaluate.windows"),
+        (
+            {"export__max_repeats": 2},
+            r"export.max_repeats = 2 is invalid; expected an integer >= export.repeats \(3\)$",
+        ),
+        ({"export__spread": 0}, r"export.spread = 0 is invalid; expected a number > 0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(ParamError, match=message):
         load_params(write(tmp_path, **changes))
+
+
+def test_the_gguf_perplexity_tokens_fit_evaluate_windows(tmp_path: Path) -> None:
+    """export.ppl_tokens are whole windows of evaluate's first length within the tokens it scores: all of them,
+    or any number of windows when evaluate.max_tokens is null (the whole set)."""
+    assert load_params(write(tmp_path, export__ppl_tokens=8192)).export.ppl_tokens == 8192
+    whole = load_params(write(tmp_path, evaluate__max_tokens=None, export__ppl_tokens=16384))
+    assert whole.export.ppl_tokens == 16384
+    windows = load_params(write(tmp_path, evaluate__windows=[64, 2048], export__ppl_tokens=192))
+    assert windows.export.ppl_tokens == 192  # evaluate.windows[0] is the one that counts
 
 
 def test_every_method_and_allocation_mode_is_accepted(tmp_path: Path) -> None:

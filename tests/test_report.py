@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from nirvana import cli, report
-from nirvana.report import best_runs, experiment_rows, markdown, readme_table, sort_rows
+from nirvana.report import best_runs, experiment_rows, llamacpp_table, markdown, readme_table, sort_rows
 from nirvana.sweep import sweep_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,8 @@ def test_a_searched_criterion_and_gamma_show_what_won() -> None:
 def test_sweep_commands_cover_every_pair_and_refuse_bad_input_up_front() -> None:
     commands = sweep_commands(["flap", "random"], [0.1, 0.4], ["evaluate.limit=50"], queue=True)
     assert len(commands) == 4 and commands[0][2:] == [
-        "dvc", "exp", "run", "--queue", "compare",  # its plots/models.csv: each experiment's own bars
+        # compare: its plots/models.csv, each experiment's own bars; measure_gguf: its llama.cpp speedups
+        "dvc", "exp", "run", "--queue", "compare", "measure_gguf",
         "-S", "method=flap", "-S", "sparsity=0.1", "-S", "evaluate.limit=50",
     ]  # fmt: skip
     assert commands[3][-5:] == ["method=random", "-S", "sparsity=0.4", "-S", "evaluate.limit=50"]
@@ -311,6 +312,41 @@ def test_llama_cpp_speedups_join_the_wide_table_only_for_the_model_they_measured
     assert "speedup_llamacpp_q8_0_gen" not in by[("main", "dense")]
     assert "speedup_llamacpp_q8_0_gen" not in by[("exp-1", "flap")]  # gguf.json measured another pruned model
     assert "speedup_llamacpp_q8_0_gen" in markdown(rows, wide=True) and "llamacpp" not in markdown(rows)
+
+
+def gguf_type(dense: float, pruned: float, finetuned: float, rounds: int, spread: float | None) -> dict:
+    """One GGUF type of metrics/gguf.json joined with timings/gguf.json, llama.cpp perplexities as given."""
+    models = {
+        name: {"mib": mib, "fallbacks": 0, "ppl_wiki_128": ppl, "prompt_tokens_per_s": 600.4, "gen_tokens_per_s": 90.06}
+        for name, mib, ppl in (("dense", 258.3, dense), ("pruned", 218.0, pruned), ("finetuned", 218.0, finetuned))
+    }
+    ratios = {"pruned_bytes_ratio": 1.185, "pruned_prompt_speedup": 1.0819, "pruned_gen_speedup": 1.1535}
+    spreads = {"pruned_prompt_speedup_spread": spread, "pruned_gen_speedup_spread": spread}
+    return models | ratios | spreads | {"rounds": rounds}
+
+
+def test_the_llama_cpp_table_puts_both_perplexities_on_the_same_tokens_and_the_spreads() -> None:
+    """The perplexity column says its window and token count, transformers' perplexity on those tokens beside
+    llama.cpp's; each speedup comes with its spread and the rounds it took (none to show from one round)."""
+    gguf = {
+        "threads": 2,
+        "ideal_flop_ratio": 1.1845,
+        "ppl_tokens": 2048,
+        "transformers": {name: {"ppl_wiki_128": ppl} for name, ppl in (("dense", 27.3), ("pruned", 53.0))}
+        | {"finetuned": {"ppl_wiki_128": 40.6}},
+        "f16": gguf_type(27.31, 53.02, 40.58, 5, 0.0213),
+        "q8_0": gguf_type(27.46, 53.37, 40.74, 1, None),
+    }
+    lines = llamacpp_table(gguf)
+    assert lines[2] == (
+        "| type | model | MiB | wiki ppl @128, 2,048 tokens: llama.cpp | transformers | prompt tok/s "
+        "| generation tok/s |"
+    )
+    assert lines[4] == "| f16 | dense | 258.3 | 27.31 | 27.30 | 600 | 90.1 |"
+    assert lines[9] == "| q8_0 | finetuned | 218.0 | 40.74 | 40.60 | 600 | 90.1 |"
+    assert lines[-2] == "- f16 (5 rounds): bytes x1.19, prompt x1.08 ± 0.02, generation x1.15 ± 0.02."
+    assert lines[-1] == "- q8_0 (1 round): bytes x1.19, prompt x1.08, generation x1.15."
+    assert llamacpp_table({"unsupported": "architecture 't5'"}) == ["No GGUF export for this model: architecture 't5'."]
 
 
 def test_a_recovered_row_names_its_adapter_and_loss() -> None:

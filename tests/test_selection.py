@@ -9,15 +9,28 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from transformers import PreTrainedModel
 
-from conftest import random_text, save_tokenizer, tiny_llama
+from conftest import DECODERS, random_plan, random_text, save_tokenizer, tiny_decoder, tiny_llama
 from nirvana.calibration import judged_at, judged_plan, search
 from nirvana.criteria import CRITERIA
 from nirvana.evaluation import param_counts
 from nirvana.io import write_parquet
+from nirvana.models import get_adapter
 from nirvana.params import AllocationParams, CalibrationParams, Params, SaliencyParams, defaults
 from nirvana.plan import plan_for
-from nirvana.selection import HeldOut, by_method, choices, choose, coarse_to_fine, kl_sum, log_probs, summary
+from nirvana.selection import (
+    BLOCK,
+    HeldOut,
+    Reference,
+    by_method,
+    choices,
+    choose,
+    coarse_to_fine,
+    log_probs,
+    shared_layers,
+    summary,
+)
 from nirvana.surgery import prune_model
 
 KL_WINDOWS = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(5))
@@ -257,16 +270,88 @@ def test_a_token_the_dense_model_rules_out_adds_nothing_to_the_kl() -> None:
     dense = list(log_probs(model, KL_WINDOWS, 4))
     masked = [torch.log_softmax(chunk.index_fill(-1, torch.tensor([5]), float("-inf")), -1) for chunk in dense]
     expected = -torch.log1p(-torch.cat(dense)[..., 5].exp()).mean().item()
-    assert HeldOut(KL_WINDOWS, masked, 4).kl(model) == pytest.approx(expected, rel=1e-4)
+    assert HeldOut(KL_WINDOWS, [Reference.of(m) for m in masked], 4).kl(model) == pytest.approx(expected, rel=1e-4)
 
 
-def test_the_kl_sum_keeps_the_bits_of_the_plain_formula_on_finite_inputs() -> None:
-    """The committed KLs were summed as (exp(log p) x (log p - log q)).sum(): on finite inputs, positions
-    where p underflows to 0 included, the guarded sum gives the same bits, so no recorded result moves."""
-    gen = torch.Generator().manual_seed(0)
-    for scale in (1.0, 40.0):  # at 40, many log p fall below -104, where exp underflows to 0 in float32
-        logits = torch.randn(16, 9, 1000, generator=gen) * scale
-        log_p = logits.log_softmax(-1)
-        log_q = (logits + torch.randn(logits.shape, generator=gen) * scale).log_softmax(-1)
-        assert scale == 1.0 or (log_p.exp() == 0).any()
-        assert kl_sum(log_p, log_q) == (log_p.exp() * (log_p - log_q)).sum().item()
+def plain_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """sum p (log p - log q) in float64, a term with p = 0 adding 0: the definition the KL is held to."""
+    log_p, log_q = log_p.double(), log_q.double()
+    return torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0).sum().item()
+
+
+def distributions(vocab: int, scale: float, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense and pruned log-probabilities of 4 x 16 tokens: logits of spread `scale`, the pruned ones moved by
+    `noise` x `scale`; at scale 40 and above many p underflow to 0 in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 16, vocab, generator=gen) * scale
+    moved = logits + torch.randn(logits.shape, generator=gen) * noise * scale
+    return logits.log_softmax(-1), moved.log_softmax(-1)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "scale", "noise"),
+    [
+        (49152, 1.0, 1.0),  # SmolLM2's vocabulary, KL about the entropy
+        (49152, 1.0, 0.1),  # a KL 2,000 times below the entropy: float32 sums would be off by 3e-6
+        (49152, 40.0, 0.1),  # most p = 0, extreme logits
+        (1000, 300.0, 1.0),  # blocks of 8
+        (997, 3.0, 0.5),  # a prime vocabulary: float64 over every entry
+    ],
+)
+def test_the_kl_is_the_plain_formula_to_a_millionth(vocab: int, scale: float, noise: float) -> None:
+    log_p, log_q = distributions(vocab, scale, noise, seed=vocab)
+    assert scale < 40 or (log_p.exp() == 0).any()
+    kl = Reference.of(log_p.clone()).kl_sum(log_q.clone())
+    assert kl == pytest.approx(plain_kl(log_p, log_q), rel=1e-6) and kl > 0
+
+
+def test_ruled_out_tokens_add_nothing_where_p_is_0_and_everything_where_it_is_not() -> None:
+    """log q = -inf where p = 0 adds 0 (not 0 x -inf = NaN); where p > 0 the KL is infinite."""
+    log_p, log_q = distributions(3 * BLOCK, 2.0, 1.0, seed=1)
+    log_p[0, 0, 7], log_q[0, 0, 7] = -torch.inf, -torch.inf
+    log_p, log_q = log_p.log_softmax(-1), log_q.log_softmax(-1)
+    kl = Reference.of(log_p.clone()).kl_sum(log_q.clone())
+    assert kl == pytest.approx(plain_kl(log_p, log_q), rel=1e-6)
+    log_q[1, 2, 9] = -torch.inf
+    assert Reference.of(log_p.clone()).kl_sum(log_q.clone()) == torch.inf == plain_kl(log_p, log_q)
+
+
+def dense_first_layer(model_type: str) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """A tiny decoder and a copy pruned everywhere but in its first layer."""
+    model = tiny_decoder(model_type)
+    plan = random_plan(model, seed=3)
+    plan.loc[plan["layer"] == 0, "keep"] = True
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, plan)
+    return model, pruned
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS))
+def test_the_dense_layers_a_plan_keeps_are_replayed_bit_for_bit(model_type: str) -> None:
+    """The first plan runs the layers it shares with the dense model and records their outputs; the next skips
+    them (their modules are not called) and gets the same bits as a KL set without the dense model's outputs."""
+    model, pruned = dense_first_layer(model_type)
+    held_out = HeldOut.of(model, KL_WINDOWS, 4)
+    plain = HeldOut(KL_WINDOWS, held_out.reference, 4).kl(pruned)
+    calls = []
+    layer = get_adapter(pruned.config).layers(pruned)[0]
+    layer.mlp.register_forward_hook(lambda *args: calls.append(1))
+    assert held_out.kl(pruned) == plain and len(calls) == 2 and list(held_out.prefixes) == [1]
+    calls.clear()
+    assert held_out.kl(pruned) == plain and not calls and "forward" not in vars(layer)
+    assert held_out.kl(copy.deepcopy(pruned)) == plain and not calls
+
+
+def test_a_layer_that_differs_from_the_dense_one_is_not_replayed() -> None:
+    model, pruned = dense_first_layer("llama")
+    held_out = HeldOut.of(model, KL_WINDOWS, 4)
+    held_out.kl(pruned)
+    changed = copy.deepcopy(pruned)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert shared_layers(pruned, model) and not shared_layers(changed, model)
+    assert held_out.kl(changed) == HeldOut(KL_WINDOWS, held_out.reference, 4).kl(changed) != held_out.kl(pruned)
+    changed = copy.deepcopy(pruned)
+    with torch.no_grad():
+        changed.model.norm.weight[0] += 1.0  # outside the layers
+    assert not shared_layers(changed, model)
