@@ -9,12 +9,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from nirvana import register
+
 from nirvana.finetune import rebuild, trainable
 from nirvana.params import FinetuneParams, defaults
 from nirvana.surgery import save_model
 
 
 def student(folder: str, adapter: str) -> torch.nn.Module:
+    register()  # the folder is pruned: transformers builds it at its recorded widths
     """The pruned model as `train` wraps it, every trainable weight moved as a training run would move it."""
     torch.manual_seed(1)  # LoRA's A matrices start random
     model = trainable(AutoModelForCausalLM.from_pretrained(folder), defaults(FinetuneParams, adapter=adapter))
