@@ -12,11 +12,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from nirvana.calibration import candidate_pool, search
-from nirvana.data import read_texts, token_stream, windows
-from nirvana.evaluation import perplexity
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import load_params
+from nirvana.core.data import read_texts, token_stream, windows
+from nirvana.core.params import load_params
+from nirvana.evaluation.perplexity import perplexity
+from nirvana.method.calibration import candidate_pool, search
+from nirvana.models.loading import load_model, load_tokenizer
 
 
 def run(sparsity: float, seq_len: int = 128) -> dict:

@@ -23,8 +23,8 @@ from threads import hot_paths  # benchmarks/threads.py: the same slice of the pi
 
 def work(model_dir: str, kernels: str) -> dict:
     """One process: the seconds of `hot_paths`, the hash of its first logits, and the code path torch ran."""
-    from nirvana.environment import kernels_in_force, pin_cpu
-    from nirvana.modeling import load_model
+    from nirvana.core.environment import kernels_in_force, pin_cpu
+    from nirvana.models.loading import load_model
 
     pin_cpu(kernels, 2)
     forward, train, logits = hot_paths(load_model(model_dir))
@@ -52,7 +52,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(work(*args.worker)))
         return
-    from nirvana.environment import cpu_model
+    from nirvana.core.environment import cpu_model
 
     runs: dict[str, list[dict]] = {"portable": [], "native": []}
     for _ in range(args.rounds):

@@ -1,5 +1,5 @@
 """Does held-out KL pick the right gamma? At one sparsity, prune the pipeline's base model at every gamma
-of a wide grid, as `gamma: auto` does (nirvana.selection.choose, same saliency for every gamma), and
+of a wide grid, as `gamma: auto` does (nirvana.method.selection.choose, same saliency for every gamma), and
 measure each pruned model's wiki and books perplexity next to its KL. Perplexity is computed here only:
 the pipeline never looks at the evaluation texts when it chooses.
 
@@ -18,13 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from nirvana.calibration import candidate_pool, draw
-from nirvana.criteria import CRITERIA
-from nirvana.data import read_texts, token_stream, windows
-from nirvana.evaluation import perplexity
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import Params, load_params
-from nirvana.selection import HeldOut, choose
+from nirvana.core.data import read_texts, token_stream, windows
+from nirvana.core.params import Params, load_params
+from nirvana.evaluation.perplexity import perplexity
+from nirvana.method.calibration import candidate_pool, draw
+from nirvana.method.criteria import CRITERIA
+from nirvana.method.selection import HeldOut, choose
+from nirvana.models.loading import load_model, load_tokenizer
 
 GRID = [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]
 """Wider than the default `allocation.gamma_candidates`, to see whether the optimum lies inside it."""

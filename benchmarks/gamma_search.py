@@ -2,8 +2,8 @@
 (params.yaml: calibration.candidates seeded draws) and each sparsity, prune at every gamma of
 allocation.gamma_candidates and record the held-out KL: the full grid the search and allocation used to
 walk (27 + 9 pruned forward passes at the defaults). Then replay, on these recorded numbers, what the
-pipeline does now: each candidate judged at one gamma (nirvana.calibration.judged_at), and gamma chosen
-for the winner alone by nirvana.selection.coarse_to_fine. Same choice, or how much KL the cheaper search
+pipeline does now: each candidate judged at one gamma (nirvana.method.calibration.judged_at), and gamma chosen
+for the winner alone by nirvana.method.selection.coarse_to_fine. Same choice, or how much KL the cheaper search
 gives up.
 
 Run after `make run` (it reads outputs/base_model and outputs/corpora; about 5 minutes per sparsity on
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from nirvana.calibration import candidate_pool, draw, judged_at
-from nirvana.criteria import CRITERIA
-from nirvana.data import read_texts
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import load_params
-from nirvana.selection import HeldOut, choose, coarse_to_fine
+from nirvana.core.data import read_texts
+from nirvana.core.params import load_params
+from nirvana.method.calibration import candidate_pool, draw, judged_at
+from nirvana.method.criteria import CRITERIA
+from nirvana.method.selection import HeldOut, choose, coarse_to_fine
+from nirvana.models.loading import load_model, load_tokenizer
 
 
 def record(sparsities: list[float]) -> dict:

@@ -4,7 +4,7 @@ pruned timed alternately, and the KV-cache size with flash attention on and off.
 
 Pruned models are built from the pipeline's saliency scores (NIRVANA allocation, gamma 3.0) at several
 sparsities and `allocation.mlp_multiple` values, saved as pipeline folders under the scratch folder and
-exported with `nirvana.gguf`. Run after `make run` from the project root (the GGUFs go under ./outputs/):
+exported with `nirvana.deploy.gguf`. Run after `make run` from the project root (the GGUFs go under ./outputs/):
     .venv/bin/python benchmarks/gguf_llamacpp.py outputs --repeats 5
 Writes results/gguf_llamacpp.json and results/gguf_llamacpp.md."""
 
@@ -27,16 +27,17 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
-from nirvana import llamacpp
-from nirvana.allocation import allocate_for_model
-from nirvana.data import EVAL_SETS
-from nirvana.efficiency import forward_flops
-from nirvana.evaluation import held_out, param_counts, perplexity
-from nirvana.gguf import export, stored_types
-from nirvana.io import folder_digest
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.selection import by_method
-from nirvana.surgery import CONFIG_KEY, layer_units, prune_model, save_model
+from nirvana.core.data import EVAL_SETS
+from nirvana.core.io import folder_digest
+from nirvana.deploy import llamacpp
+from nirvana.deploy.gguf import export, stored_types
+from nirvana.evaluation.efficiency import forward_flops
+from nirvana.evaluation.perplexity import held_out, param_counts, perplexity
+from nirvana.method.allocation import allocate_for_model
+from nirvana.method.selection import by_method
+from nirvana.method.surgery import layer_units, prune_model, save_model
+from nirvana.models.loading import load_model, load_tokenizer
+from nirvana.models.widths import CONFIG_KEY
 
 GAMMA, SEQ_LEN, MAX_TOKENS = 3.0, 128, 8192
 PROMPT, NEW_TOKENS, THREADS = 128, 64, 2
@@ -169,7 +170,7 @@ def open_model(path: Path, n_ctx: int, flash: bool) -> llama_cpp.Llama:
 
 
 def speed(paths: dict[str, Path], prompt: list[int], flash: bool, warmup: int, repeats: int) -> dict[str, dict]:
-    """Median prompt and generation throughput of every model, timed alternately (nirvana.llamacpp.speed)."""
+    """Median prompt and generation throughput of every model, timed alternately (nirvana.deploy.llamacpp.speed)."""
     return llamacpp.speed(paths, prompt, NEW_TOKENS, THREADS, warmup, repeats, flash)
 
 

@@ -40,12 +40,12 @@ def work(tree: str) -> None:
     """A worker on the code of `tree`: the dense reference (timed), then one judged plan per line of stdin
     ({stage, scores, method, gamma}), answered with its KL, digest, seconds and the process's peak memory."""
     import nirvana
-    from nirvana.calibration import kl_set
-    from nirvana.data import read_texts
-    from nirvana.environment import pin_cpu
-    from nirvana.modeling import load_model, load_tokenizer
-    from nirvana.params import load_params
-    from nirvana.selection import HeldOut, by_method, choose
+    from nirvana.core.data import read_texts
+    from nirvana.core.environment import pin_cpu
+    from nirvana.core.params import load_params
+    from nirvana.method.calibration import kl_set
+    from nirvana.method.selection import HeldOut, by_method, choose
+    from nirvana.models.loading import load_model, load_tokenizer
 
     assert Path(nirvana.__file__).resolve().is_relative_to(Path(tree).resolve()), nirvana.__file__
     params = load_params(Path(tree) / "params.yaml")  # the params its code knows
@@ -105,12 +105,12 @@ def candidate_scores(folder: Path) -> list[dict]:
     """One job per candidate of the calibration search. The winner's windows are the ones compute_saliency
     scored (outputs/saliency.parquet); the others' saliency is computed again as the search did (pinned
     kernels), or read from `folder` where an earlier run left it."""
-    from nirvana.calibration import candidate_pool
-    from nirvana.criteria import CRITERIA
-    from nirvana.data import read_texts, read_windows
-    from nirvana.environment import pin_cpu
-    from nirvana.modeling import load_model, load_tokenizer
-    from nirvana.params import load_params
+    from nirvana.core.data import read_texts, read_windows
+    from nirvana.core.environment import pin_cpu
+    from nirvana.core.params import load_params
+    from nirvana.method.calibration import candidate_pool
+    from nirvana.method.criteria import CRITERIA
+    from nirvana.models.loading import load_model, load_tokenizer
 
     params = load_params()
     pin_cpu(params.cpu.kernels, params.cpu.threads or 2)
@@ -168,8 +168,8 @@ def relative(a: list[float], b: list[float]) -> float:
 
 def summary(jobs: list[dict], reference_s: dict[str, float]) -> dict:
     """Seconds per plan on each side, KLs against the recorded ones, and the choices each side makes."""
-    from nirvana.environment import cpu_model
-    from nirvana.params import load_params
+    from nirvana.core.environment import cpu_model
+    from nirvana.core.params import load_params
 
     cpu = load_params().cpu
     out: dict = {"cpu": cpu_model(), "kernels": cpu.kernels, "threads": cpu.threads or 2, "plans": len(jobs)}

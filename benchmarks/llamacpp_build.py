@@ -30,7 +30,7 @@ def worker(gguf_dir: str, prompt: list[int]) -> None:
     generated after a one-token prompt (batch-of-one kernels only), then a 128-token prompt and 64 tokens."""
     import llama_cpp
 
-    from nirvana.llamacpp import speed
+    from nirvana.deploy.llamacpp import speed
 
     print(json.dumps({"system_info": llama_cpp.llama_print_system_info().decode().strip()}), flush=True)
     for name in FILES:
@@ -44,8 +44,8 @@ def worker(gguf_dir: str, prompt: list[int]) -> None:
 
 def wiki_prompt() -> list[int]:
     """The first 128 tokens of evaluate's wiki windows, the prompt measure_gguf times."""
-    from nirvana.evaluation import held_out
-    from nirvana.modeling import load_tokenizer
+    from nirvana.evaluation.perplexity import held_out
+    from nirvana.models.loading import load_tokenizer
 
     wiki = held_out("outputs/corpora", "wiki", load_tokenizer("outputs/base_model"), 8192, 128)
     return wiki.flatten()[:PROMPT].tolist()

@@ -1,7 +1,7 @@
 """Recovery recipes side by side on this run's pruned model: wiki perplexity during and after fine-tuning with
 each recipe (loss, adapter, learning rate), the share of the dense-to-pruned log-perplexity gap it closes, the
 time per optimiser step and the peak memory. Each recipe trains in a child process of its own (peak memory is
-the child's), through the pipeline's own `nirvana.finetune.train`.
+the child's), through the pipeline's own `nirvana.recovery.finetune.train`.
 
 Run after `make run` (reads outputs/pruned_model, outputs/base_model and outputs/corpora):
     .venv/bin/python benchmarks/recovery.py --steps 40 --eval-at 0 20 40 \\
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from nirvana.evaluation import held_out, perplexity
-from nirvana.finetune import build_examples, load_rows, load_teacher, train
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import load_params
+from nirvana.core.params import load_params
+from nirvana.evaluation.perplexity import held_out, perplexity
+from nirvana.models.loading import load_model, load_tokenizer
+from nirvana.recovery.finetune import build_examples, load_rows, load_teacher, train
 
 PRUNED, DENSE, CORPORA = "outputs/pruned_model", "outputs/base_model", "outputs/corpora"
 

@@ -25,16 +25,16 @@ from pathlib import Path
 
 from recovery import gap_closed, in_child
 
-from nirvana.calibration import candidate_pool, select
-from nirvana.criteria import CRITERIA
-from nirvana.data import EVAL_SETS, read_texts
-from nirvana.evaluation import held_out, perplexity
-from nirvana.finetune import build_examples, load_rows, load_teacher, train
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import Params, load_params
-from nirvana.selection import HeldOut, choices, choose
-from nirvana.surgery import prune_model, save_model
-from nirvana.zeroshot import zero_shot
+from nirvana.core.data import EVAL_SETS, read_texts
+from nirvana.core.params import Params, load_params
+from nirvana.evaluation.perplexity import held_out, perplexity
+from nirvana.evaluation.zeroshot import zero_shot
+from nirvana.method.calibration import candidate_pool, select
+from nirvana.method.criteria import CRITERIA
+from nirvana.method.selection import HeldOut, choices, choose
+from nirvana.method.surgery import prune_model, save_model
+from nirvana.models.loading import load_model, load_tokenizer
+from nirvana.recovery.finetune import build_examples, load_rows, load_teacher, train
 
 DENSE, CORPORA = "outputs/base_model", "outputs/corpora"
 # name: (criterion, allocation mode; None = the criterion's own)

@@ -24,15 +24,15 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from nirvana.allocation import allocate, unit_sizes
-from nirvana.calibration import draw
-from nirvana.data import build_corpora, token_stream, windows
-from nirvana.forward import logits_and_labels
-from nirvana.modeling import load_base, load_model
+from nirvana.core.data import build_corpora, token_stream, windows
+from nirvana.core.params import ModelParams, defaults
+from nirvana.method.allocation import allocate, unit_sizes
+from nirvana.method.calibration import draw
+from nirvana.method.forward import logits_and_labels
+from nirvana.method.saliency import enable_checkpointing, nirvana_scores, ntk_objective
+from nirvana.method.surgery import save_model
 from nirvana.models import get_adapter
-from nirvana.params import ModelParams, defaults
-from nirvana.saliency import enable_checkpointing, nirvana_scores, ntk_objective
-from nirvana.surgery import save_model
+from nirvana.models.loading import load_base, load_model
 
 SAMPLES, SEQ_LEN = 32, 128  # the pipeline's default calibration set
 VARIANTS = {  # name -> (micro-batch, checkpointing); None = the naive full-batch all-parameter backward

@@ -1,7 +1,7 @@
 """Does pruning make SmolLM2 faster in practice? Dense vs NIRVANA-pruned prefill throughput and
 generation latency at several sparsities, next to the ideal whole-forward FLOP ratio, at batch sizes
 1 and 8; and the effect of rounding kept MLP widths (`allocation.mlp_multiple`) at the highest sparsity.
-Dense and pruned are timed alternately in one process (nirvana.efficiency.interleaved_timings). The
+Dense and pruned are timed alternately in one process (nirvana.evaluation.efficiency.interleaved_timings). The
 NIRVANA plans come from 8 calibration windows: only the pruned shapes matter for speed.
 
     .venv/bin/python benchmarks/speedup.py --sparsities 0.2 0.4 0.5 --multiples 1 8
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from nirvana.allocation import allocate_for_model
-from nirvana.calibration import draw
-from nirvana.data import build_corpora, token_stream, windows
-from nirvana.efficiency import compare_speed, forward_flops
-from nirvana.modeling import load_base
-from nirvana.params import ModelParams, defaults
-from nirvana.saliency import nirvana_scores
-from nirvana.surgery import layer_units, prune_model
+from nirvana.core.data import build_corpora, token_stream, windows
+from nirvana.core.params import ModelParams, defaults
+from nirvana.evaluation.efficiency import compare_speed, forward_flops
+from nirvana.method.allocation import allocate_for_model
+from nirvana.method.calibration import draw
+from nirvana.method.saliency import nirvana_scores
+from nirvana.method.surgery import layer_units, prune_model
+from nirvana.models.loading import load_base
 
 PROMPT, NEW_TOKENS, REPEATS = 128, 64, 3
 

@@ -39,7 +39,7 @@ def probe(script: str) -> dict[str, object]:
     start, cpu = time.perf_counter(), time.process_time()
     runpy.run_path(script, run_name="startup")
     imported = time.perf_counter()
-    from nirvana.stage import run_stage  # the script imported it: no cost here
+    from nirvana.core.stage import run_stage  # the script imported it: no cost here
 
     sys.argv = [script, "unused"]
     run_stage(Path(script).stem, lambda params, path: None)

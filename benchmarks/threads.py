@@ -2,7 +2,7 @@
 search's pruned-model forward passes over the KL set, and fine-tuning steps with backward passes) on the
 committed base model, alone and as two processes at once, with torch's default threads, with OpenMP's
 passive wait policy, and with each job given its share of the CPUs (NIRVANA_JOBS=2, as a stage sets it
-through nirvana.stage.cpu_share). Two jobs at a fair share take twice as long as one.
+through nirvana.core.stage.cpu_share). Two jobs at a fair share take twice as long as one.
 
 Run after `make run`, alone on the machine (about 4 minutes on 2 cores):
     .venv/bin/python benchmarks/threads.py
@@ -33,8 +33,8 @@ def work(model_dir: str) -> dict:
     """One job's slice: seconds of 8 forward passes of 16 x 64 tokens and 4 training steps of 4 x 128."""
     import torch
 
-    from nirvana.modeling import load_model
-    from nirvana.stage import cpu_share
+    from nirvana.core.stage import cpu_share
+    from nirvana.models.loading import load_model
 
     torch.set_num_threads(cpu_share())
     forward, train, _ = hot_paths(load_model(model_dir))

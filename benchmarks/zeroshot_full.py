@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.zeroshot import zero_shot
+from nirvana.evaluation.zeroshot import zero_shot
+from nirvana.models.loading import load_model, load_tokenizer
 
 
 def main(tasks: list[str]) -> None:

@@ -1,23 +1,23 @@
 """Stage allocate_sparsity: which units to keep, from two global pools and gamma (method §2) or a
 baseline's allocation (`allocation.mode`, by default the method's own). With several criteria in
 `method` or `gamma: auto` it prunes the model in memory once per choice and keeps the plan of lowest
-held-out KL (nirvana.selection), so it loads the weights (the calibration search's winning plan is not
+held-out KL (nirvana.method.selection), so it loads the weights (the calibration search's winning plan is not
 pruned again: its KL is in the candidates table); so does Wanda-sp's own allocation, which
 prunes layer by layer on the calibration windows (FLAP's code). Otherwise it reads only the shape."""
 
 import pandas as pd
 
-from nirvana.allocation import check_reachable, layer_widths
-from nirvana.calibration import judged_plan, kl_set
-from nirvana.checks import check_model, check_windows
-from nirvana.data import read_texts, read_windows
-from nirvana.errors import InputError
-from nirvana.io import log, write_csv, write_json, write_parquet
-from nirvana.modeling import load_model, load_tokenizer, skeleton
-from nirvana.params import Params
-from nirvana.plan import layer_by_layer
-from nirvana.selection import HeldOut, by_method, choices, choose, summary
-from nirvana.stage import run_stage
+from nirvana.core.data import read_texts, read_windows
+from nirvana.core.errors import InputError
+from nirvana.core.io import log, write_csv, write_json, write_parquet
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.method.allocation import check_reachable, layer_widths
+from nirvana.method.calibration import judged_plan, kl_set
+from nirvana.method.plan import layer_by_layer
+from nirvana.method.selection import HeldOut, by_method, choices, choose, summary
+from nirvana.models.loading import load_model, load_tokenizer, skeleton
+from nirvana.pipeline.checks import check_model, check_windows
 
 
 def main(

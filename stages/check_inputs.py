@@ -3,8 +3,14 @@ your data files, before any stage that owns outputs runs with that value: DVC de
 running it, so a value refused by the stage itself would cost them. The stages keep their own checks (a direct
 call of their script). It writes the list of its checks, not the values, so a change of params reruns only it."""
 
-from nirvana.allocation import check_reachable
-from nirvana.checks import (
+from nirvana.core.io import write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.evaluation.zeroshot import check_zero_shot
+from nirvana.method.allocation import check_reachable
+from nirvana.models import get_adapter
+from nirvana.models.loading import skeleton
+from nirvana.pipeline.checks import (
     check_context,
     check_model_folder,
     check_teacher,
@@ -12,13 +18,7 @@ from nirvana.checks import (
     check_user_calibration,
     sequence_lengths,
 )
-from nirvana.finetune import load_rows
-from nirvana.io import write_json
-from nirvana.modeling import skeleton
-from nirvana.models import get_adapter
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.zeroshot import check_zero_shot
+from nirvana.recovery.finetune import load_rows
 
 CHECKS = (
     "model folder and tokenizer",

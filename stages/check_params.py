@@ -3,13 +3,13 @@ unknown or missing key fails every `dvc repro` (no other stage depends on a key 
 model.name_or_path before prepare_model runs (DVC deletes a stage's outputs first). It writes the keys it
 checked, which change only with the code: the stages it orders first never rerun for it; the schema, each
 key's type and value in this run; and the environment every stage of this run computes in
-(nirvana.environment), for the audit."""
+(nirvana.core.environment), for the audit."""
 
-from nirvana.checks import check_model_name
-from nirvana.environment import reproducible
-from nirvana.io import write_json
-from nirvana.params import Params, schema
-from nirvana.stage import run_stage
+from nirvana.core.environment import reproducible
+from nirvana.core.io import write_json
+from nirvana.core.params import Params, schema
+from nirvana.core.stage import run_stage
+from nirvana.pipeline.checks import check_model_name
 
 
 def main(params: Params, keys_out: str, schema_out: str, environment_out: str) -> None:

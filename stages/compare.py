@@ -1,6 +1,6 @@
 """Stage compare: dense and pruned side by side: size, peak memory, measured and ideal speedup
 (the fine-tuned model has the pruned shapes), and one row per model of quality metrics for the plots.
-The clock's figures go to their own file, with the machine that made them (nirvana.timings); they are taken
+The clock's figures go to their own file, with the machine that made them (nirvana.evaluation.timings); they are taken
 on the machine's own CPU kernels, as users deploy (`efficiency.native_report`)."""
 
 import json
@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from nirvana.checks import check_model
-from nirvana.efficiency import native_report
-from nirvana.environment import machine
-from nirvana.io import folder_digest, log, write_csv, write_json
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.timings import split
+from nirvana.core.environment import machine
+from nirvana.core.io import folder_digest, log, write_csv, write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.evaluation.efficiency import native_report
+from nirvana.evaluation.timings import split
+from nirvana.pipeline.checks import check_model
 
 
 def main(

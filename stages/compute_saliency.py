@@ -3,14 +3,14 @@
 
 import pandas as pd
 
-from nirvana.checks import check_model, check_windows
-from nirvana.criteria import CRITERIA
-from nirvana.data import read_windows
-from nirvana.io import log, write_parquet
-from nirvana.modeling import load_model
-from nirvana.params import Params
-from nirvana.saliency import enable_checkpointing
-from nirvana.stage import run_stage
+from nirvana.core.data import read_windows
+from nirvana.core.io import log, write_parquet
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.method.criteria import CRITERIA
+from nirvana.method.saliency import enable_checkpointing
+from nirvana.models.loading import load_model
+from nirvana.pipeline.checks import check_model, check_windows
 
 
 def main(params: Params, model_dir: str, calibration: str, out: str) -> None:

@@ -1,13 +1,13 @@
 """Stage evaluate: perplexity on the held-out sets, zero-shot accuracy, and model size."""
 
-from nirvana.checks import check_model
-from nirvana.data import EVAL_SETS
-from nirvana.evaluation import held_out, param_counts, perplexity
-from nirvana.io import folder_digest, log, write_json
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.zeroshot import check_zero_shot, zero_shot
+from nirvana.core.data import EVAL_SETS
+from nirvana.core.io import folder_digest, log, write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.evaluation.perplexity import held_out, param_counts, perplexity
+from nirvana.evaluation.zeroshot import check_zero_shot, zero_shot
+from nirvana.models.loading import load_model, load_tokenizer
+from nirvana.pipeline.checks import check_model
 
 
 def main(params: Params, model_dir: str, corpora_dir: str, metrics_out: str, info_out: str) -> None:

@@ -8,10 +8,10 @@ the writer) stops the stage in one line and leaves no output."""
 import json
 from pathlib import Path
 
-from nirvana.gguf import UnsupportedModel, export, prepare
-from nirvana.io import atomic_path, log
-from nirvana.params import Params
-from nirvana.stage import run_stage
+from nirvana.core.io import atomic_path, log
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.deploy.gguf import UnsupportedModel, export, prepare
 
 RECORDED = ("gguf", "sha256", "fallbacks", "source")  # what the manifest keeps of each file's record
 

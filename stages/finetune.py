@@ -9,9 +9,15 @@ from pathlib import Path
 
 import torch
 
-from nirvana.card import CARD, finetune_record, model_card
-from nirvana.checks import check_finetune, check_teacher
-from nirvana.finetune import (
+from nirvana.core.io import atomic_path, code_digest, folder_digest, log, sha256_file, write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.deploy.card import CARD, finetune_record, model_card
+from nirvana.method.forward import is_seq2seq
+from nirvana.method.surgery import save_model
+from nirvana.models.loading import device, load_model, load_tokenizer, skeleton
+from nirvana.pipeline.checks import check_finetune, check_teacher
+from nirvana.recovery.finetune import (
     build_examples,
     check_launch_precision,
     check_sharded_saving,
@@ -24,12 +30,6 @@ from nirvana.finetune import (
     train,
     wait_for_everyone,
 )
-from nirvana.forward import is_seq2seq
-from nirvana.io import atomic_path, code_digest, folder_digest, log, sha256_file, write_json
-from nirvana.modeling import device, load_model, load_tokenizer, skeleton
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.surgery import save_model
 
 CHECKPOINTS = Path("checkpoints/finetune")  # outside every DVC output; removed on success
 

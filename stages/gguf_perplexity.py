@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from nirvana.checks import check_model
-from nirvana.errors import InputError
-from nirvana.evaluation import held_out, perplexity
-from nirvana.io import log, write_json
-from nirvana.llamacpp import isolated, perplexities
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import Params
-from nirvana.stage import run_stage
+from nirvana.core.errors import InputError
+from nirvana.core.io import log, write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.deploy.llamacpp import isolated, perplexities
+from nirvana.evaluation.perplexity import held_out, perplexity
+from nirvana.models.loading import load_model, load_tokenizer
+from nirvana.pipeline.checks import check_model
 
 
 def scored_windows(params: Params, corpora_dir: str, model_dir: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ added after export.repeats until every speedup's standard error is at most expor
 ran (a warning then names the speedups still above it). A stage apart from export_gguf so that re-exporting
 identical files does not re-time them. llama.cpp runs in a child process: if it dies by a signal, the stage stops
 with one line naming the file and the signal. The throughputs, speedups, spreads and rounds go to their own file,
-with the machine that made them (nirvana.timings)."""
+with the machine that made them (nirvana.evaluation.timings)."""
 
 import functools
 import json
@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from nirvana.checks import check_model
-from nirvana.efficiency import forward_flops
-from nirvana.environment import machine
-from nirvana.errors import InputError
-from nirvana.evaluation import held_out
-from nirvana.io import log, write_json
-from nirvana.llamacpp import isolated, timed
-from nirvana.modeling import load_tokenizer, skeleton
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.timings import more_rounds, paired_speedups, split, wide_spreads
+from nirvana.core.environment import machine
+from nirvana.core.errors import InputError
+from nirvana.core.io import log, write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.deploy.llamacpp import isolated, timed
+from nirvana.evaluation.efficiency import forward_flops
+from nirvana.evaluation.perplexity import held_out
+from nirvana.evaluation.timings import more_rounds, paired_speedups, split, wide_spreads
+from nirvana.models.loading import load_tokenizer, skeleton
+from nirvana.pipeline.checks import check_model
 
 MODELS = ("dense", "pruned", "finetuned")  # the order of the GGUF folders and perplexity files on the command line
 

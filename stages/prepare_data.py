@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from nirvana.data import build_corpora
-from nirvana.io import atomic_path, log
-from nirvana.params import Params
-from nirvana.stage import run_stage
+from nirvana.core.data import build_corpora
+from nirvana.core.io import atomic_path, log
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
 
 
 def main(params: Params, out_dir: str) -> None:

@@ -1,11 +1,11 @@
 """Stage prepare_model: the base model as a Hugging Face folder (safetensors + tokenizer)."""
 
-from nirvana.io import log
-from nirvana.modeling import load_base
+from nirvana.core.io import log
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.method.surgery import save_model
 from nirvana.models import get_adapter
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.surgery import save_model
+from nirvana.models.loading import load_base
 
 
 def main(params: Params, out_dir: str) -> None:

@@ -4,14 +4,14 @@ from functools import partial
 
 import pandas as pd
 
-from nirvana.card import calibration_record, chosen, model_card, prune_record, selection_record
-from nirvana.checks import check_model
-from nirvana.evaluation import param_counts
-from nirvana.io import folder_digest, log, write_json
-from nirvana.modeling import load_model, load_tokenizer
-from nirvana.params import Params
-from nirvana.stage import run_stage
-from nirvana.surgery import prune_model, save_model
+from nirvana.core.io import folder_digest, log, write_json
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.deploy.card import calibration_record, chosen, model_card, prune_record, selection_record
+from nirvana.evaluation.perplexity import param_counts
+from nirvana.method.surgery import prune_model, save_model
+from nirvana.models.loading import load_model, load_tokenizer
+from nirvana.pipeline.checks import check_model
 
 
 def main(

@@ -6,12 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-from nirvana.card import CARD, release_card
-from nirvana.checks import check_model_folder
-from nirvana.errors import InputError
-from nirvana.io import atomic_path, folder_digest, log
-from nirvana.params import Params
-from nirvana.stage import run_stage
+from nirvana.core.errors import InputError
+from nirvana.core.io import atomic_path, folder_digest, log
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.deploy.card import CARD, release_card
+from nirvana.pipeline.checks import check_model_folder
 
 
 def main(params: Params, model_dir: str, dense: str, pruned: str, finetuned: str, zero_shot: str, out_dir: str) -> None:

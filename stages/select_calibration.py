@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from nirvana.allocation import check_reachable
-from nirvana.calibration import candidate_pool, resume_key, select, summary
-from nirvana.checks import check_calibration
-from nirvana.data import read_texts
-from nirvana.io import code_digest, folder_digest, log, sha256_file, write_json, write_parquet
-from nirvana.modeling import load_model, load_tokenizer, skeleton
-from nirvana.params import Params
-from nirvana.stage import run_stage
+from nirvana.core.data import read_texts
+from nirvana.core.io import code_digest, folder_digest, log, sha256_file, write_json, write_parquet
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.method.allocation import check_reachable
+from nirvana.method.calibration import candidate_pool, resume_key, select, summary
+from nirvana.models.loading import load_model, load_tokenizer, skeleton
+from nirvana.pipeline.checks import check_calibration
 
 CHECKPOINTS = Path("checkpoints/select_calibration")  # outside every DVC output; removed on success
 

@@ -7,7 +7,7 @@ import os
 import types
 from pathlib import Path
 
-from nirvana.environment import PORTABLE, is_x86
+from nirvana.core.environment import PORTABLE, is_x86
 
 # The tests compute with the CPU code paths every stage pins (cpu.kernels: portable), so that the tiny models
 # they build and the numbers they compare are the same bits on any x86-64 machine.

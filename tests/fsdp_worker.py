@@ -10,10 +10,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nirvana import register
-
-from nirvana.finetune import rebuild, trainable
-from nirvana.params import FinetuneParams, defaults
-from nirvana.surgery import save_model
+from nirvana.core.params import FinetuneParams, defaults
+from nirvana.method.surgery import save_model
+from nirvana.recovery.finetune import rebuild, trainable
 
 
 def student(folder: str, adapter: str) -> torch.nn.Module:

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_llama
-from nirvana.allocation import (
+from nirvana.core.params import METHODS, AllocationParams, Params, defaults
+from nirvana.method.allocation import (
     METHOD_MODES,
     allocate,
     allocate_flap,
@@ -20,7 +21,6 @@ from nirvana.allocation import (
     standardise,
     uniform_counts,
 )
-from nirvana.params import METHODS, AllocationParams, Params, defaults
 
 LAYERS, HEADS, CHANNELS = 6, 4, 64
 A, M = 1000, 30  # parameters per attention unit and per MLP channel
@@ -240,7 +240,7 @@ def test_llm_pruner_prunes_the_band_uniformly_and_keeps_the_rest_dense() -> None
 
 
 def test_llm_pruner_refuses_a_band_past_the_model_or_a_sparsity_it_cannot_reach() -> None:
-    from nirvana.errors import InputError
+    from nirvana.core.errors import InputError
 
     model = tiny_llama("gqa")  # 2 layers
     with pytest.raises(InputError, match=r"allocation.band = \[0, 3\] ends past this model's 2 layers"):

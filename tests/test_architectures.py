@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import DECODERS, random_plan, tiny_decoder, tiny_t5
+from nirvana.method.surgery import layer_units, prune_model, zero_model
 from nirvana.models import get_adapter
-from nirvana.surgery import layer_units, prune_model, zero_model
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
 

@@ -26,10 +26,10 @@ from test_pipeline import sh, stages_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
-from nirvana.checks import check_model, check_model_name, check_windows
-from nirvana.errors import InputError
-from nirvana.stage import run_stage
-from nirvana.surgery import prune_model
+from nirvana.core.errors import InputError
+from nirvana.core.stage import run_stage
+from nirvana.method.surgery import prune_model
+from nirvana.pipeline.checks import check_model, check_model_name, check_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64  # the tiny models' vocabulary and context (max_position_embeddings)
@@ -518,7 +518,7 @@ def test_a_wrong_model_name_asks_the_hub_once_and_fails_in_seconds() -> None:
     """The trial's typo spent 30 s in download retries: now one request, refused at once here (nothing
     listens on port 9), names the value, the embedded models and why the Hub did not answer."""
     probe = (
-        "import time; from nirvana.modeling import check_name; from nirvana.errors import InputError\n"
+        "import time; from nirvana.models.loading import check_name; from nirvana.core.errors import InputError\n"
         "start = time.perf_counter()\n"
         "try:\n    check_name('smollm2-135')\nexcept InputError as err:\n"
         "    print(f'{time.perf_counter() - start:.2f}'); print(err)\n"

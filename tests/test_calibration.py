@@ -15,12 +15,12 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import load_stage, random_plan, random_text, tiny_llama, tiny_model_dir
-from nirvana.calibration import draw, select
-from nirvana.card import calibration_record
-from nirvana.errors import InputError
-from nirvana.params import AllocationParams, CalibrationParams, Params, defaults
-from nirvana.selection import HeldOut
-from nirvana.surgery import prune_model
+from nirvana.core.errors import InputError
+from nirvana.core.params import AllocationParams, CalibrationParams, Params, defaults
+from nirvana.deploy.card import calibration_record
+from nirvana.method.calibration import draw, select
+from nirvana.method.selection import HeldOut
+from nirvana.method.surgery import prune_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_WINDOWS = torch.randint(0, 64, (7, 9), generator=torch.Generator().manual_seed(2))

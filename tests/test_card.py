@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
-from nirvana.card import (
+from nirvana.core.params import FinetuneParams, ModelParams, Params, defaults
+from nirvana.deploy.card import (
     CARD,
     card_data,
     code_state,
@@ -33,9 +34,8 @@ from nirvana.card import (
     read_card,
     verify_folder,
 )
-from nirvana.cli import main as cli
-from nirvana.params import FinetuneParams, ModelParams, Params, defaults
-from nirvana.surgery import layer_units, save_model
+from nirvana.method.surgery import layer_units, save_model
+from nirvana.pipeline.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "HuggingFaceTB/SmolLM2-135M"
@@ -59,7 +59,7 @@ def stage(repo: Path, name: str, params: Params, *paths: str) -> None:
 
 def verify(folder: Path) -> subprocess.CompletedProcess[str]:
     """`nirvana verify` as a user runs it."""
-    return sh(folder.parent, sys.executable, "-m", "nirvana.cli", "verify", str(folder))
+    return sh(folder.parent, sys.executable, "-m", "nirvana.pipeline.cli", "verify", str(folder))
 
 
 def verify_here(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
@@ -142,7 +142,7 @@ def test_pruned_card_records_provenance_and_verifies(repo: Path) -> None:
     assert card["calibration"] == CALIBRATION | {"selected_candidate": 1, "seed": 8}
     assert card["layers"] == layer_units(AutoModelForCausalLM.from_pretrained(pruned))
     assert card["code"] == code_state("prune") and len(card["code"]["sha256"]) == 64
-    assert {"stages/prune.py", "nirvana/card.py", "nirvana/surgery.py"} <= set(card["code"]["files"])
+    assert {"stages/prune.py", "nirvana/deploy/card.py", "nirvana/method/surgery.py"} <= set(card["code"]["files"])
     assert card["dvc_lock"] == lock_state(repo / "dvc.lock", "prune") and card["dvc_lock"]["stages"] == [
         "allocate_sparsity"
     ]
@@ -311,8 +311,8 @@ def test_lock_hash_covers_only_the_stages_upstream() -> None:
 
 
 def test_the_card_names_llm_pruners_band_of_pruned_layers() -> None:
-    from nirvana.card import allocation_label
-    from nirvana.params import AllocationParams, Params
+    from nirvana.core.params import AllocationParams, Params
+    from nirvana.deploy.card import allocation_label
 
     assert allocation_label(defaults(Params, method="taylor"), 30) == "llm_pruner (layers 4-27)"
     banded = defaults(Params, method="taylor", allocation=defaults(AllocationParams, band=[1, 3]))
@@ -343,7 +343,7 @@ def test_the_lock_hash_of_a_card_leads_to_the_commit_that_made_it(tmp_path: Path
 
 def test_a_missing_kl_or_gamma_reads_n_a_not_nan() -> None:
     """FLAP's allocation has no gamma and a plan without a search no KL: the card says n/a (a new user read `nan`)."""
-    from nirvana.card import _selection
+    from nirvana.deploy.card import _selection
 
     flap = {"method": "flap", "allocation": "flap", "gamma": float("nan"), "kl": float("nan")}
     text = _selection(

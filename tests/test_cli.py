@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-import nirvana.modeling
-import nirvana.report
+import nirvana.models.loading
+import nirvana.pipeline.report
 from conftest import tiny_llama, tiny_model_dir
-from nirvana.cli import main
-from nirvana.evaluation import param_counts
+from nirvana.core.params import Params
+from nirvana.core.stage import run_stage
+from nirvana.evaluation.perplexity import param_counts
 from nirvana.models import GRANULARITY_KEY, get_adapter
-from nirvana.params import Params
-from nirvana.stage import run_stage
+from nirvana.pipeline.cli import main
 
 GPU = torch.device("meta")  # stands in for a GPU: tensors there are not on the CPU
 
@@ -29,7 +29,7 @@ def test_generate_puts_the_prompt_on_the_models_device(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tiny_model_dir(tmp_path / "model")
-    monkeypatch.setattr(nirvana.modeling, "device", lambda: GPU)
+    monkeypatch.setattr(nirvana.models.loading, "device", lambda: GPU)
     seen = []
 
     def generate(self: LlamaForCausalLM, **inputs: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def test_info_counts_parameters_without_moving_weights_to_the_gpu(
 ) -> None:
     folder = tiny_model_dir(tmp_path / "model")
     expected = param_counts(tiny_llama("gqa"))  # the model tiny_model_dir saved
-    monkeypatch.setattr(nirvana.modeling, "device", lambda: GPU)
+    monkeypatch.setattr(nirvana.models.loading, "device", lambda: GPU)
     moved = []
     to = torch.nn.Module.to
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append((a, k)) or to(self, *a, **k))
@@ -104,7 +104,7 @@ def test_report_outside_the_repository_stops_in_one_line(
     monkeypatch.chdir(tmp_path)
     assert one_line_error(["report", "--readme"], capsys).startswith("nirvana report: params.yaml: not found; ")
     refused = subprocess.CompletedProcess([], 255, stdout="", stderr="ERROR: you are not inside of a DVC repository")
-    monkeypatch.setattr(nirvana.report, "dvc", lambda *args: refused)
+    monkeypatch.setattr(nirvana.pipeline.report, "dvc", lambda *args: refused)
     message = one_line_error(["report"], capsys)
     assert message == "nirvana report: dvc exp show failed: ERROR: you are not inside of a DVC repository"
 

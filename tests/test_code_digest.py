@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nirvana.io import code_digest
+from nirvana.core.io import code_digest
 
 
 def test_the_code_digest_changes_with_the_script_and_with_a_loaded_nirvana_module(

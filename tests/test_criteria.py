@@ -13,8 +13,10 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_llama
-from nirvana.allocation import allocate_for_model
-from nirvana.criteria import (
+from nirvana.core.params import AllocationParams
+from nirvana.evaluation.perplexity import param_counts
+from nirvana.method.allocation import allocate_for_model
+from nirvana.method.criteria import (
     CRITERIA,
     flap_scores,
     magnitude_scores,
@@ -23,9 +25,7 @@ from nirvana.criteria import (
     wanda_sp_scores,
     wanda_sp_sequential,
 )
-from nirvana.evaluation import param_counts
-from nirvana.params import AllocationParams
-from nirvana.surgery import prune_model
+from nirvana.method.surgery import prune_model
 
 WINDOWS = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(7))
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")

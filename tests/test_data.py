@@ -8,8 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import random_text, save_tokenizer
-from nirvana.calibration import draw
-from nirvana.data import (
+from nirvana.core.data import (
     bos_id,
     build_corpora,
     dataset_texts,
@@ -22,9 +21,10 @@ from nirvana.data import (
     wiki_texts,
     windows,
 )
-from nirvana.errors import InputError
-from nirvana.modeling import EMBEDDED
-from nirvana.params import ParamError
+from nirvana.core.errors import InputError
+from nirvana.core.params import ParamError
+from nirvana.method.calibration import draw
+from nirvana.models.loading import EMBEDDED
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import yaml
 from test_pipeline import SMALL, checkout, sh, stages_run
 
 from conftest import tiny_model_dir
-from nirvana.audit import cache_object
-from nirvana.environment import PORTABLE
-from nirvana.timings import TIMING_FILES, is_timed
+from nirvana.core.environment import PORTABLE
+from nirvana.evaluation.timings import TIMING_FILES, is_timed
+from nirvana.pipeline.audit import cache_object
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def audited(committed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     scratch = tmp_path_factory.mktemp("audit") / "repo"
     parent = {k: v for k, v in dvc_env().items() if k not in PORTABLE}
     done = subprocess.run(
-        [sys.executable, "-m", "nirvana.cli", "audit", "--scratch", str(scratch)],
+        [sys.executable, "-m", "nirvana.pipeline.cli", "audit", "--scratch", str(scratch)],
         cwd=committed,
         env=parent,
         capture_output=True,
@@ -207,7 +207,7 @@ def test_the_audit_names_a_changed_package_before_any_work(committed: Path) -> N
     lock.write_text(text.replace(f"numpy=={numpy.group(1)}", "numpy==1.0.0"))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "nirvana.cli", "audit"], cwd=committed, capture_output=True, text=True
+            [sys.executable, "-m", "nirvana.pipeline.cli", "audit"], cwd=committed, capture_output=True, text=True
         )
     finally:
         lock.write_text(text)
@@ -226,7 +226,7 @@ def test_the_audit_names_an_output_whose_cached_bytes_changed(committed: Path) -
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "nirvana.cli", "audit"], cwd=committed, capture_output=True, text=True
+            [sys.executable, "-m", "nirvana.pipeline.cli", "audit"], cwd=committed, capture_output=True, text=True
         )
     finally:
         weights.write_bytes(original)

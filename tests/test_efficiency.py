@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import random_plan, tiny_llama
-from nirvana.efficiency import compare_speed, efficiency_report, forward_flops, peak_forward_bytes
-from nirvana.params import EfficiencyParams
-from nirvana.surgery import layer_units, prune_model
+from nirvana.core.params import EfficiencyParams
+from nirvana.evaluation.efficiency import compare_speed, efficiency_report, forward_flops, peak_forward_bytes
+from nirvana.method.surgery import layer_units, prune_model
 
 
 def hand_flops(

@@ -14,7 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from nirvana.audit import (
+from nirvana.core.environment import PORTABLE, describe, is_x86, reproducible
+from nirvana.core.params import ParamError, load_params
+from nirvana.evaluation.timings import rejoin, split, with_timings
+from nirvana.pipeline.audit import (
     RTOL,
     cache_object,
     damaged,
@@ -25,9 +28,6 @@ from nirvana.audit import (
     package_drift,
     tables_close,
 )
-from nirvana.environment import PORTABLE, describe, is_x86, reproducible
-from nirvana.params import ParamError, load_params
-from nirvana.timings import rejoin, split, with_timings
 
 ROOT = Path(__file__).resolve().parents[1]
 x86_only = pytest.mark.skipif(not is_x86(), reason="the portable pin fixes x86-64 code paths only")
@@ -35,7 +35,7 @@ x86_only = pytest.mark.skipif(not is_x86(), reason="the portable pin fixes x86-6
 PROBE = """
 import hashlib, json, sys
 import torch
-from nirvana.environment import kernels_in_force, pin_cpu
+from nirvana.core.environment import kernels_in_force, pin_cpu
 if sys.argv[2] == "compute first":
     torch.ones(4) + 1
 try:

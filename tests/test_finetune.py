@@ -20,8 +20,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import load_stage, random_plan, random_text, save_tokenizer, tiny_llama, tiny_model_dir, tiny_t5
-from nirvana.errors import InputError
-from nirvana.finetune import (
+from nirvana.core.errors import InputError
+from nirvana.core.io import folder_digest
+from nirvana.core.params import FinetuneParams, ParamError, Params, defaults, load_params
+from nirvana.method.surgery import prune_model, save_model
+from nirvana.models import GRANULARITY_KEY
+from nirvana.recovery.finetune import (
     IGNORE,
     RecoveryTrainer,
     add_lora,
@@ -36,10 +40,6 @@ from nirvana.finetune import (
     train,
     training_args,
 )
-from nirvana.io import folder_digest
-from nirvana.models import GRANULARITY_KEY
-from nirvana.params import FinetuneParams, ParamError, Params, defaults, load_params
-from nirvana.surgery import prune_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = defaults(FinetuneParams, steps=6, seq_len=16, batch_size=2, warmup_steps=1, save_steps=2, lr=1e-2)

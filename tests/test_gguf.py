@@ -33,13 +33,14 @@ from transformers import (
 )
 
 from conftest import load_stage, random_plan, tiny_llama, tiny_model_dir
-from nirvana.cli import main
-from nirvana.errors import NativeCrash
-from nirvana.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export, gguf_name, rope_rows
-from nirvana.llamacpp import announce, isolated
+from nirvana.core.errors import NativeCrash
+from nirvana.core.stage import run_stage
+from nirvana.deploy.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export, gguf_name, rope_rows
+from nirvana.deploy.llamacpp import announce, isolated
+from nirvana.method.surgery import prune_model, save_model
 from nirvana.models import get_adapter
-from nirvana.stage import run_stage
-from nirvana.surgery import BIAS_KEY, prune_model, save_model
+from nirvana.models.widths import BIAS_KEY
+from nirvana.pipeline.cli import main
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -394,7 +395,7 @@ def with_gguf_weights(model: PreTrainedModel, path: Path, layers: list[dict]) ->
 def test_record_beside_the_file(project: Path) -> None:
     import hashlib
 
-    from nirvana.io import folder_digest
+    from nirvana.core.io import folder_digest
 
     folder, _ = pruned_folder(project / "model")
     export(folder, "outputs/m.gguf", "f16")
@@ -423,7 +424,7 @@ def test_tokenization_equals_transformers(project: Path, pre: str) -> None:
 
 def smollm2_tokenizer_folder(path: Path) -> Path:
     """The real SmolLM2 tokenizer (from the embedded GGUF) on a tiny random Llama with its 49152-token vocabulary."""
-    from nirvana.modeling import EMBEDDED
+    from nirvana.models.loading import EMBEDDED
 
     try:
         with EMBEDDED["smollm2-135m"].gguf() as file:
@@ -524,14 +525,14 @@ def test_sliding_window_mistral_is_refused(project: Path) -> None:
 
 
 def test_failure_midway_leaves_nothing(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nirvana.gguf
+    import nirvana.deploy.gguf
 
     folder, _ = pruned_folder(project / "model")
 
     def broken(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(nirvana.gguf, "encode", broken)  # fails after the header is written
+    monkeypatch.setattr(nirvana.deploy.gguf, "encode", broken)  # fails after the header is written
     with pytest.raises(OSError, match="disk full"):
         export(folder, "outputs/m.gguf", "f16")
     assert nothing_written(project)
@@ -583,14 +584,14 @@ def test_export_stage_fails_on_any_other_export_error(
     project: Path, monkeypatch: pytest.MonkeyPatch, broken: str
 ) -> None:
     """A regression in the checks or the writer stops the stage in one line, no manifest says "unsupported"."""
-    import nirvana.gguf
+    import nirvana.deploy.gguf
 
     folder, _ = pruned_folder(project / "model")
 
     def regression(*args: object) -> None:
         raise ExportError(f"{broken} broke")
 
-    monkeypatch.setattr(nirvana.gguf, broken, regression)
+    monkeypatch.setattr(nirvana.deploy.gguf, broken, regression)
     with pytest.raises(SystemExit, match=rf"^\[export_gguf\] {broken} broke$"):
         export_stage(project, monkeypatch, folder)
     assert not [path for path in (project / "outputs").rglob("*") if not path.is_dir()]
@@ -631,7 +632,7 @@ def test_gguf_perplexity_scores_llama_cpp_and_transformers_on_evaluates_first_wi
 ) -> None:
     """Both perplexities over the first export.ppl_tokens // evaluate.windows[0] of evaluate's wiki windows: the
     transformers one is evaluate's function on those windows, and llama.cpp's f32 file gives the same number."""
-    from nirvana.evaluation import held_out, perplexity
+    from nirvana.evaluation.perplexity import held_out, perplexity
 
     for name, folder in measured.items():
         record = json.loads(Path(f"metrics/gguf_ppl_{name}.json").read_text())
@@ -695,7 +696,7 @@ ROUNDS = {"dense": [(1.0, 2.0), (1.2, 2.2), (0.9, 2.1)], "pruned": [(0.8, 1.6), 
 
 
 def test_a_speedup_is_the_median_of_paired_round_ratios_with_its_standard_error() -> None:
-    from nirvana.timings import median_spread, paired_speedups, round_ratios
+    from nirvana.evaluation.timings import median_spread, paired_speedups, round_ratios
 
     ratios = round_ratios(ROUNDS, "dense")
     assert ratios == {"pruned_prompt_speedup": [1.25, 1.2, 1.2], "pruned_gen_speedup": [1.25, 2.2 / 1.7, 2.1 / 1.8]}
@@ -708,7 +709,7 @@ def test_a_speedup_is_the_median_of_paired_round_ratios_with_its_standard_error(
 
 
 def test_rounds_are_added_while_a_spread_is_above_the_target_up_to_the_most() -> None:
-    from nirvana.timings import more_rounds, wide_spreads
+    from nirvana.evaluation.timings import more_rounds, wide_spreads
 
     assert wide_spreads(ROUNDS, "dense", 0.03) == ["pruned_gen_speedup"]  # prompt: 0.0209, generation: 0.0468
     assert more_rounds(ROUNDS, "dense", 0.03, most=4) and not more_rounds(ROUNDS, "dense", 0.03, most=3)
@@ -728,13 +729,13 @@ class FakeModel:
 
 
 def fake_speed(monkeypatch: pytest.MonkeyPatch, pruned: list[float], **rule: object) -> dict:
-    """nirvana.llamacpp.speed on made-up seconds: dense takes 1 s a round, pruned as listed (then 0.8 s), with
-    export.repeats 3 and nirvana.timings.more_rounds; what it measured."""
+    """nirvana.deploy.llamacpp.speed on made-up seconds: dense takes 1 s a round, pruned as listed (then 0.8 s), with
+    export.repeats 3 and nirvana.evaluation.timings.more_rounds; what it measured."""
     import functools
     import itertools
 
-    from nirvana import llamacpp
-    from nirvana.timings import more_rounds
+    from nirvana.deploy import llamacpp
+    from nirvana.evaluation.timings import more_rounds
 
     seconds = {"dense": itertools.repeat((1.0, 1.0)), "pruned": ((s, s) for s in itertools.chain(pruned, [0.8] * 99))}
     monkeypatch.setattr(llamacpp, "open_model", lambda path, *args, **kwargs: FakeModel(seconds[path.stem]))
@@ -746,7 +747,7 @@ def fake_speed(monkeypatch: pytest.MonkeyPatch, pruned: list[float], **rule: obj
 def test_speed_times_as_few_rounds_as_bring_every_spread_under_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """Steady ratios stop at export.repeats; one slow first round needs more rounds, exactly as many as bring its
     standard error to the target; ratios that never settle stop at export.max_repeats."""
-    from nirvana.timings import median_spread
+    from nirvana.evaluation.timings import median_spread
 
     steady = fake_speed(monkeypatch, [], target=0.03, most=12)
     assert len(steady["pruned"]["prompt_s"]) == 3 and steady["pruned"]["prompt_tokens_per_s"] == 5.0
@@ -802,7 +803,7 @@ def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(project: Path) -> None:
 
 def test_params_list_the_types_export_writes() -> None:
     """params.yaml's export.types is checked against this list before the pipeline starts."""
-    from nirvana.gguf import TYPES
-    from nirvana.params import GGUF_TYPES
+    from nirvana.core.params import GGUF_TYPES
+    from nirvana.deploy.gguf import TYPES
 
     assert GGUF_TYPES == TYPES

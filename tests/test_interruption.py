@@ -73,7 +73,7 @@ if HOLD and MARK and sys.argv and sys.argv[0].replace(os.sep, "/").startswith("s
 # the parts of metrics/finetune.json that describe how the run went, not the model it made
 # model_digest covers the folder's card, which records resumed_from_step
 RUN_RECORD = {"resumed_from_step", "steps_per_process", "train_loss", "model_digest"}
-# A model folder's card (nirvana/card.py) records that run too (resumed_from_step, ...) and the
+# A model folder's card (nirvana/deploy/card.py) records that run too (resumed_from_step, ...) and the
 # SHA-256 dvc.lock had when the stage ran, so a resumed run writes the same weights, config and
 # tokenizer but another README.md, and so another folder hash in dvc.lock.
 CARD = "README.md"
@@ -300,14 +300,14 @@ def assert_cache_holds_only_final_outputs(repo: Path, locks: list[dict]) -> None
             assert hashlib.md5(path.read_bytes()).hexdigest() == md5, path
 
 
-# nirvana/io.py on its own: fast, no DVC
+# nirvana/core/io.py on its own: fast, no DVC
 
 
 def load_io():
-    """nirvana/io.py without importing the package (which loads transformers)."""
+    """nirvana/core/io.py without importing the package (which loads transformers)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("nirvana_io_alone", ROOT / "nirvana/io.py")
+    spec = importlib.util.spec_from_file_location("nirvana_io_alone", ROOT / "nirvana/core/io.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -351,7 +351,7 @@ def test_sigkill_mid_write_keeps_the_old_file_whole(tmp_path: Path) -> None:
     path.write_text('{"old": true}\n')
     script = textwrap.dedent(f"""
         import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location("io_alone", {str(ROOT / "nirvana/io.py")!r})
+        spec = importlib.util.spec_from_file_location("io_alone", {str(ROOT / "nirvana/core/io.py")!r})
         io = importlib.util.module_from_spec(spec); spec.loader.exec_module(io)
         with io.atomic_path({str(path)!r}) as tmp:
             tmp.write_text('{{"new": true}}\\n')

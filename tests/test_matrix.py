@@ -1,7 +1,7 @@
 """Every combination a user can choose, on tiny models: criterion x allocation mode x attention
 granularity x architecture (Llama-style with and without GQA, Qwen2 with biases, Gemma 3, T5).
 
-Each accepted cell prunes through the pipeline's own plan (`nirvana.plan.plan_for`) and must give
+Each accepted cell prunes through the pipeline's own plan (`nirvana.method.plan.plan_for`) and must give
 the dense model's logits with the removed units zeroed, remove the requested share of attention+MLP
 parameters to within half an attention unit and one MLP block, and reload with the same logits.
 Refused cells are refused in one line. Scores are invariant under a function-preserving swap of KV
@@ -20,16 +20,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from conftest import save_tokenizer, tiny_decoder, tiny_t5
-from nirvana.allocation import check_reachable, planned_sparsity, unit_sizes
-from nirvana.criteria import CRITERIA
-from nirvana.errors import InputError
-from nirvana.evaluation import param_counts
-from nirvana.forward import model_inputs
-from nirvana.gguf import ExportError, export
+from nirvana.core.errors import InputError
+from nirvana.core.params import ParamError, Params, load_params
+from nirvana.deploy.gguf import ExportError, export
+from nirvana.evaluation.perplexity import param_counts
+from nirvana.method.allocation import check_reachable, planned_sparsity, unit_sizes
+from nirvana.method.criteria import CRITERIA
+from nirvana.method.forward import model_inputs
+from nirvana.method.plan import plan_for
+from nirvana.method.surgery import prune_model, zero_model
 from nirvana.models import GRANULARITY_KEY, get_adapter
-from nirvana.params import ParamError, Params, load_params
-from nirvana.plan import plan_for
-from nirvana.surgery import prune_model, zero_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS = torch.randint(1, 63, (4, 10), generator=torch.Generator().manual_seed(11))

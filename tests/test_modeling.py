@@ -6,11 +6,11 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import random_plan, save_tokenizer, tiny_llama, tiny_model_dir
-from nirvana.modeling import load_model, skeleton
+from nirvana.core.params import ModelParams, defaults
+from nirvana.method.saliency import nirvana_scores
+from nirvana.method.surgery import layer_units, prune_model, save_model
 from nirvana.models import GRANULARITY_KEY
-from nirvana.params import ModelParams, defaults
-from nirvana.saliency import nirvana_scores
-from nirvana.surgery import layer_units, prune_model, save_model
+from nirvana.models.loading import load_model, skeleton
 
 TOKENS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nirvana.criteria import CRITERIA
-from nirvana.params import METHODS, AllocationParams, FinetuneParams, ParamError, Params, defaults, load_params
+from nirvana.core.params import METHODS, AllocationParams, FinetuneParams, ParamError, Params, defaults, load_params
+from nirvana.method.criteria import CRITERIA
 
 ROOT = Path(__file__).resolve().parents[1]
 

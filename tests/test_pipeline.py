@@ -18,9 +18,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from nirvana.card import read_card, verify_folder
-from nirvana.surgery import zero_model
-from nirvana.timings import rejoin
+from nirvana.deploy.card import read_card, verify_folder
+from nirvana.evaluation.timings import rejoin
+from nirvana.method.surgery import zero_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -212,7 +212,7 @@ def test_a_sweep_measures_the_dense_gguf_perplexity_once(repo: Path) -> None:
     gguf_perplexity@dense run in neither experiment, and both carry the committed run's dense llama.cpp and
     transformers perplexity. (0.4 comes back from the run-cache of the experiment above; 0.3 is computed.)"""
     before = experiment_refs(repo)
-    sweep = ["-m", "nirvana.cli", "sweep", "--methods", "nirvana", "--sparsities", "0.3", "0.4"]
+    sweep = ["-m", "nirvana.pipeline.cli", "sweep", "--methods", "nirvana", "--sparsities", "0.3", "0.4"]
     log = sh(repo, sys.executable, *sweep)
     ran = stages_run(log)
     assert {"gguf_perplexity@pruned", "gguf_perplexity@finetuned", "measure_gguf"} <= ran, log[-3000:]
@@ -229,7 +229,7 @@ def test_a_sweep_measures_the_dense_gguf_perplexity_once(repo: Path) -> None:
         assert gguf(ref)["f16"]["dense"]["ppl_wiki_64"] == committed["f16"]["dense"]["ppl_wiki_64"]
         assert gguf(ref)["transformers"]["dense"] == committed["transformers"]["dense"]
         assert gguf(ref)["f16"]["pruned"]["ppl_wiki_64"] != committed["f16"]["pruned"]["ppl_wiki_64"]
-    table = sh(repo, sys.executable, "-m", "nirvana.cli", "report", "--all").splitlines()
+    table = sh(repo, sys.executable, "-m", "nirvana.pipeline.cli", "report", "--all").splitlines()
     header = [cell.strip() for cell in table[0].split("|")]
     column = header.index("speedup_llamacpp_f16_gen")
     names = {ref.rsplit("/", 1)[1] for ref in refs}

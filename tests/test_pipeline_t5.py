@@ -11,9 +11,9 @@ from test_pipeline import SMALL, checkout, sh, stages_run
 from transformers import AutoModelForSeq2SeqLM
 
 from conftest import save_tokenizer, tiny_t5
-from nirvana.data import read_windows
-from nirvana.forward import model_inputs
-from nirvana.surgery import zero_model
+from nirvana.core.data import read_windows
+from nirvana.method.forward import model_inputs
+from nirvana.method.surgery import zero_model
 
 
 @pytest.fixture(scope="module")

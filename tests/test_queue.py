@@ -12,9 +12,9 @@ import pytest
 import yaml
 from test_pipeline import checkout, sh
 
-from nirvana.params import ParamError
-from nirvana.stage import cpu_share, running_jobs
-from nirvana.sweep import sweep, sweep_commands, untracked_data
+from nirvana.core.params import ParamError
+from nirvana.core.stage import cpu_share, running_jobs
+from nirvana.pipeline.sweep import sweep, sweep_commands, untracked_data
 
 MINE = "data/calibration/mine.parquet"
 
@@ -90,7 +90,7 @@ def test_sweep_with_jobs_queues_and_starts_workers_with_their_share(
     monkeypatch.chdir(repo)
     calls = []
     monkeypatch.setattr(
-        "nirvana.sweep.subprocess.run",
+        "nirvana.pipeline.sweep.subprocess.run",
         lambda cmd, **kwargs: calls.append((cmd, kwargs.get("env"))) or subprocess.CompletedProcess(cmd, 0),
     )
     sweep(["nirvana"], [0.3, 0.4], [], queue=False, jobs=2)
@@ -121,7 +121,7 @@ def test_a_stage_in_a_queued_copy_shares_the_cpus_with_the_other_copies(
 def test_a_failed_experiment_stops_the_sweep_in_one_line_naming_its_params(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from nirvana.cli import main
+    from nirvana.pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)
     run = subprocess.run
@@ -130,7 +130,7 @@ def test_a_failed_experiment_stops_the_sweep_in_one_line_naming_its_params(
     def dvc_exp_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
         return run([sys.executable, "-c", f"raise SystemExit({next(codes)})"], **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr("nirvana.sweep.subprocess.run", dvc_exp_run)
+    monkeypatch.setattr("nirvana.pipeline.sweep.subprocess.run", dvc_exp_run)
     with pytest.raises(SystemExit) as stop:
         main(["sweep", "--methods", "flap", "--sparsities", "0.1", "0.2", "0.3", "--set", "evaluate.limit=5"])
     assert stop.value.code == 1

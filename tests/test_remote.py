@@ -53,7 +53,7 @@ def test_a_pull_gives_byte_identical_outputs_that_verify(machines: tuple[Path, P
     for out in OUTPUTS:
         assert file_digests(b / out) == file_digests(a / out), out
     assert "up to date" in sh(b, "dvc", "status")
-    verified = sh(b, sys.executable, "-m", "nirvana.cli", "verify", "outputs/finetuned_model")
+    verified = sh(b, sys.executable, "-m", "nirvana.pipeline.cli", "verify", "outputs/finetuned_model")
     assert "OK" in verified and "made by the run committed in" in verified
 
 
@@ -74,7 +74,17 @@ def test_a_shared_sweep_restores_on_b_what_a_ran_and_a_reports_b_sees(machines: 
     fine-tuning from A's records instead of running them, and gets A's model. A pushes its experiment; B pulls
     it, and `nirvana report` lists it beside B's own with A's numbers."""
     a, b = machines
-    sweep = [sys.executable, "-m", "nirvana.cli", "sweep", "--methods", "nirvana", "--sparsities", "0.3", "--share"]
+    sweep = [
+        sys.executable,
+        "-m",
+        "nirvana.pipeline.cli",
+        "sweep",
+        "--methods",
+        "nirvana",
+        "--sparsities",
+        "0.3",
+        "--share",
+    ]
     sh(a, *sweep)
     log = sh(b, *sweep)
     for stage in RESTORED:
@@ -87,7 +97,7 @@ def test_a_shared_sweep_restores_on_b_what_a_ran_and_a_reports_b_sees(machines: 
     (name,) = sh(a, "dvc", "exp", "list", "--name-only").split()
     sh(a, "dvc", "exp", "push", "origin", name)
     sh(b, "dvc", "exp", "pull", "origin", name)
-    report = sh(b, sys.executable, "-m", "nirvana.cli", "report")
+    report = sh(b, sys.executable, "-m", "nirvana.pipeline.cli", "report")
     rows = [line for line in report.splitlines() if "| nirvana " in line and "0.3 (" in line]
     assert len({row.split("|")[1].strip() for row in rows}) == 2, report  # A's experiment and B's
     ppl = json.loads((a / "metrics/pruned.json").read_text())["ppl_wiki_64"]
@@ -102,7 +112,17 @@ def test_a_shared_sweep_without_a_usable_remote_stops_in_one_line_before_running
     experiment run and nothing in the workspace changed."""
     _, b = machines
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    sweep = [sys.executable, "-m", "nirvana.cli", "sweep", "--methods", "flap", "--sparsities", "0.1", "--share"]
+    sweep = [
+        sys.executable,
+        "-m",
+        "nirvana.pipeline.cli",
+        "sweep",
+        "--methods",
+        "flap",
+        "--sparsities",
+        "0.1",
+        "--share",
+    ]
     before = {out: file_digests(b / out) for out in OUTPUTS if (b / out).exists()}
     experiments = sh(b, "dvc", "exp", "list", "--name-only")
 
@@ -178,4 +198,4 @@ def test_an_ssh_remote_carries_outputs_and_run_records(
     sh(c, "dvc", "pull", "--run-cache", "-r", "ssh")
     assert "up to date" in sh(c, "dvc", "status")  # every output has the md5 that dvc.lock names
     assert len(list((c / ".dvc/cache/runs").glob("*/*/*"))) == len(list((a / ".dvc/cache/runs").glob("*/*/*")))
-    assert "OK" in sh(c, sys.executable, "-m", "nirvana.cli", "verify", "outputs/finetuned_model")
+    assert "OK" in sh(c, sys.executable, "-m", "nirvana.pipeline.cli", "verify", "outputs/finetuned_model")

@@ -20,16 +20,16 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from conftest import random_plan, save_tokenizer, tiny_decoder, tiny_llama, tiny_model_dir, tiny_t5
-from nirvana import remote
-from nirvana.card import model_card, prune_record, verify_folder
-from nirvana.environment import PORTABLE
-from nirvana.evaluation import param_counts
-from nirvana.modeling import load_tokenizer, skeleton
-from nirvana.models import GRANULARITY_KEY
-from nirvana.params import ModelParams, Params, defaults
-from nirvana.remote import MODELING_FILE, modeling_source
-from nirvana.surgery import BIAS_KEY, CONFIG_KEY, layer_units, prune_model, save_model
-from nirvana.zeroshot import render_tasks
+from nirvana.core.environment import PORTABLE
+from nirvana.core.params import ModelParams, Params, defaults
+from nirvana.deploy.card import model_card, prune_record, verify_folder
+from nirvana.evaluation.perplexity import param_counts
+from nirvana.evaluation.zeroshot import render_tasks
+from nirvana.method.surgery import layer_units, prune_model, save_model
+from nirvana.models import GRANULARITY_KEY, remote
+from nirvana.models.loading import load_tokenizer, skeleton
+from nirvana.models.remote import MODELING_FILE, modeling_source
+from nirvana.models.widths import BIAS_KEY, CONFIG_KEY
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(5))
 CALIBRATION = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(2))
@@ -99,8 +99,8 @@ class Remote(NamedTuple):
 
 def flap_plan(model: PreTrainedModel, sparsity: float = 0.4) -> pd.DataFrame:
     """FLAP's plan: its `input_mean` column makes pruning compensate the output biases."""
-    from nirvana.allocation import allocate_for_model
-    from nirvana.criteria import flap_scores
+    from nirvana.method.allocation import allocate_for_model
+    from nirvana.method.criteria import flap_scores
 
     return allocate_for_model(model, flap_scores(model, CALIBRATION, 3), sparsity, 3.0, 1, "flap")
 
@@ -300,7 +300,7 @@ def test_trust_remote_code_reaches_the_tokenizer_and_the_skeleton(
 
 def test_keys_match_the_pipeline() -> None:
     """The modeling file cannot import nirvana, so it repeats the config keys: they must not drift."""
-    from nirvana.remote import modeling_nirvana
+    from nirvana.models.remote import modeling_nirvana
 
     assert (modeling_nirvana.UNITS_KEY, modeling_nirvana.BIAS_KEY) == remote.PRUNED_KEYS == (CONFIG_KEY, BIAS_KEY)
     assert modeling_nirvana.GRANULARITY_KEY == GRANULARITY_KEY

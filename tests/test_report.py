@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nirvana import cli, report
-from nirvana.report import best_runs, experiment_rows, llamacpp_table, markdown, readme_table, sort_rows
-from nirvana.sweep import sweep_commands
+from nirvana.pipeline import cli, report
+from nirvana.pipeline.report import best_runs, experiment_rows, llamacpp_table, markdown, readme_table, sort_rows
+from nirvana.pipeline.sweep import sweep_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import random_plan, save_tokenizer, tiny_llama
-from nirvana.surgery import prune_model, save_model
+from nirvana.method.surgery import prune_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("nirvana", "stages", "benchmarks", "tests")
@@ -20,7 +20,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 
 def sources() -> list[Path]:
     files = [f for folder in FOLDERS for f in sorted((ROOT / folder).rglob("*.py")) if "__pycache__" not in f.parts]
-    assert len(files) > 40 and ROOT / "nirvana/io.py" in files
+    assert len(files) > 40 and ROOT / "nirvana/core/io.py" in files
     return files
 
 

@@ -5,9 +5,9 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from conftest import tiny_llama, tiny_t5
-from nirvana.forward import logits_and_labels
+from nirvana.method.forward import logits_and_labels
+from nirvana.method.saliency import enable_checkpointing, nirvana_scores, ntk_objective
 from nirvana.models import get_adapter
-from nirvana.saliency import enable_checkpointing, nirvana_scores, ntk_objective
 
 WINDOWS = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(5))
 

@@ -1,4 +1,4 @@
-"""Choosing the plan by held-out KL: gamma: auto and several criteria in `method` (nirvana.selection)."""
+"""Choosing the plan by held-out KL: gamma: auto and several criteria in `method` (nirvana.method.selection)."""
 
 import copy
 import dataclasses
@@ -12,14 +12,13 @@ import torch
 from transformers import PreTrainedModel
 
 from conftest import DECODERS, random_plan, random_text, save_tokenizer, tiny_decoder, tiny_llama
-from nirvana.calibration import judged_at, judged_plan, search
-from nirvana.criteria import CRITERIA
-from nirvana.evaluation import param_counts
-from nirvana.io import write_parquet
-from nirvana.models import get_adapter
-from nirvana.params import AllocationParams, CalibrationParams, Params, SaliencyParams, defaults
-from nirvana.plan import plan_for
-from nirvana.selection import (
+from nirvana.core.io import write_parquet
+from nirvana.core.params import AllocationParams, CalibrationParams, Params, SaliencyParams, defaults
+from nirvana.evaluation.perplexity import param_counts
+from nirvana.method.calibration import judged_at, judged_plan, search
+from nirvana.method.criteria import CRITERIA
+from nirvana.method.plan import plan_for
+from nirvana.method.selection import (
     BLOCK,
     HeldOut,
     Reference,
@@ -31,7 +30,8 @@ from nirvana.selection import (
     shared_layers,
     summary,
 )
-from nirvana.surgery import prune_model
+from nirvana.method.surgery import prune_model
+from nirvana.models import get_adapter
 
 KL_WINDOWS = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(5))
 WINDOWS = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(6))

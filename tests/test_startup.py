@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from conftest import random_plan, save_tokenizer, tiny_llama
-from nirvana.surgery import prune_model, save_model
+from nirvana.method.surgery import prune_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELING = "transformers.modeling_utils"
@@ -25,7 +25,7 @@ TOKENS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2
 STARTUP = """
 import json, runpy, sys
 runpy.run_path(sys.argv[1], run_name="startup")  # the imports, not the __main__ block
-from nirvana.stage import run_stage
+from nirvana.core.stage import run_stage
 sys.argv = [sys.argv[1], "unused"]
 run_stage("startup", lambda params, path: None)  # run_stage's own set-up: logging, params.yaml, the CPU pin
 print(json.dumps(sorted(sys.modules)))
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 folder, how, out = sys.argv[1:]
 tokens = torch.tensor({tokens})
 if how == "pipeline":
-    from nirvana.modeling import load_model
+    from nirvana.models.loading import load_model
     model = load_model(folder, on="cpu")
 else:
     import nirvana
@@ -92,7 +92,7 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor
 
 
 def load_fresh(folder: Path, how: str, out: Path) -> subprocess.CompletedProcess[str]:
-    """Load `folder` in a fresh process (`pipeline`: nirvana.modeling.load_model; `import`: `import nirvana`, then
+    """Load `folder` in a fresh process (`pipeline`: nirvana.models.loading.load_model; `import`: `import nirvana`, then
     transformers' from_pretrained) and save its logits."""
     return python("-c", LOAD.format(tokens=TOKENS.tolist()), str(folder), how, str(out))
 

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from conftest import random_plan, tiny_llama
+from nirvana.method.surgery import layer_units, prune_model, zero_model
 from nirvana.models import GRANULARITY_KEY, get_adapter
-from nirvana.surgery import BIAS_KEY, CONFIG_KEY, layer_units, prune_model, zero_model
+from nirvana.models.widths import BIAS_KEY, CONFIG_KEY
 
 TOKENS = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
 
@@ -73,8 +74,8 @@ CALIBRATION = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_s
 
 
 def flap_plan(model: torch.nn.Module, sparsity: float = 0.4) -> pd.DataFrame:
-    from nirvana.allocation import allocate_for_model
-    from nirvana.criteria import flap_scores
+    from nirvana.method.allocation import allocate_for_model
+    from nirvana.method.criteria import flap_scores
 
     return allocate_for_model(model, flap_scores(model, CALIBRATION, 3), sparsity, 3.0, 1, "flap")
 

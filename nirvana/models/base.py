@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from nirvana.errors import InputError
+from nirvana.core.errors import InputError
+from nirvana.core.params import GRANULARITIES
 
 ATTENTION, MLP = "attn", "mlp"
 MODULES = (ATTENTION, MLP)
@@ -19,7 +20,6 @@ which shares the attention pool: everything that is not MLP is attention."""
 GRANULARITY_KEY = "nirvana_granularity"
 """Config attribute naming the attention unit: "group" (a whole KV group, the method's) or
 "query_head" (one query head from every group, KV heads kept). Saved with a pruned model."""
-GRANULARITIES = ("group", "query_head")
 
 
 def pool(module: str) -> str:

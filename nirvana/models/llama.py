@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
-from nirvana.errors import InputError
+from nirvana.core.errors import InputError
 from nirvana.models.base import ATTENTION, Adapter, Slice
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from nirvana.errors import InputError
+from nirvana.core.errors import InputError
 from nirvana.models.base import ATTENTION, MLP, Adapter, Slice
 
 CROSS = "cross"
