@@ -15,7 +15,7 @@ from pathlib import Path
 from nirvana.core.data import read_texts, token_stream, windows
 from nirvana.core.params import load_params
 from nirvana.evaluation.perplexity import perplexity
-from nirvana.method.calibration import candidate_pool, search
+from nirvana.method.calibration import candidate_pool, search_candidates
 from nirvana.models.loading import load_model, load_tokenizer
 
 
@@ -33,7 +33,7 @@ def run(sparsity: float, seq_len: int = 128) -> dict:
     def measure(pruned) -> dict:
         return {f"ppl_wiki_{seq_len}": perplexity(pruned, wiki_windows, params.evaluate.batch_size)}
 
-    table = search(model, pool, kl_windows, params, measure).drop(columns="windows")
+    table = search_candidates(model, pool, kl_windows, params, measure).drop(columns="windows")
     ranked = table.sort_values("kl").reset_index(drop=True)
     ppl = f"ppl_wiki_{seq_len}"
     return {

@@ -1,5 +1,5 @@
 """Does held-out KL pick the right gamma? At one sparsity, prune the pipeline's base model at every gamma
-of a wide grid, as `gamma: auto` does (nirvana.method.selection.choose, same saliency for every gamma), and
+of a wide grid, as `gamma: auto` does (nirvana.method.selection.select_plan, same saliency for every gamma), and
 measure each pruned model's wiki and books perplexity next to its KL. Perplexity is computed here only:
 the pipeline never looks at the evaluation texts when it chooses.
 
@@ -23,7 +23,8 @@ from nirvana.core.params import Params, load_params
 from nirvana.evaluation.perplexity import perplexity
 from nirvana.method.calibration import candidate_pool, draw
 from nirvana.method.criteria import CRITERIA
-from nirvana.method.selection import HeldOut, choose
+from nirvana.method.kl import HeldOut
+from nirvana.method.selection import select_plan
 from nirvana.models.loading import load_model, load_tokenizer
 
 GRID = [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]
@@ -71,7 +72,7 @@ def run(method: str, sparsity: float, mlp_multiple: int, seq_len: int = 128) -> 
     held_out = HeldOut.of(model, kl_windows, c.kl_batch_size)
     reference_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, table = choose(model, scores, params, sparsity, calibration, held_out, measure)
+    _, table = select_plan(model, scores, params, sparsity, calibration, held_out, measure)
     per_gamma = (time.perf_counter() - start - measuring[0]) / len(table)
     return {
         "method": method,

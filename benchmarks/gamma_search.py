@@ -2,7 +2,7 @@
 (params.yaml: calibration.candidates seeded draws) and each sparsity, prune at every gamma of
 allocation.gamma_candidates and record the held-out KL: the full grid the search and allocation used to
 walk (27 + 9 pruned forward passes at the defaults). Then replay, on these recorded numbers, what the
-pipeline does now: each candidate judged at one gamma (nirvana.method.calibration.judged_at), and gamma chosen
+pipeline does now: each candidate judged at one gamma (nirvana.method.calibration.judging_run), and gamma chosen
 for the winner alone by nirvana.method.selection.coarse_to_fine. Same choice, or how much KL the cheaper search
 gives up.
 
@@ -23,9 +23,10 @@ import torch
 
 from nirvana.core.data import read_texts
 from nirvana.core.params import load_params
-from nirvana.method.calibration import candidate_pool, draw, judged_at
+from nirvana.method.calibration import candidate_pool, draw, judging_run
 from nirvana.method.criteria import CRITERIA
-from nirvana.method.selection import HeldOut, choose, coarse_to_fine
+from nirvana.method.kl import HeldOut
+from nirvana.method.selection import coarse_to_fine, select_plan
 from nirvana.models.loading import load_model, load_tokenizer
 
 
@@ -45,7 +46,7 @@ def record(sparsities: list[float]) -> dict:
         for s in sparsities:
             runs = [dataclasses.replace(params, gamma=g) for g in grid]  # one choice each: its KL
             kl[str(s)][str(candidate)] = [
-                float(choose(model, scores, r, s, windows, held_out)[1]["kl"][0]) for r in runs
+                float(select_plan(model, scores, r, s, windows, held_out)[1]["kl"][0]) for r in runs
             ]
     return {"method": params.method, "grid": grid, "kl": kl, "seconds": time.perf_counter() - start}
 
@@ -56,7 +57,7 @@ def replay(recorded: dict) -> list[dict]:
     auto = dataclasses.replace(
         params, gamma="auto", allocation=dataclasses.replace(params.allocation, gamma_candidates=grid)
     )
-    judge = grid.index(judged_at(auto).gamma)
+    judge = grid.index(judging_run(auto).gamma)
     rows = []
     for sparsity, by_candidate in recorded["kl"].items():
         table = {int(c): kl for c, kl in by_candidate.items()}

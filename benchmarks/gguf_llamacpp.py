@@ -30,7 +30,8 @@ from transformers import PreTrainedModel
 from nirvana.core.data import EVAL_SETS
 from nirvana.core.io import folder_digest
 from nirvana.deploy import llamacpp
-from nirvana.deploy.gguf import export, stored_types
+from nirvana.deploy.gguf import export
+from nirvana.deploy.gguf_header import stored_types
 from nirvana.evaluation.efficiency import forward_flops
 from nirvana.evaluation.perplexity import held_out, param_counts, perplexity
 from nirvana.method.allocation import allocate_for_model

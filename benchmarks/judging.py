@@ -4,7 +4,7 @@ windows; outputs/plan_candidates.parquet: one per gamma, from outputs/saliency.p
 its held-out KL measured by both, alternately, each in its own process (`git archive HEAD` in a temporary
 folder, and this tree) holding its own dense reference; pinned kernels and threads as params.yaml says. Each
 plan's digest must be the recorded one; then the KL of both against the recorded KL, and the choices (the
-calibration winner, the gamma winner) from each side's KLs. Each plan is timed as `choose` runs it (copy,
+calibration winner, the gamma winner) from each side's KLs. Each plan is timed as `select_plan` runs it (copy,
 plan, surgery, KL); the layers a stage's plans share with the dense model are recorded by its first plan
 only, so the new side forgets them where the pipeline's next stage starts.
 
@@ -44,8 +44,15 @@ def work(tree: str) -> None:
     from nirvana.core.environment import pin_cpu
     from nirvana.core.params import load_params
     from nirvana.method.calibration import kl_set
-    from nirvana.method.selection import HeldOut, by_method, choose
+    from nirvana.method.selection import by_method
     from nirvana.models.loading import load_model, load_tokenizer
+
+    try:
+        from nirvana.method.kl import HeldOut
+        from nirvana.method.selection import select_plan
+    except ImportError:  # a HEAD from before nirvana.method.kl: the same code under its old names
+        from nirvana.method.selection import HeldOut
+        from nirvana.method.selection import choose as select_plan
 
     assert Path(nirvana.__file__).resolve().is_relative_to(Path(tree).resolve()), nirvana.__file__
     params = load_params(Path(tree) / "params.yaml")  # the params its code knows
@@ -65,7 +72,7 @@ def work(tree: str) -> None:
         run = dataclasses.replace(params, method=job["method"], gamma=job["gamma"])
         scores = by_method(pd.read_parquet(job["scores"]))
         start = time.perf_counter()
-        _, table = choose(model, scores, run, params.sparsity, None, held_out)
+        _, table = select_plan(model, scores, run, params.sparsity, None, held_out)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         row = {"kl": float(table["kl"].iloc[0]), "digest": table["plan_digest"].iloc[0], "seconds": seconds}

@@ -29,9 +29,10 @@ from nirvana.core.data import EVAL_SETS, read_texts
 from nirvana.core.params import Params, load_params
 from nirvana.evaluation.perplexity import held_out, perplexity
 from nirvana.evaluation.zeroshot import zero_shot
-from nirvana.method.calibration import candidate_pool, select
+from nirvana.method.calibration import candidate_pool, select_windows
 from nirvana.method.criteria import CRITERIA
-from nirvana.method.selection import HeldOut, choices, choose
+from nirvana.method.kl import HeldOut
+from nirvana.method.selection import candidate_runs, select_plan
 from nirvana.method.surgery import prune_model, save_model
 from nirvana.models.loading import load_model, load_tokenizer
 from nirvana.recovery.finetune import build_examples, load_rows, load_teacher, train
@@ -60,10 +61,12 @@ def prune_to(params: Params, folder: Path) -> dict:
     model, tokenizer = load_model(DENSE, params.model), load_tokenizer(DENSE)
     builtin = read_texts(f"{CORPORA}/calibration.parquet")
     pool, kl_windows = candidate_pool(params.calibration, tokenizer, builtin, overlap_ngram=params.data.overlap_ngram)
-    calibration, candidates = select(model, pool, kl_windows, params)
+    calibration, candidates = select_windows(model, pool, kl_windows, params)
     scores = {params.method: CRITERIA[str(params.method)](model, calibration, params.saliency.batch_size)}
-    held_out = HeldOut.of(model, kl_windows, params.calibration.kl_batch_size) if len(choices(params)) > 1 else None
-    plan, table = choose(model, scores, params, params.sparsity, calibration, held_out)
+    held_out = (
+        HeldOut.of(model, kl_windows, params.calibration.kl_batch_size) if len(candidate_runs(params)) > 1 else None
+    )
+    plan, table = select_plan(model, scores, params, params.sparsity, calibration, held_out)
     prune_model(model, plan)
     save_model(model, tokenizer, folder)
     chosen = json.loads(table[table["selected"]].to_json(orient="records"))[0]

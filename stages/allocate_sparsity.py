@@ -12,10 +12,11 @@ from nirvana.core.errors import InputError
 from nirvana.core.io import log, write_csv, write_json, write_parquet
 from nirvana.core.params import Params
 from nirvana.core.stage import run_stage
-from nirvana.method.allocation import check_reachable, layer_widths
-from nirvana.method.calibration import judged_plan, kl_set
+from nirvana.method.allocation import check_reachable, plan_widths
+from nirvana.method.calibration import kl_set, search_winner
+from nirvana.method.kl import HeldOut
 from nirvana.method.plan import layer_by_layer
-from nirvana.method.selection import HeldOut, by_method, choices, choose, summary
+from nirvana.method.selection import by_method, candidate_runs, plan_metrics, select_plan
 from nirvana.models.loading import load_model, load_tokenizer, skeleton
 from nirvana.pipeline.checks import check_model, check_windows
 
@@ -28,13 +29,13 @@ def main(
     candidates: str,
     saliency: str,
     plan_out: str,
-    choices_out: str,
+    table_out: str,
     metrics_out: str,
     widths_out: str,
 ) -> None:
     """`calibration` is select_calibration's windows; `builtin` prepare_data's pool, whose tail is the
     held-out KL set; `candidates` the search's table, whose winning plan is not pruned again."""
-    granularity, runs = params.attention.granularity, choices(params)
+    granularity, runs = params.attention.granularity, candidate_runs(params)
     model, windows, held_out, known = skeleton(model_dir, granularity, params.model), None, None, None
     check_reachable(model, params)
     scores = by_method(pd.read_parquet(saliency))
@@ -49,12 +50,12 @@ def main(
     if search:
         kl_windows = kl_set(params.calibration, load_tokenizer(model_dir, params.model), read_texts(builtin))
         held_out = HeldOut.of(model, kl_windows, params.calibration.kl_batch_size)
-        known = judged_plan(pd.read_parquet(candidates), params.sparsity)
-    plan, table = choose(model, scores, params, params.sparsity, windows, held_out, known=known)
+        known = search_winner(pd.read_parquet(candidates), params.sparsity)
+    plan, table = select_plan(model, scores, params, params.sparsity, windows, held_out, known=known)
     write_parquet(plan, plan_out)
-    write_parquet(table, choices_out)
-    write_json(summary(table), metrics_out)
-    widths = layer_widths(plan)
+    write_parquet(table, table_out)
+    write_json(plan_metrics(table), metrics_out)
+    widths = plan_widths(plan)
     write_csv(widths, widths_out)
     chosen = table[table.selected].iloc[0]
     log.info(

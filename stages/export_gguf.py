@@ -11,7 +11,8 @@ from pathlib import Path
 from nirvana.core.io import atomic_path, log
 from nirvana.core.params import Params
 from nirvana.core.stage import run_stage
-from nirvana.deploy.gguf import UnsupportedModel, export, prepare
+from nirvana.deploy.gguf import export, prepare
+from nirvana.deploy.gguf_errors import UnsupportedModel
 
 RECORDED = ("gguf", "sha256", "fallbacks", "source")  # what the manifest keeps of each file's record
 

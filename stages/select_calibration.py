@@ -12,7 +12,7 @@ from nirvana.core.io import code_digest, folder_digest, log, sha256_file, write_
 from nirvana.core.params import Params
 from nirvana.core.stage import run_stage
 from nirvana.method.allocation import check_reachable
-from nirvana.method.calibration import candidate_pool, resume_key, select, summary
+from nirvana.method.calibration import calibration_metrics, candidate_pool, resume_key, select_windows
 from nirvana.models.loading import load_model, load_tokenizer, skeleton
 from nirvana.pipeline.checks import check_calibration
 
@@ -33,12 +33,12 @@ def main(params: Params, model_dir: str, builtin: str, pool: str, out: str, tabl
         model = load_model(model_dir, params.model, granularity=params.attention.granularity)
         code = code_digest(__file__)
         checkpoints = CHECKPOINTS / resume_key(folder_digest(model_dir), code, windows, kl_windows, params)
-    selected, table = select(model, windows, kl_windows, params, user_file is not None, checkpoints)
+    selected, table = select_windows(model, windows, kl_windows, params, user_file is not None, checkpoints)
     table["pool"] = c.source or pool  # provenance, read into the model card by prune
     table["pool_sha256"] = "" if c.source else sha256_file(pool)
     write_parquet(pd.DataFrame({"input_ids": selected.tolist()}), out)
     write_parquet(table, table_out)
-    write_json(summary(table), metrics_out)
+    write_json(calibration_metrics(table), metrics_out)
     if checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     winner = table.loc[table.selected].iloc[0]

@@ -8,15 +8,14 @@ import pytest
 from conftest import tiny_llama
 from nirvana.core.params import METHODS, AllocationParams, Params, defaults
 from nirvana.method.allocation import (
-    METHOD_MODES,
     allocate,
     allocate_flap,
     allocate_uniform,
     allocation_mode,
     check_reachable,
-    layer_widths,
     llm_pruner_band,
     max_sparsity,
+    plan_widths,
     pool_fractions,
     standardise,
     uniform_counts,
@@ -78,7 +77,7 @@ def test_attention_cap_gives_the_rest_to_the_mlp(gamma: float, multiple: int) ->
     plan = allocate(scores(seed=5), sparsity, gamma, A, M, mlp_multiple=1, attn_multiple=multiple)
     target = sparsity * (A * LAYERS * HEADS + M * LAYERS * CHANNELS)
     assert removed_params(plan) == pytest.approx(target, abs=A * multiple / 2 + M)
-    assert (layer_widths(plan).attn_kept >= multiple).all()
+    assert (plan_widths(plan).attn_kept >= multiple).all()
 
 
 def test_fractions_clip_attention_and_give_the_rest_to_the_mlp() -> None:
@@ -100,7 +99,7 @@ def test_guards_at_extreme_sparsity() -> None:
     df = scores(seed=2)
     df.loc[(df.layer == 0), "score"] = 0.0  # layer 0 scores lowest everywhere
     plan = allocate(df, 0.95, 3.0, A, M, mlp_multiple=8)
-    widths = layer_widths(plan)
+    widths = plan_widths(plan)
     assert (widths.attn_kept >= 1).all() and (widths.mlp_kept >= 8).all()
     assert (widths.mlp_kept % 8 == 0).all()
     for layer, part in plan[plan.module == "attn"].groupby("layer"):
@@ -110,7 +109,7 @@ def test_guards_at_extreme_sparsity() -> None:
 @pytest.mark.parametrize("multiple", [4, 8])
 def test_mlp_widths_are_multiples_and_the_count_stays_close(multiple: int) -> None:
     plan = allocate(scores(seed=3), 0.3, 3.0, A, M, mlp_multiple=multiple)
-    widths = layer_widths(plan)
+    widths = plan_widths(plan)
     assert (widths.mlp_kept % multiple == 0).all()
     _, p_m = pool_fractions(0.3, 3.0, A, LAYERS * HEADS, M, LAYERS * CHANNELS)
     removed = (~plan.keep & (plan.module == "mlp")).sum()
@@ -120,7 +119,7 @@ def test_mlp_widths_are_multiples_and_the_count_stays_close(multiple: int) -> No
 def test_odd_widths_round_the_kept_count_to_the_multiple() -> None:
     df = scores(seed=4)
     df = df[~((df.module == "mlp") & (df.unit >= 60))].reset_index(drop=True)  # 60 channels a layer
-    widths = layer_widths(allocate(df, 0.3, 3.0, A, M, mlp_multiple=8))
+    widths = plan_widths(allocate(df, 0.3, 3.0, A, M, mlp_multiple=8))
     assert (widths.mlp_kept % 8 == 0).all()
 
 
@@ -167,7 +166,7 @@ def test_every_mode_meets_the_budget_on_the_smollm2_shape(mode: str, sparsity: f
     removed = a * (gone.module == "attn").sum() + m * (gone.module == "mlp").sum()
     budget = sparsity * SMOL["layers"] * (a * SMOL["heads"] + m * SMOL["channels"])
     assert abs(removed - budget) <= a / 2 + multiple * m
-    widths = layer_widths(plan)
+    widths = plan_widths(plan)
     assert (widths.attn_kept >= 1).all() and (widths.mlp_kept >= multiple).all()
 
 
@@ -209,7 +208,7 @@ def test_uniform_removes_the_same_lowest_units_in_every_layer() -> None:
     df.loc[df.layer == 0, "score"] *= 100  # a layer that scores high everywhere still loses its share
     plan = allocate_uniform(df, 0.3, A, M, mlp_multiple=1)
     attn_count, mlp_count = uniform_counts(0.3, LAYERS, A, HEADS, M, CHANNELS, 1)
-    widths = layer_widths(plan)
+    widths = plan_widths(plan)
     assert (widths.attn_kept == HEADS - attn_count).all() and (widths.mlp_kept == CHANNELS - mlp_count).all()
     for _, part in plan.groupby(["layer", "module"]):
         assert part[~part.keep].score.max() < part[part.keep].score.min()
@@ -228,7 +227,7 @@ def test_llm_pruner_prunes_the_band_uniformly_and_keeps_the_rest_dense() -> None
     met, so the band's own ratio is higher (0.3 x 6/4 = 0.45)."""
     df = scores(seed=13)
     plan = allocate_uniform(df, 0.3, A, M, mlp_multiple=1, band=(1, 5))
-    widths = layer_widths(plan).set_index("layer")
+    widths = plan_widths(plan).set_index("layer")
     assert (widths.loc[[0, 5], "attn_kept"] == HEADS).all() and (widths.loc[[0, 5], "mlp_kept"] == CHANNELS).all()
     attn, mlp = uniform_counts(0.45, 4, A, HEADS, M, CHANNELS, 1)
     assert (widths.loc[1:4, "attn_kept"] == HEADS - attn).all() and (
@@ -285,7 +284,7 @@ def test_flap_threshold_is_global_on_standardised_scores_and_closest_to_the_budg
 
 
 def test_flap_keeps_one_unit_and_a_block_per_layer_at_extreme_sparsity() -> None:
-    widths = layer_widths(allocate_flap(scores(seed=9), 0.95, A, M, mlp_multiple=8))
+    widths = plan_widths(allocate_flap(scores(seed=9), 0.95, A, M, mlp_multiple=8))
     assert (widths.attn_kept >= 1).all() and (widths.mlp_kept >= 8).all() and (widths.mlp_kept % 8 == 0).all()
 
 
@@ -306,7 +305,7 @@ def test_flap_keeps_one_unit_and_a_block_per_layer_at_extreme_sparsity() -> None
 def test_a_null_mode_means_the_methods_own_allocation(method: str, mode: str | None, expected: str) -> None:
     params = defaults(Params, method=method, allocation=defaults(AllocationParams, mode=mode))
     assert allocation_mode(params) == expected
-    assert set(METHODS) >= set(METHOD_MODES) and set(AllocationParams.MODES) >= set(METHOD_MODES.values())
+    assert set(AllocationParams.MODES) >= set(METHODS.values())
 
 
 @pytest.mark.parametrize("mode", ["nirvana", "uniform", "flap"])
@@ -322,7 +321,7 @@ def test_attention_widths_round_to_attn_multiple(mode: str) -> None:
         "flap": lambda: allocate_flap(df, 0.3, A, M, mlp_multiple=1, attn_multiple=4),
     }
     plan = allocate_mode[mode]()
-    widths = layer_widths(plan)
+    widths = plan_widths(plan)
     assert set(widths.attn_kept) <= {4, 8} and (widths.attn_dense == 8).all()
     budget = 0.3 * (A * LAYERS * 8 + M * LAYERS * CHANNELS)
     tolerance = LAYERS * 4 * A / 2 if mode == "uniform" else 4 * A + M

@@ -18,8 +18,8 @@ from conftest import load_stage, random_plan, random_text, tiny_llama, tiny_mode
 from nirvana.core.errors import InputError
 from nirvana.core.params import AllocationParams, CalibrationParams, Params, defaults
 from nirvana.deploy.card import calibration_record
-from nirvana.method.calibration import draw, select
-from nirvana.method.selection import HeldOut
+from nirvana.method.calibration import draw, select_windows
+from nirvana.method.kl import HeldOut
 from nirvana.method.surgery import prune_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_search_picks_the_candidate_with_the_lowest_kl() -> None:
         allocation=defaults(AllocationParams, mlp_multiple=8),
         calibration=defaults(CalibrationParams, num_samples=4, candidates=4, kl_batch_size=4),
     )
-    windows, table = select(tiny_llama("gqa"), pool, KL_WINDOWS, params)
+    windows, table = select_windows(tiny_llama("gqa"), pool, KL_WINDOWS, params)
     assert table["kl"].nunique() == 4 and table["seed"].tolist() == [0, 1, 2, 3]
     winner = table.loc[table.selected].iloc[0]
     assert table.selected.sum() == 1 and winner.kl == table.kl.min()
@@ -59,8 +59,8 @@ def test_search_picks_the_candidate_with_the_lowest_kl() -> None:
 def test_one_candidate_is_a_seeded_draw_without_a_model() -> None:
     pool = torch.arange(200).view(20, 10)
     params = defaults(Params, calibration=defaults(CalibrationParams, num_samples=5, candidates=1, seed=7))
-    first, table = select(None, pool, KL_WINDOWS, params)
-    again, _ = select(None, pool, KL_WINDOWS, params)
+    first, table = select_windows(None, pool, KL_WINDOWS, params)
+    again, _ = select_windows(None, pool, KL_WINDOWS, params)
     assert torch.equal(first, again) and first.shape == (5, 10) and table.selected.all()
 
 

@@ -23,17 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_model_dir
 from nirvana.core.params import FinetuneParams, ModelParams, Params, defaults
-from nirvana.deploy.card import (
-    CARD,
-    card_data,
-    code_state,
-    finetune_record,
-    lock_commits,
-    lock_state,
-    model_card,
-    read_card,
-    verify_folder,
-)
+from nirvana.deploy.card import CARD, card_data, finetune_record, model_card, read_card
+from nirvana.deploy.hashes import code_state, lock_state
+from nirvana.deploy.verify import lock_commits, verify_folder
 from nirvana.method.surgery import layer_units, save_model
 from nirvana.pipeline.cli import main as cli
 

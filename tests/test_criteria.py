@@ -1,5 +1,6 @@
 """Every criterion equals its formula computed independently, covers every unit once, leaves the model
-alone, and every method x allocation mode removes the same parameter budget."""
+alone, and every method x allocation mode removes the same parameter budget; a new criterion needs only its
+scoring function and its registration."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedModel
 
-from conftest import tiny_llama
-from nirvana.core.params import AllocationParams
+from conftest import tiny_decoder, tiny_llama
+from nirvana.core.params import METHODS, AllocationParams, Params, defaults
 from nirvana.evaluation.perplexity import param_counts
-from nirvana.method.allocation import allocate_for_model
+from nirvana.method.allocation import allocate_for_model, allocation_mode
 from nirvana.method.criteria import (
     CRITERIA,
     flap_scores,
@@ -25,7 +26,11 @@ from nirvana.method.criteria import (
     wanda_sp_scores,
     wanda_sp_sequential,
 )
-from nirvana.method.surgery import prune_model
+from nirvana.method.plan import plan_for
+from nirvana.method.saliency import score_table
+from nirvana.method.surgery import prune_model, zero_model
+from nirvana.models import get_adapter
+from nirvana.models.base import unit_rows
 
 WINDOWS = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(7))
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -260,3 +265,45 @@ def test_every_method_and_mode_removes_the_same_budget(kind: str, sparsity: floa
     for key, count in removed.items():
         assert abs(count - sparsity * dense) <= tolerance, (key, count, sparsity * dense, tolerance)
     assert len(plans) > len(CRITERIA), len(plans)  # the criteria and modes really choose differently
+
+
+def test_criteria_and_methods_name_the_same_criteria() -> None:
+    """CRITERIA scores a criterion, METHODS (params, which cannot import the method) validates its name and
+    gives its allocation: a criterion registered in one but not the other is half added."""
+    assert set(CRITERIA) == set(METHODS)
+
+
+def toy_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> pd.DataFrame:
+    """A toy criterion: a unit's score is its index, so the lowest units of every module go first."""
+    adapter = get_adapter(model.config)
+    return score_table(model, lambda layer, module: torch.arange(adapter.unit_count(layer, module)).float())
+
+
+def test_a_toy_criterion_needs_only_its_function_and_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered in CRITERIA and METHODS (with Wanda-sp's uniform allocation), a toy criterion passes
+    params validation, scores as compute_saliency calls it, gets its allocation and is pruned: each
+    module loses its lowest-index units, the same count in every layer, as masking them would."""
+    monkeypatch.setitem(CRITERIA, "toy", toy_scores)
+    monkeypatch.setitem(METHODS, "toy", "uniform")
+    allocation = defaults(AllocationParams, mlp_multiple=1, attn_multiple=1, mode=None)
+    params = defaults(Params, method="toy", sparsity=0.3, gamma=3.0, allocation=allocation)
+    assert allocation_mode(params) == "uniform"
+    dense = tiny_decoder("llama")
+    adapter = get_adapter(dense.config)
+    plan = plan_for(dense, CRITERIA["toy"](dense, WINDOWS, 2), params, params.sparsity)
+    dropped = plan[~plan.keep].groupby("module").unit.max() + 1  # units 0 .. k-1 of each module
+    assert sorted(dropped.index) == ["attn", "mlp"]
+    for module, group in plan.groupby("module"):
+        assert list(group.keep) == [u >= dropped[module] for u in group.unit], module
+        assert (plan[(plan.module == module) & ~plan.keep].groupby("layer").size() == dropped[module]).all()
+    pruned, zeroed = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(pruned, plan, adapter=get_adapter(pruned.config))
+    zero_model(zeroed, plan)
+    for before, after in zip(adapter.layers(dense), get_adapter(pruned.config).layers(pruned), strict=True):
+        for module in adapter.modules(before):
+            n, out = adapter.unit_count(before, module), adapter.output_slice(before, module)
+            kept = unit_rows(torch.arange(int(dropped[module]), n), out.size, out.groups, n)
+            expected = adapter.output_projection(before, module).weight[:, kept]
+            assert torch.equal(adapter.output_projection(after, module).weight, expected), module
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(WINDOWS).logits, zeroed(WINDOWS).logits, atol=1e-5, rtol=0)

@@ -96,7 +96,12 @@ def test_the_closure_follows_imports_through_packages(tmp_path: Path) -> None:
     script = tmp_path / "s.py"
     script.write_text("from nirvana.method.surgery import prune_model\n")
     files = closure(script)
-    assert {"nirvana/__init__.py", "nirvana/method/surgery.py", "nirvana/models/remote.py", "nirvana/core/io.py"} <= files
+    assert {
+        "nirvana/__init__.py",
+        "nirvana/method/surgery.py",
+        "nirvana/models/remote.py",
+        "nirvana/core/io.py",
+    } <= files
     assert "nirvana/method/__init__.py" not in files and "nirvana/models/__init__.py" in files
     assert "nirvana/evaluation/zeroshot.py" not in files and "nirvana/pipeline/lockcheck.py" not in files
 

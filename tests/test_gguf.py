@@ -35,7 +35,9 @@ from transformers import (
 from conftest import load_stage, random_plan, tiny_llama, tiny_model_dir
 from nirvana.core.errors import NativeCrash
 from nirvana.core.stage import run_stage
-from nirvana.deploy.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, ExportError, export, gguf_name, rope_rows
+from nirvana.deploy.gguf import export, gguf_name, rope_rows
+from nirvana.deploy.gguf_errors import ExportError
+from nirvana.deploy.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 from nirvana.deploy.llamacpp import announce, isolated
 from nirvana.method.surgery import prune_model, save_model
 from nirvana.models import get_adapter
@@ -804,6 +806,6 @@ def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(project: Path) -> None:
 def test_params_list_the_types_export_writes() -> None:
     """params.yaml's export.types is checked against this list before the pipeline starts."""
     from nirvana.core.params import GGUF_TYPES
-    from nirvana.deploy.gguf import TYPES
+    from nirvana.deploy.gguf_types import TYPES
 
     assert GGUF_TYPES == TYPES

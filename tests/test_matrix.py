@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from conftest import save_tokenizer, tiny_decoder, tiny_t5
 from nirvana.core.errors import InputError
 from nirvana.core.params import ParamError, Params, load_params
-from nirvana.deploy.gguf import ExportError, export
+from nirvana.deploy.gguf import export
+from nirvana.deploy.gguf_errors import ExportError
 from nirvana.evaluation.perplexity import param_counts
 from nirvana.method.allocation import check_reachable, planned_sparsity, unit_sizes
 from nirvana.method.criteria import CRITERIA

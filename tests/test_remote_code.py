@@ -22,7 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from conftest import random_plan, save_tokenizer, tiny_decoder, tiny_llama, tiny_model_dir, tiny_t5
 from nirvana.core.environment import PORTABLE
 from nirvana.core.params import ModelParams, Params, defaults
-from nirvana.deploy.card import model_card, prune_record, verify_folder
+from nirvana.deploy.card import model_card, prune_record
+from nirvana.deploy.verify import verify_folder
 from nirvana.evaluation.perplexity import param_counts
 from nirvana.evaluation.zeroshot import render_tasks
 from nirvana.method.surgery import layer_units, prune_model, save_model

@@ -1,4 +1,5 @@
-"""Choosing the plan by held-out KL: gamma: auto and several criteria in `method` (nirvana.method.selection)."""
+"""Choosing the plan by held-out KL: gamma: auto and several criteria in `method` (nirvana.method.selection),
+and the KL itself (nirvana.method.kl)."""
 
 import copy
 import dataclasses
@@ -15,21 +16,11 @@ from conftest import DECODERS, random_plan, random_text, save_tokenizer, tiny_de
 from nirvana.core.io import write_parquet
 from nirvana.core.params import AllocationParams, CalibrationParams, Params, SaliencyParams, defaults
 from nirvana.evaluation.perplexity import param_counts
-from nirvana.method.calibration import judged_at, judged_plan, search
+from nirvana.method.calibration import judging_run, search_candidates, search_winner
 from nirvana.method.criteria import CRITERIA
+from nirvana.method.kl import BLOCK, HeldOut, Reference, log_probs, shared_layers
 from nirvana.method.plan import plan_for
-from nirvana.method.selection import (
-    BLOCK,
-    HeldOut,
-    Reference,
-    by_method,
-    choices,
-    choose,
-    coarse_to_fine,
-    log_probs,
-    shared_layers,
-    summary,
-)
+from nirvana.method.selection import by_method, candidate_runs, coarse_to_fine, plan_metrics, select_plan
 from nirvana.method.surgery import prune_model
 from nirvana.models import get_adapter
 
@@ -56,7 +47,7 @@ def test_auto_keeps_the_gamma_of_lowest_kl_among_those_it_visits() -> None:
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
     held_out = HeldOut.of(model, KL_WINDOWS, 4)
     full = [kl_of(model, scores, dataclasses.replace(auto(), gamma=g), held_out) for g in GAMMAS]
-    plan, table = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
+    plan, table = select_plan(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
     visited = coarse_to_fine(len(GAMMAS), full.__getitem__)
     assert table["gamma"].tolist() == [GAMMAS[i] for i in visited] and table["kl"].nunique() == len(visited)
     assert table["kl"].tolist() == pytest.approx(list(visited.values()), rel=1e-6)
@@ -67,7 +58,7 @@ def test_auto_keeps_the_gamma_of_lowest_kl_among_those_it_visits() -> None:
     # a higher gamma takes more from the MLP and less from attention
     assert table["mlp_kept"].is_monotonic_decreasing and table["attn_kept"].is_monotonic_increasing
     assert table["mlp_kept"].iloc[0] > table["mlp_kept"].iloc[-1]
-    metrics = summary(table)
+    metrics = plan_metrics(table)
     assert metrics["gamma"] == best.gamma and metrics["kl_selected"] == best.kl == table["kl"].min()
     assert metrics["kl_runner_up"] == sorted(table["kl"])[1] and metrics["kl_worst"] == table["kl"].max()
 
@@ -90,16 +81,16 @@ def test_a_plan_whose_kl_is_known_is_not_pruned_again(monkeypatch: pytest.Monkey
     model = tiny_llama("gqa")
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
     held_out = HeldOut.of(model, KL_WINDOWS, 4)
-    _, measured = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
+    _, measured = select_plan(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out)
     known = measured[measured["gamma"] == 3.0].assign(kl=0.0)  # below any measured KL: it wins
     calls = []
     kl = HeldOut.kl
     monkeypatch.setattr(HeldOut, "kl", lambda self, m: calls.append(1) or kl(self, m))
-    _, table = choose(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out, known=known)
+    _, table = select_plan(model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out, known=known)
     assert len(calls) == len(table) - 1 and table.loc[table["gamma"] == 3.0, "kl"].item() == 0.0
     assert table["selected"].tolist() == (table["kl"] == 0.0).tolist()
     calls.clear()
-    _, other = choose(
+    _, other = select_plan(
         model, {"nirvana": scores}, auto(), 0.4, WINDOWS, held_out, known=known.assign(plan_digest="0" * 16)
     )
     assert len(calls) == len(other) and 0.0 not in other["kl"].tolist()
@@ -108,7 +99,7 @@ def test_a_plan_whose_kl_is_known_is_not_pruned_again(monkeypatch: pytest.Monkey
 def test_the_realised_sparsity_is_what_prune_measures() -> None:
     model = tiny_llama("gqa_bias")
     scores = CRITERIA["magnitude"](model, WINDOWS, 2)
-    _, table = choose(
+    _, table = select_plan(
         model, {"magnitude": scores}, auto(method="magnitude"), 0.4, WINDOWS, HeldOut.of(model, KL_WINDOWS, 6)
     )
     for row in table.itertuples():
@@ -123,16 +114,16 @@ def test_auto_with_one_candidate_is_the_fixed_gamma_plan_and_measures_nothing() 
     model = tiny_llama("gqa")
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
     fixed = defaults(Params, sparsity=0.4, gamma=2.0, allocation=defaults(AllocationParams, mlp_multiple=1))
-    assert [(r.method, r.gamma) for r in choices(auto([2.0]))] == [("nirvana", 2.0)]
-    plan, table = choose(model, {"nirvana": scores}, auto([2.0]), 0.4)
+    assert [(r.method, r.gamma) for r in candidate_runs(auto([2.0]))] == [("nirvana", 2.0)]
+    plan, table = select_plan(model, {"nirvana": scores}, auto([2.0]), 0.4)
     pd.testing.assert_frame_equal(plan, plan_for(model, scores, fixed, 0.4))
     assert table["selected"].all() and table["kl"].isna().all() and table["gamma"].tolist() == [2.0]
     realised = table["sparsity_realised"].item()
-    assert summary(table) == {"choices": 1, "method": "nirvana", "gamma": 2.0, "sparsity_realised": realised}
+    assert plan_metrics(table) == {"choices": 1, "method": "nirvana", "gamma": 2.0, "sparsity_realised": realised}
 
 
-def test_choices_cross_criteria_with_gammas_only_under_nirvanas_allocation() -> None:
-    runs = choices(auto([1.0, 4.0], method=["nirvana", "taylor", "flap"]))
+def test_candidate_runs_cross_criteria_with_gammas_only_under_nirvanas_allocation() -> None:
+    runs = candidate_runs(auto([1.0, 4.0], method=["nirvana", "taylor", "flap"]))
     assert [(r.method, r.gamma) for r in runs] == [
         ("nirvana", 1.0),
         ("nirvana", 4.0),
@@ -144,13 +135,13 @@ def test_choices_cross_criteria_with_gammas_only_under_nirvanas_allocation() -> 
         method=["nirvana", "taylor"],
         allocation=defaults(AllocationParams, mode="nirvana", gamma_candidates=[1.0, 4.0]),
     )
-    assert [(r.method, r.gamma) for r in choices(forced)] == [
+    assert [(r.method, r.gamma) for r in candidate_runs(forced)] == [
         ("nirvana", 1.0),
         ("nirvana", 4.0),
         ("taylor", 1.0),
         ("taylor", 4.0),
     ]
-    assert [(r.method, r.gamma) for r in choices(defaults(Params, gamma=2.5))] == [("nirvana", 2.5)]
+    assert [(r.method, r.gamma) for r in candidate_runs(defaults(Params, gamma=2.5))] == [("nirvana", 2.5)]
 
 
 def test_several_criteria_each_under_its_own_allocation() -> None:
@@ -165,14 +156,14 @@ def test_several_criteria_each_under_its_own_allocation() -> None:
     scores = {m: CRITERIA[m](model, WINDOWS, 2) for m in params.methods}
     held_out = HeldOut.of(model, KL_WINDOWS, 3)
     dense = copy.deepcopy(model)
-    _, table = choose(model, scores, params, 0.4, WINDOWS, held_out)
+    _, table = select_plan(model, scores, params, 0.4, WINDOWS, held_out)
     assert table[["method", "allocation"]].values.tolist() == [
         ["magnitude", "nirvana"],
         ["taylor", "llm_pruner"],
         ["wanda_sp", "uniform"],
     ]
     assert table["gamma"].tolist()[0] == 3.0 and table["gamma"].iloc[1:].isna().all()
-    for row, run in zip(table.itertuples(), choices(params), strict=True):
+    for row, run in zip(table.itertuples(), candidate_runs(params), strict=True):
         assert row.kl == pytest.approx(kl_of(model, scores[row.method], run, held_out), rel=1e-6)
     winner = table.loc[table["kl"].idxmin()]
     assert table.loc[table["selected"], "method"].item() == winner.method
@@ -182,15 +173,15 @@ def test_several_criteria_each_under_its_own_allocation() -> None:
 
 def test_the_calibration_search_judges_each_candidate_at_the_middle_gamma(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saliency once per candidate set and criterion; with gamma: auto one pruned pass per set, at the
-    middle of gamma_candidates, and allocate_sparsity can reuse the winner's (`judged_plan`)."""
+    middle of gamma_candidates, and allocate_sparsity can reuse the winner's (`search_winner`)."""
     calls = []
     nirvana = CRITERIA["nirvana"]
     monkeypatch.setitem(CRITERIA, "nirvana", lambda *args: calls.append(1) or nirvana(*args))
     pool = torch.randint(0, 64, (30, 10), generator=torch.Generator().manual_seed(7))
     params = auto(calibration=defaults(CalibrationParams, num_samples=4, candidates=3, kl_batch_size=3))
-    assert judged_at(params).gamma == 3.0 and judged_at(defaults(Params, gamma=2.5)).gamma == 2.5
+    assert judging_run(params).gamma == 3.0 and judging_run(defaults(Params, gamma=2.5)).gamma == 2.5
     model = tiny_llama("gqa")
-    table = search(model, pool, KL_WINDOWS, params)
+    table = search_candidates(model, pool, KL_WINDOWS, params)
     assert len(calls) == 3 and table["gamma"].tolist() == [3.0] * 3 and table["search_sparsity"].tolist() == [0.4] * 3
     held_out = HeldOut.of(model, KL_WINDOWS, 3)
     for row in table.itertuples():
@@ -198,8 +189,8 @@ def test_the_calibration_search_judges_each_candidate_at_the_middle_gamma(monkey
         run = dataclasses.replace(params, gamma=3.0)
         assert row.kl == pytest.approx(kl_of(model, nirvana(model, windows, 4), run, held_out, windows), rel=1e-6)
     assert table.loc[table["selected"], "kl"].item() == table["kl"].min()
-    assert judged_plan(table, 0.4)["candidate"].tolist() == table.loc[table["selected"], "candidate"].tolist()
-    assert judged_plan(table, 0.3) is None  # judged at another sparsity (calibration.select_at_sparsity)
+    assert search_winner(table, 0.4)["candidate"].tolist() == table.loc[table["selected"], "candidate"].tolist()
+    assert search_winner(table, 0.3) is None  # judged at another sparsity (calibration.select_at_sparsity)
 
 
 def test_by_method_splits_the_saliency_table() -> None:
@@ -243,7 +234,7 @@ def test_the_stage_searches_without_a_backward_pass(tmp_path: Path, monkeypatch:
     scores = CRITERIA["nirvana"](model, WINDOWS, 2)
     write_parquet(scores.assign(method="nirvana"), tmp_path / "saliency.parquet")
     params = auto(calibration=defaults(CalibrationParams, kl_samples=4, kl_seq_len=16, kl_batch_size=2))
-    _, judged = choose(model, {"nirvana": scores}, judged_at(params), 0.4)
+    _, judged = select_plan(model, {"nirvana": scores}, judging_run(params), 0.4)
     judged = judged.assign(candidate=0, kl=0.125, search_sparsity=0.4)
     write_parquet(judged, tmp_path / "candidates.parquet")
     stage = load_stage("allocate_sparsity")

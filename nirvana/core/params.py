@@ -20,7 +20,17 @@ if typing.TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 GRANULARITIES = ("group", "query_head")  # the attention unit: a KV group (the method's) or a query head per group
-METHODS = ("nirvana", "magnitude", "taylor", "wanda_sp", "flap", "random")
+METHODS = {
+    "nirvana": "nirvana",
+    "magnitude": "nirvana",
+    "taylor": "llm_pruner",
+    "wanda_sp": "uniform",
+    "flap": "flap",
+    "random": "nirvana",
+}
+"""Every criterion (`nirvana.method.criteria.CRITERIA` scores it) -> the allocation it was published with,
+used when `allocation.mode` is null: the baselines' own, NIRVANA's two pools for the rest. Here, not in
+the method, so that params can validate `method` without importing it."""
 
 
 class ParamError(ValueError):
@@ -28,7 +38,7 @@ class ParamError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-# nirvana.deploy.gguf.TYPES (tests/test_gguf.py checks they agree)
+# nirvana.deploy.gguf_types.TYPES (tests/test_gguf.py checks they agree)
 GGUF_TYPES = (
     "f32",
     "f16",
@@ -471,7 +481,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
-COMMITTED = Path(__file__).resolve().parents[1] / "params.yaml"
+COMMITTED = Path(__file__).resolve().parents[2] / "params.yaml"
 Part = typing.TypeVar("Part", bound="DataclassInstance")
 
 

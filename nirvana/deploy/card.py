@@ -1,56 +1,37 @@
-"""Model cards (README.md, Hugging Face format) for the folders the prune, finetune and publish stages write.
+"""Model cards (README.md, Hugging Face format) for the folders the prune, finetune and publish stages write: the
+provenance records the stages build, and the card they render from them with its hashes (nirvana.deploy.hashes).
 
-The card's metadata (built with huggingface_hub's ModelCardData) holds the provenance a reader needs to
-trust a pruned model: the base model and its folder digest, the pruning settings, the calibration
-selection, per-layer widths, parameter counts, the fine-tuning summary, a content hash of the code the
-stage ran and dvc.lock's digest, the environment it computed in (package versions, CPU kernels and threads,
-GPU; nirvana.core.environment), and the SHA-256 of every stored tensor and safetensors file, which
-`nirvana verify` recomputes. Nothing in it depends on the commit or the clock, so the same code, params
-and inputs give the same card, byte for byte. The published folder's card adds the measured results as
-`model-index` evaluation results, the fields the Hub renders. The Markdown below the metadata is for people.
+The metadata (huggingface_hub's ModelCardData) holds what a reader needs to trust a pruned model: the base model
+and its folder digest, the pruning settings, the calibration and plan selection, per-layer widths, parameter
+counts, the fine-tuning summary, the hashes of the code and dvc.lock, the environment it computed in
+(nirvana.core.environment), and the SHA-256 of every stored tensor and file, which `nirvana verify`
+(nirvana.deploy.verify) recomputes. Nothing in it depends on the commit or the clock, so the same code, params and
+inputs give the same card, byte for byte. The published folder's card adds the measured results as `model-index`
+evaluation results. The Markdown below the metadata is for people.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nirvana.core.environment import describe, reproducible
-from nirvana.core.io import folder_digest, sha256_file
+from nirvana.core.io import folder_digest
 from nirvana.core.params import FinetuneParams, Params
+from nirvana.deploy.hashes import code_state, lock_state, weight_hashes
 from nirvana.method.allocation import allocation_mode, llm_pruner_band
 from nirvana.method.surgery import layer_units
 from nirvana.models.loading import hub_id
 
 CARD = "README.md"
-CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout the running code comes from
-LOCK_NOTE = (
-    "SHA-256 over dvc.lock's entries of the stages upstream of this one, which DVC wrote during this "
-    "run before this stage started: the exact inputs, params and outputs that fed it"
-)
-UPSTREAM = {  # the stages whose dvc.lock entries pin what a stage's model was made from
-    "prune": ("prepare_model", "prepare_data", "select_calibration", "compute_saliency", "allocate_sparsity"),
-    "finetune": (
-        "prepare_model",
-        "prepare_data",
-        "select_calibration",
-        "compute_saliency",
-        "allocate_sparsity",
-        "prune",
-    ),
-}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LOSS_NAMES = {"lm": "next-token loss", "kd": "distilled from the teacher", "mix": "next-token loss + distillation"}
 
@@ -59,83 +40,6 @@ def recovery_label(adapter: str | None, loss: str | None) -> str:
     """How a model was recovered, in words: 'LoRA, merged; next-token loss' (older runs: LoRA and lm)."""
     trained = "every weight" if adapter == "full" else "LoRA, merged"
     return f"{trained}; {LOSS_NAMES[loss or 'lm']}"
-
-
-# --- hashes of what the folder stores -------------------------------------------------------------
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """Hex SHA-256 of a tensor's bytes as safetensors stores them (row-major, little-endian)."""
-    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()
-
-
-def file_tensors(path: Path, name: str) -> dict[str, dict[str, Any]]:
-    """dtype, shape and SHA-256 of each tensor in one safetensors file, read with safetensors' safe_open."""
-    out: dict[str, dict[str, Any]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in sorted(f.keys()):
-            piece = f.get_slice(key)
-            sha = tensor_sha256(f.get_tensor(key))
-            out[key] = dict(file=name, dtype=piece.get_dtype(), shape=list(piece.get_shape()), sha256=sha)
-    return out
-
-
-def weight_hashes(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """SHA-256 of every safetensors file and every tensor in `folder`, and of the Python files (the
-    modeling file `trust_remote_code` runs); and the files that safetensors could not read (name ->
-    error), so that `verify` reports a corrupt header instead of crashing."""
-    folder = Path(folder)
-    files, tensors, unreadable = {}, {}, {}
-    for path in sorted(folder.rglob("*.py")):
-        files[path.relative_to(folder).as_posix()] = sha256_file(path)
-    for path in sorted(folder.rglob("*.safetensors")):
-        name = path.relative_to(folder).as_posix()
-        files[name] = sha256_file(path)
-        try:
-            tensors.update(file_tensors(path, name))
-        except Exception as err:  # a truncated or corrupt file: safetensors raises its own error types
-            unreadable[name] = f"{type(err).__name__}: {err}"
-    return {"files": files, "tensors": tensors}, unreadable
-
-
-# --- where the code and the pipeline state stood -------------------------------------------------
-
-
-def _code_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts) if path.is_dir() else [path]
-
-
-def code_state(stage: str, root: Path = CODE_ROOT) -> dict[str, Any]:
-    """SHA-256 of the code `stage` ran: the nirvana/ and stages/ files dvc.yaml lists as its deps (a test
-    keeps them equal to what the stage imports). The same code hashes the same at any commit."""
-    dvc_yaml = root / "dvc.yaml"
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.is_file() else {}
-    if stage not in stages:
-        return {"sha256": None, "note": f"no stage {stage} in {dvc_yaml} (code not run from a checkout)"}
-    deps = [d for d in stages[stage].get("deps", []) if d.startswith(("nirvana", "stages"))]
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for d in deps for p in _code_files(root / d)}
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"sha256": digest, "files": dict(sorted(files.items()))}
-
-
-def lock_state(path: str | Path = "dvc.lock", stage: str = "prune") -> dict[str, Any]:
-    """SHA-256 of the dvc.lock entries of `stage`'s upstream stages (canonical JSON), or why there is
-    none. Only upstream entries: they are final when the stage runs, so the hash is reproducible."""
-    path = Path(path)
-    digest, upstream = lock_hash(path.read_text() if path.is_file() else "", UPSTREAM.get(stage, ()))
-    if digest is None:
-        return {"sha256": None, "note": f"no dvc.lock entries upstream of {stage} (not run by DVC)"}
-    return {"sha256": digest, "stages": upstream, "note": LOCK_NOTE}
-
-
-def lock_hash(lock_text: str, stages: tuple[str, ...] | list[str]) -> tuple[str | None, list[str]]:
-    """SHA-256 of a dvc.lock's entries of `stages` (canonical JSON), and which of them it has."""
-    entries = (yaml.safe_load(lock_text) or {}).get("stages", {}) if lock_text else {}
-    upstream = {name: entries[name] for name in stages if name in entries}
-    if not upstream:
-        return None, []
-    text = json.dumps(upstream, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest(), sorted(upstream)
 
 
 # --- what the stages know ------------------------------------------------------------------------
@@ -161,20 +65,20 @@ def calibration_record(metrics: str | Path, candidates: str | Path) -> dict[str,
     return record
 
 
-def chosen(params: Params, choices: pd.DataFrame) -> Params:
-    """`params` with the criterion and gamma of the plan allocate_sparsity chose (`choices`, its table)."""
-    row = choices[choices["selected"]].iloc[0]
+def selected_params(params: Params, plans: pd.DataFrame) -> Params:
+    """`params` with the criterion and gamma of the plan allocate_sparsity selected (`plans`, its table of plans)."""
+    row = plans[plans["selected"]].iloc[0]
     gamma = params.gamma if pd.isna(row["gamma"]) else float(row["gamma"])
     return dataclasses.replace(params, method=str(row["method"]), gamma=gamma)
 
 
-def selection_record(params: Params, choices: pd.DataFrame) -> dict[str, Any] | None:
-    """The plan selection (nirvana.method.selection): what was searched (`method`, `gamma`) and every choice's
-    held-out KL; None when there was one plan and nothing to choose."""
-    if len(choices) == 1:
+def selection_record(params: Params, plans: pd.DataFrame) -> dict[str, Any] | None:
+    """The plan selection (nirvana.method.selection): what was searched (`method`, `gamma`) and every plan's
+    held-out KL (as `choices`); None when there was one plan and nothing to choose."""
+    if len(plans) == 1:
         return None
     columns = ["method", "allocation", "gamma", "kl", "sparsity_realised", "selected"]
-    rows = choices[columns].astype(object).where(choices[columns].notna(), None)
+    rows = plans[columns].astype(object).where(plans[columns].notna(), None)
     return {"method": params.method, "gamma": params.gamma, "choices": rows.to_dict(orient="records")}
 
 
@@ -463,77 +367,3 @@ def release_card(folder: str | Path, results: dict[str, dict[str, Any]], zero_sh
     table = "## Results (evaluate stage)\n\n" + _table(rows, ("metric", "dense", "pruned", "this model")) + "\n\n"
     data = card_data(record, evaluations(results["finetuned"], zero_shot))
     return card_text(data, body(record, table))
-
-
-# --- verification --------------------------------------------------------------------------------
-
-
-def _tensor_difference(card: dict[str, Any], found: dict[str, Any]) -> str:
-    fields = [k for k in ("sha256", "dtype", "shape", "file") if card.get(k) != found.get(k)]
-    shown = [f"{k} {card.get(k)} in the card, {found.get(k)} in the folder" for k in fields if k != "sha256"]
-    return ", ".join((["SHA-256 differs"] if "sha256" in fields else []) + shown)
-
-
-def compare_weights(card: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """One line per file or tensor that is missing, extra or different."""
-    problems = []
-    for kind in ("files", "tensors"):
-        recorded, present = card.get(kind) or {}, found[kind]
-        for name in sorted(recorded.keys() | present.keys()):
-            where = f"{kind[:-1]} {name}"
-            if name not in present:
-                problems.append(f"{where}: missing (in the card, not in the folder)")
-            elif name not in recorded:
-                problems.append(f"{where}: extra (in the folder, not in the card)")
-            elif recorded[name] != present[name]:
-                diff = "SHA-256 differs" if kind == "files" else _tensor_difference(recorded[name], present[name])
-                problems.append(f"{where}: {diff}")
-    return problems
-
-
-def lock_commits(lock: dict[str, Any], repo: str | Path = ".") -> list[str] | None:
-    """The commits of `repo` whose committed dvc.lock has the entries a card's `dvc_lock` hash covers, oldest
-    first: the commit of the run that made the model (later ones kept those entries). None outside git."""
-    if not lock.get("sha256"):
-        return []
-    git = ["git", "-C", str(repo)]
-    history = subprocess.run([*git, "log", "--format=%H", "--", ":/dvc.lock"], capture_output=True, text=True)
-    if history.returncode != 0:
-        return None
-    found = []
-    for commit in reversed(history.stdout.split()):
-        text = subprocess.run([*git, "show", f"{commit}:dvc.lock"], capture_output=True, text=True).stdout
-        if lock_hash(text, lock.get("stages", []))[0] == lock["sha256"]:
-            found.append(commit)
-    return found
-
-
-def provenance_line(card: dict[str, Any], repo: str | Path = ".") -> str:
-    """Where the card's dvc.lock hash leads in this repository's history, in one line."""
-    commits = lock_commits(card.get("dvc_lock") or {}, repo)
-    if commits is None:
-        return "not in a git repository: clone the project to find the commit that made it"
-    if not commits:
-        return "no commit here has the dvc.lock entries its card names (an uncommitted run, or another repository)"
-    later = f" (and {len(commits) - 1} later commit(s) that kept them)" if len(commits) > 1 else ""
-    return f"made by the run committed in {commits[0][:12]}{later}: `git checkout {commits[0][:12]}` to reproduce it"
-
-
-def verify_folder(folder: str | Path) -> tuple[bool, str]:
-    """Recompute the weight hashes of `folder` and check them against its card: (ok, message)."""
-    folder = Path(folder)
-    try:
-        card = (read_card(folder).get("nirvana") or {}).get("weights")
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        return False, f"{folder}: no readable model card: {err}"
-    if not isinstance(card, dict):
-        return False, f"{folder / CARD}: no nirvana.weights section to check against"
-    found, unreadable = weight_hashes(folder)
-    problems = [f"file {name}: unreadable by safetensors ({err})" for name, err in unreadable.items()]
-    problems += compare_weights(card, found)
-    if problems:
-        return False, f"{folder}: {len(problems)} problem(s) against {folder / CARD}:\n  " + "\n  ".join(problems)
-    weights = [name for name in found["files"] if name.endswith(".safetensors")]
-    others = len(found["files"]) - len(weights)
-    also = f" and {others} Python file(s)" if others else ""
-    return True, f"{folder}: OK, {len(found['tensors'])} tensors in {len(weights)} safetensors file(s){also} match"

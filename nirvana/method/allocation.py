@@ -14,24 +14,22 @@ import pandas as pd
 from transformers import PreTrainedModel
 
 from nirvana.core.errors import InputError
-from nirvana.core.params import Params
-from nirvana.models import get_adapter, pool
-
-METHOD_MODES = {"wanda_sp": "uniform", "flap": "flap", "taylor": "llm_pruner"}
-"""Each baseline's published allocation; every other method uses NIRVANA's two pools."""
+from nirvana.core.params import METHODS, Params
+from nirvana.models import Adapter, get_adapter, pool
 
 LLM_PRUNER_BAND = (4, 30, 32)
 """LLM-Pruner's Llama commands prune layers 4 to 29 of 32 (--block_*_layer_start 4, _end 30)."""
 
 
 def resolve_mode(method: str, mode: str | None) -> str:
-    """`mode`, or when null the allocation `method` was published with."""
-    return mode or METHOD_MODES.get(method, "nirvana")
+    """`mode`, or when null the allocation `method` was published with (`METHODS`; NIRVANA's two
+    pools for a name it does not know, e.g. from an older run's params)."""
+    return mode or METHODS.get(method, "nirvana")
 
 
 def allocation_mode(params: Params) -> str:
     """The allocation a run of one criterion uses (`resolve_mode` of its method and `allocation.mode`)."""
-    assert isinstance(params.method, str), "one criterion at a time (nirvana.method.selection.choices)"
+    assert isinstance(params.method, str), "one criterion at a time (nirvana.method.selection.candidate_runs)"
     return resolve_mode(params.method, params.allocation.mode)
 
 
@@ -287,10 +285,10 @@ def allocate_flap(
     return _plan(scores, {label for item in items[:cut] for label in item[4]})
 
 
-def unit_sizes(model: PreTrainedModel) -> tuple[int, int]:
+def unit_sizes(model: PreTrainedModel, *, adapter: Adapter | None = None) -> tuple[int, int]:
     """Parameters of one attention unit and of one MLP channel, which must be the same in every layer
     and attention module (the pools count units, method §2)."""
-    adapter = get_adapter(model.config)
+    adapter = adapter or get_adapter(model.config)
     sizes: dict[str, set[int]] = {"attn": set(), "mlp": set()}
     for layer in adapter.layers(model):
         for module in adapter.modules(layer):
@@ -328,13 +326,18 @@ def allocate_for_model(
 
 
 def max_sparsity(
-    model: PreTrainedModel, mlp_multiple: int, attn_multiple: int, band: tuple[int, int] | None = None
+    model: PreTrainedModel,
+    mlp_multiple: int,
+    attn_multiple: int,
+    band: tuple[int, int] | None = None,
+    *,
+    adapter: Adapter | None = None,
 ) -> float:
     """The most attention+MLP parameters an allocation can remove: every attention module keeps
     `attn_multiple` units and every MLP `mlp_multiple` channels (all of them where it has fewer);
     layers outside `band` keep everything."""
-    adapter = get_adapter(model.config)
-    sizes = dict(zip(("attn", "mlp"), unit_sizes(model), strict=True))
+    adapter = adapter or get_adapter(model.config)
+    sizes = dict(zip(("attn", "mlp"), unit_sizes(model, adapter=adapter), strict=True))
     multiples = {"attn": attn_multiple, "mlp": mlp_multiple}
     total = removable = 0
     for index, layer in enumerate(adapter.layers(model)):
@@ -349,20 +352,21 @@ def max_sparsity(
 def check_reachable(model: PreTrainedModel, params: Params) -> None:
     """Refuse, before any work, a sparsity the guards make unreachable (it would silently fall short),
     under the allocation of every criterion of `method`."""
+    adapter = get_adapter(model.config)
     for method in params.methods:
-        _check_reachable(model, params, resolve_mode(method, params.allocation.mode))
+        _check_reachable(model, params, resolve_mode(method, params.allocation.mode), adapter)
 
 
-def _check_reachable(model: PreTrainedModel, params: Params, mode: str) -> None:
+def _check_reachable(model: PreTrainedModel, params: Params, mode: str, adapter: Adapter) -> None:
     a, at = params.allocation, params.calibration.select_at_sparsity
     band, where = None, ""
     if mode == "llm_pruner":
-        layers = len(get_adapter(model.config).layers(model))
+        layers = len(adapter.layers(model))
         band = llm_pruner_band(layers, a.band)
         if band[1] > layers:
             raise InputError(f"allocation.band = {a.band} ends past this model's {layers} layers")
         where = f" and only layers {band[0]}-{band[1] - 1} are pruned (allocation.band, llm_pruner)"
-    reachable = max_sparsity(model, a.mlp_multiple, a.attn_multiple, band)
+    reachable = max_sparsity(model, a.mlp_multiple, a.attn_multiple, band, adapter=adapter)
     for key, value in (("sparsity", params.sparsity), ("calibration.select_at_sparsity", at)):
         if value is not None and value > reachable:
             raise InputError(
@@ -373,7 +377,7 @@ def _check_reachable(model: PreTrainedModel, params: Params, mode: str) -> None:
             )
 
 
-def layer_widths(plan: pd.DataFrame) -> pd.DataFrame:
+def plan_widths(plan: pd.DataFrame) -> pd.DataFrame:
     """Per layer: kept and dense units of every module (attention units, MLP channels, and
     cross-attention units on encoder-decoder models; 0 where a layer has no such module)."""
     counts = plan.groupby(["layer", "module"])["keep"].agg(["sum", "size"]).unstack("module", fill_value=0)

@@ -20,8 +20,9 @@ from nirvana.core.errors import InputError
 from nirvana.core.io import atomic_path
 from nirvana.core.params import CalibrationParams, Params
 from nirvana.method.criteria import CRITERIA
+from nirvana.method.kl import HeldOut
 from nirvana.method.saliency import enable_checkpointing
-from nirvana.method.selection import HeldOut, choose
+from nirvana.method.selection import select_plan
 
 
 def kl_set(c: CalibrationParams, tokenizer: PreTrainedTokenizerBase, builtin_texts: list[str]) -> torch.Tensor:
@@ -86,7 +87,7 @@ def finished_candidates(folder: Path | None) -> dict[int, dict]:
     return {row["candidate"]: row for row in rows}
 
 
-def judged_at(params: Params) -> Params:
+def judging_run(params: Params) -> Params:
     """The run each candidate set is judged by: with `gamma: auto`, the middle of
     allocation.gamma_candidates, one gamma as the release judges at its own; allocate_sparsity then
     chooses gamma for the winning set alone (results/gamma_search.md: the same choice on the recorded grids)."""
@@ -96,7 +97,7 @@ def judged_at(params: Params) -> Params:
     return dataclasses.replace(params, gamma=float(grid[len(grid) // 2]))
 
 
-def search(
+def search_candidates(
     model: PreTrainedModel,
     pool: torch.Tensor,
     kl_windows: torch.Tensor,
@@ -109,8 +110,8 @@ def search(
     plan's pruned model (benchmarks use it). Each finished row is saved in `checkpoints`, and rows found
     there are not computed again.
 
-    A candidate is judged by the plan the run would make from it at one gamma (`judged_at`): with several
-    criteria, the lowest-KL one of `nirvana.method.selection.choices` (saliency once per criterion)."""
+    A candidate is judged by the plan the run would make from it at one gamma (`judging_run`): with several
+    criteria, the lowest-KL one of `nirvana.method.selection.candidate_runs` (saliency once per criterion)."""
     c = params.calibration
     sparsity = params.sparsity if c.select_at_sparsity is None else c.select_at_sparsity
     finished = finished_candidates(checkpoints)
@@ -124,9 +125,9 @@ def search(
             continue
         seed = c.seed + candidate
         picks = draw(pool, c.num_samples, seed)
-        windows = pool[torch.from_numpy(picks)]
-        scores = {m: CRITERIA[m](model, windows, params.saliency.batch_size) for m in params.methods}
-        _, plans = choose(model, scores, judged_at(params), sparsity, windows, held_out, measure)
+        picked = pool[torch.from_numpy(picks)]
+        scores = {m: CRITERIA[m](model, picked, params.saliency.batch_size) for m in params.methods}
+        _, plans = select_plan(model, scores, judging_run(params), sparsity, picked, held_out, measure)
         best = plans[plans["selected"]].iloc[0].drop(["selected", "allocation"])
         rows.append(
             {
@@ -145,7 +146,7 @@ def search(
     return table
 
 
-def judged_plan(table: pd.DataFrame, sparsity: float) -> pd.DataFrame | None:
+def search_winner(table: pd.DataFrame, sparsity: float) -> pd.DataFrame | None:
     """The winning set's judged plan and its KL (one row of the candidates table), for allocate_sparsity
     to reuse when the search ran at its sparsity; None after no search (one candidate) or another sparsity."""
     winner = table[table["selected"]]
@@ -154,7 +155,7 @@ def judged_plan(table: pd.DataFrame, sparsity: float) -> pd.DataFrame | None:
     return winner
 
 
-def select(
+def select_windows(
     model: PreTrainedModel | None,
     pool: torch.Tensor,
     kl_windows: torch.Tensor,
@@ -171,12 +172,12 @@ def select(
         row = {"candidate": 0, "seed": c.seed, "kl": float("nan"), "windows": picks.tolist(), "selected": True}
         return pool[torch.from_numpy(picks)], pd.DataFrame([row])
     assert model is not None, "a search needs the dense model"
-    table = search(model, pool, kl_windows, params, checkpoints=checkpoints)
+    table = search_candidates(model, pool, kl_windows, params, checkpoints=checkpoints)
     return pool[torch.tensor(table.loc[table["selected"], "windows"].iloc[0])], table
 
 
-def summary(table: pd.DataFrame) -> dict[str, float | int]:
-    """The metrics of a selection: the winner's KL against the median and worst candidate."""
+def calibration_metrics(table: pd.DataFrame) -> dict[str, float | int]:
+    """metrics/calibration.json: the winning set's KL against the median and worst candidate."""
     kl = table["kl"].dropna()
     if kl.empty:  # one candidate: nothing was measured
         return {"candidates": len(table)}

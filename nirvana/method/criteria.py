@@ -2,7 +2,8 @@
 units, allocation and surgery (method doc, "Baselines that share the same pipeline").
 
 A criterion is `(model, windows, batch_size) -> DataFrame` with one row per unit (layer, module,
-unit, score); higher scores are kept. It leaves the model as it found it."""
+unit, score); higher scores are kept. It leaves the model as it found it. Adding one: its function in
+`CRITERIA`, its name and allocation in `nirvana.core.params.METHODS`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedModel
 
 from nirvana.method.forward import IGNORE, model_inputs
 from nirvana.method.saliency import gradient_scores, nirvana_scores, score_table
-from nirvana.models import get_adapter, pool
+from nirvana.models import Adapter, get_adapter, pool
 from nirvana.models.base import ATTENTION
 
 Criterion = Callable[[PreTrainedModel, torch.Tensor, int], pd.DataFrame]
@@ -138,16 +139,15 @@ def input_statistics(
     return stats
 
 
-def _output_projections(model: PreTrainedModel, layers: list[nn.Module]) -> list[nn.Linear]:
-    adapter = get_adapter(model.config)
+def _output_projections(adapter: Adapter, layers: list[nn.Module]) -> list[nn.Linear]:
     return [adapter.output_projection(layer, module) for layer in layers for module in adapter.modules(layer)]
 
 
-def _wanda_sp_layer(model: PreTrainedModel, layer: nn.Module, stats: dict[nn.Linear, Stats]) -> dict[str, torch.Tensor]:
+def _wanda_sp_layer(adapter: Adapter, layer: nn.Module, stats: dict[nn.Linear, Stats]) -> dict[str, torch.Tensor]:
     """Wanda-sp's unit scores of one layer, per module: for each input column j of the output
     projection, mean_i |W_ij| * ||x_j||_2 (FLAP's `prune_wanda_sp`), summed over the unit's columns
     (a head's head_dim columns; a KV group's, all its query heads')."""
-    adapter, out = get_adapter(model.config), {}
+    out: dict[str, torch.Tensor] = {}
     for module in adapter.modules(layer):
         proj = adapter.output_projection(layer, module)
         s = stats[proj]
@@ -162,8 +162,8 @@ def wanda_sp_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: i
     uniform allocation the plan is made layer by layer instead (`wanda_sp_sequential`)."""
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
-    stats = input_statistics(model, windows, batch_size, _output_projections(model, layers))
-    scores = {index: _wanda_sp_layer(model, layer, stats) for index, layer in enumerate(layers)}
+    stats = input_statistics(model, windows, batch_size, _output_projections(adapter, layers))
+    scores = {index: _wanda_sp_layer(adapter, layer, stats) for index, layer in enumerate(layers)}
     return score_table(model, lambda layer, module: scores[layers.index(layer)][module].float())
 
 
@@ -176,9 +176,9 @@ def wanda_sp_sequential(
     adapter = get_adapter(model.config)
     rows = []
     for index, layer in enumerate(tqdm(adapter.layers(model), desc="wanda_sp layers", unit="layer", leave=False)):
-        stats = input_statistics(model, windows, batch_size, _output_projections(model, [layer]))
+        stats = input_statistics(model, windows, batch_size, _output_projections(adapter, [layer]))
         drop = {}
-        for module, scores in _wanda_sp_layer(model, layer, stats).items():
+        for module, scores in _wanda_sp_layer(adapter, layer, stats).items():
             order = sorted(range(len(scores)), key=lambda u: (scores[u].item(), u))
             dropped = set(order[: remove[pool(module)]])
             drop[module] = torch.tensor(sorted(dropped), dtype=torch.long)
@@ -201,7 +201,7 @@ def flap_scores(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) 
     `input_mean` keeps each unit's column means for bias compensation."""
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
-    stats = input_statistics(model, windows, batch_size, _output_projections(model, layers), Fluctuation)
+    stats = input_statistics(model, windows, batch_size, _output_projections(adapter, layers), Fluctuation)
     rows = []
     for index, layer in enumerate(layers):
         for module in adapter.modules(layer):
@@ -232,3 +232,4 @@ CRITERIA: dict[str, Criterion] = {
     "flap": flap_scores,
     "random": random_scores,
 }
+"""Criterion name -> its scoring function; the same names, with their allocations, are `nirvana.core.params.METHODS`."""

@@ -21,7 +21,7 @@ def layer_by_layer(params: Params) -> bool:
 def plan_for(
     model: PreTrainedModel, scores: pd.DataFrame, params: Params, sparsity: float, windows: torch.Tensor | None = None
 ) -> pd.DataFrame:
-    """The plan of a run of one criterion (one of `nirvana.method.selection.choices`) at `sparsity`. Layer by
+    """The plan of a run of one criterion (one of `nirvana.method.selection.candidate_runs`) at `sparsity`. Layer by
     layer (`layer_by_layer`) it needs the dense `model` and the calibration `windows`, and zeroes the
     removed units in `model`."""
     a = params.allocation

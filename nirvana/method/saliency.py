@@ -48,7 +48,7 @@ class UnitSaliency:
         for index, layer in enumerate(self.adapter.layers(model)):
             for module in self.adapter.modules(layer):
                 n = self.adapter.unit_count(layer, module)
-                slices = self.adapter.slices(module, layer)
+                slices = self.adapter.slices(layer, module)
                 self.parts[(index, module)] = [torch.zeros(n, dtype=torch.float32) for _ in slices]
                 for part, s in zip(self.parts[(index, module)], slices, strict=True):
                     self.owners.setdefault(self.adapter.param(layer, s.param), []).append((part, s))

@@ -13,15 +13,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nirvana.core.io import atomic_path
-from nirvana.models import get_adapter
+from nirvana.models import Adapter, get_adapter
 from nirvana.models.base import Slice, unit_rows
 from nirvana.models.remote import add_remote_code
 from nirvana.models.widths import BIAS_KEY, CONFIG_KEY
 
 
-def layer_units(model: PreTrainedModel) -> list[dict[str, int]]:
-    """Current unit count per layer and module."""
-    adapter = get_adapter(model.config)
+def layer_units(model: PreTrainedModel, *, adapter: Adapter | None = None) -> list[dict[str, int]]:
+    """Current unit count per layer and module (`adapter`: the model's, if the caller holds it already)."""
+    adapter = adapter or get_adapter(model.config)
     return [{m: adapter.unit_count(layer, m) for m in adapter.modules(layer)} for layer in adapter.layers(model)]
 
 
@@ -51,18 +51,17 @@ def _removed_input_mean(
     return torch.cat(columns), torch.cat(means)
 
 
-def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:
+def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame, *, adapter: Adapter) -> bool:
     """FLAP's bias compensation, if the plan carries `input_mean`: add W[:, removed] @ mean[removed] to
     the bias of every output projection (created if missing), so a removed column still contributes its
     calibration average. Must run before the columns go. Returns whether it did anything."""
     if "input_mean" not in plan.columns:
         return False
-    adapter = get_adapter(model.config)
     with torch.no_grad():
         for index, layer in enumerate(adapter.layers(model)):
             adapter.add_output_bias(layer)
             for module in adapter.modules(layer):
-                proj, out = adapter.output_projection(layer, module), adapter.output_slice(module, layer)
+                proj, out = adapter.output_projection(layer, module), adapter.output_slice(layer, module)
                 count = adapter.unit_count(layer, module)
                 columns, mean = _removed_input_mean(plan, index, module, out, count)
                 assert proj.bias is not None
@@ -73,25 +72,25 @@ def compensate_bias(model: PreTrainedModel, plan: pd.DataFrame) -> bool:
     return True
 
 
-def prune_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
+def prune_model(model: PreTrainedModel, plan: pd.DataFrame, *, adapter: Adapter | None = None) -> None:
     """Remove every unit whose plan row says keep=False (after bias compensation, if the plan asks for
-    it), and record the widths in the config."""
-    adapter = get_adapter(model.config)
+    it), and record the widths in the config. `adapter`: the model's, derived once here if not given."""
+    adapter = adapter or get_adapter(model.config)
     layers = adapter.layers(model)
     kept = units_by_layer(plan, keep=True)
     if sorted(kept) != list(range(len(layers))):
         raise ValueError(f"plan covers layers {sorted(kept)}, model has {len(layers)}")
-    compensate_bias(model, plan)
+    compensate_bias(model, plan, adapter=adapter)
     adapter.before_prune(model)
     for index, layer in enumerate(layers):
         adapter.prune_layer(layer, kept[index])
-    setattr(model.config, CONFIG_KEY, layer_units(model))
+    setattr(model.config, CONFIG_KEY, layer_units(model, adapter=adapter))
 
 
-def zero_model(model: PreTrainedModel, plan: pd.DataFrame) -> None:
+def zero_model(model: PreTrainedModel, plan: pd.DataFrame, *, adapter: Adapter | None = None) -> None:
     """Zero the units the plan removes, keeping dense shapes (the reference for pruning)."""
-    adapter = get_adapter(model.config)
-    compensate_bias(model, plan)
+    adapter = adapter or get_adapter(model.config)
+    compensate_bias(model, plan, adapter=adapter)
     dropped = units_by_layer(plan, keep=False)
     for index, layer in enumerate(adapter.layers(model)):
         adapter.zero_units(layer, dropped[index])

@@ -84,7 +84,8 @@ class Adapter:
         """The layer's modules with prunable units."""
         return MODULES
 
-    def slices(self, module: str, layer: nn.Module) -> list[Slice]:
+    def slices(self, layer: nn.Module, module: str) -> list[Slice]:
+        """Where `module`'s units sit in `layer`'s parameters (every Adapter method takes layer, then module)."""
         raise NotImplementedError
 
     def before_prune(self, model: nn.Module) -> None:
@@ -98,7 +99,7 @@ class Adapter:
         return getattr(owner, attr)
 
     def all_slices(self, layer: nn.Module) -> list[Slice]:
-        return [s for m in self.modules(layer) for s in self.slices(m, layer)]
+        return [s for m in self.modules(layer) for s in self.slices(layer, m)]
 
     def prunable_params(self, layer: nn.Module) -> list[nn.Parameter]:
         return list(dict.fromkeys(self.param(layer, s.param) for s in self.all_slices(layer)))
@@ -114,19 +115,19 @@ class Adapter:
         activation-aware criteria measure)."""
         return list(dict.fromkeys(self.linear(layer, s.param) for s in self.all_slices(layer)))
 
-    def output_slice(self, module: str, layer: nn.Module) -> Slice:
+    def output_slice(self, layer: nn.Module, module: str) -> Slice:
         """The module's one slice along input columns: its units' share of the output projection."""
-        (out,) = [s for s in self.slices(module, layer) if s.dim == 1]
+        (out,) = [s for s in self.slices(layer, module) if s.dim == 1]
         return out
 
     def output_columns(self, layer: nn.Module, module: str, values: torch.Tensor) -> torch.Tensor:
         """Per-column values of the output projection's input regrouped per unit, (units, columns of a unit):
         a query-head unit's columns are strided across KV groups, a KV group's are contiguous."""
-        return by_unit(values, self.output_slice(module, layer), self.unit_count(layer, module))
+        return by_unit(values, self.output_slice(layer, module), self.unit_count(layer, module))
 
     def output_projection(self, layer: nn.Module, module: str) -> nn.Linear:
         """The Linear that maps the module's units back to the residual stream (o_proj, down_proj)."""
-        return self.linear(layer, self.output_slice(module, layer).param)
+        return self.linear(layer, self.output_slice(layer, module).param)
 
     def add_output_bias(self, layer: nn.Module) -> None:
         """Give each output projection a zero bias if it has none: where FLAP's bias compensation goes,
@@ -138,18 +139,18 @@ class Adapter:
                 proj.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
 
     def unit_count(self, layer: nn.Module, module: str) -> int:
-        s = self.slices(module, layer)[0]
+        s = self.slices(layer, module)[0]
         return self.param(layer, s.param).shape[s.dim] // (s.size * s.groups)
 
     def query_width(self, layer: nn.Module, module: str) -> int:
         """Query rows of an attention module (query heads x head_dim), for attention FLOP counts."""
-        s = self.slices(module, layer)[0]
+        s = self.slices(layer, module)[0]
         return self.param(layer, s.param).shape[s.dim]
 
     def unit_params(self, layer: nn.Module, module: str) -> int:
         """Parameters owned by one unit of `module` (the A and M of method §2)."""
         total = 0
-        for s in self.slices(module, layer):
+        for s in self.slices(layer, module):
             p = self.param(layer, s.param)
             total += s.size * s.groups * (p.numel() // p.shape[s.dim])
         return total
@@ -160,7 +161,7 @@ class Adapter:
         """L1 sum of per-weight scores over each unit's slices, in float32."""
         n = self.unit_count(layer, module)
         total = torch.zeros(n, dtype=torch.float32)
-        for s in self.slices(module, layer):
+        for s in self.slices(layer, module):
             total += slice_sums(per_weight(self.param(layer, s.param)), s, n)
         return total
 
@@ -171,7 +172,7 @@ class Adapter:
     def prune_layer(self, layer: nn.Module, keep: dict[str, torch.Tensor]) -> None:
         """Keep only units `keep[module]` (sorted indices); shapes shrink in place."""
         for module, units in keep.items():
-            for s in self.slices(module, layer):
+            for s in self.slices(layer, module):
                 owner, attr = _owner(layer, s.param)
                 p = getattr(owner, attr)
                 index = self._rows(layer, s, units, p.device)
@@ -185,7 +186,7 @@ class Adapter:
         """Zero the weights of units `drop[module]`: the dense equivalent of removing them."""
         with torch.no_grad():
             for module, units in drop.items():
-                for s in self.slices(module, layer):
+                for s in self.slices(layer, module):
                     p = self.param(layer, s.param)
                     p.index_fill_(s.dim, self._rows(layer, s, units, p.device), 0.0)
 

@@ -11,6 +11,11 @@ from nirvana.core.errors import InputError
 from nirvana.models.base import ATTENTION, Adapter, Slice
 
 
+def head_dim(config: PretrainedConfig) -> int:
+    """Per-head width; pruning removes whole heads, never part of one."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 class LlamaAdapter(Adapter):
     """Attention unit = one KV group: its K and V heads, the n_rep query heads that share it
     (HF's repeat_kv makes them the contiguous q rows of the group) and those o_proj columns.
@@ -32,23 +37,19 @@ class LlamaAdapter(Adapter):
         layers = getattr(model, "layers", None) or getattr(getattr(model, "model", None), "layers", None)
         return list(layers) if isinstance(layers, nn.ModuleList) else None
 
-    def head_dim(self) -> int:
-        c = self.config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
     def attention_bias(self) -> bool:
         return bool(getattr(self.config, "attention_bias", False))
 
     def attention_slices(self) -> list[Slice]:
-        c, head_dim = self.config, self.head_dim()
+        c, dim = self.config, head_dim(self.config)
         if self.granularity == "query_head":
-            q = Slice("self_attn.q_proj.{}", 0, head_dim, groups=c.num_key_value_heads)
-            slices = [q, Slice("self_attn.o_proj.weight", 1, head_dim, groups=c.num_key_value_heads)]
+            q = Slice("self_attn.q_proj.{}", 0, dim, groups=c.num_key_value_heads)
+            slices = [q, Slice("self_attn.o_proj.weight", 1, dim, groups=c.num_key_value_heads)]
             biased = [q]
         else:
-            group = head_dim * (c.num_attention_heads // c.num_key_value_heads)
+            group = dim * (c.num_attention_heads // c.num_key_value_heads)
             q = Slice("self_attn.q_proj.{}", 0, group)
-            k, v = Slice("self_attn.k_proj.{}", 0, head_dim), Slice("self_attn.v_proj.{}", 0, head_dim)
+            k, v = Slice("self_attn.k_proj.{}", 0, dim), Slice("self_attn.v_proj.{}", 0, dim)
             slices = [q, k, v, Slice("self_attn.o_proj.weight", 1, group)]
             biased = [q, k, v]
         weights = [Slice(s.param.format("weight"), s.dim, s.size, s.groups) for s in slices]
@@ -56,7 +57,7 @@ class LlamaAdapter(Adapter):
             return weights
         return weights + [Slice(s.param.format("bias"), s.dim, s.size, s.groups) for s in biased]
 
-    def slices(self, module: str, layer: nn.Module) -> list[Slice]:
+    def slices(self, layer: nn.Module, module: str) -> list[Slice]:
         if module == ATTENTION:
             return self.attention_slices()
         out = [

@@ -45,7 +45,7 @@ class T5Adapter(Adapter):
     def modules(self, layer: nn.Module) -> tuple[str, ...]:
         return (ATTENTION, CROSS, MLP) if layer.is_decoder else (ATTENTION, MLP)
 
-    def slices(self, module: str, layer: nn.Module) -> list[Slice]:
+    def slices(self, layer: nn.Module, module: str) -> list[Slice]:
         d_kv = self.config.d_kv
         if module in ROLES:
             index = 0 if module == ATTENTION else 1

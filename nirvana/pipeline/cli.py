@@ -11,9 +11,10 @@ from typing import NoReturn
 import torch
 
 from nirvana.core.params import METHODS
-from nirvana.deploy.card import provenance_line, read_card, verify_folder
-from nirvana.deploy.gguf import TYPES
+from nirvana.deploy.card import read_card
 from nirvana.deploy.gguf import export as export_gguf
+from nirvana.deploy.gguf_types import TYPES
+from nirvana.deploy.verify import provenance_line, verify_folder
 from nirvana.evaluation.perplexity import param_counts
 from nirvana.method.surgery import layer_units
 from nirvana.models.loading import load_model, load_tokenizer, skeleton

@@ -10,11 +10,11 @@ from pathlib import Path
 import yaml
 
 from nirvana.core.errors import InputError
+from nirvana.core.params import BUILTIN_CORPUS
 from nirvana.evaluation.timings import with_timings
 from nirvana.method.allocation import resolve_mode
 from nirvana.pipeline.sweep import dvc, dvc_error
 
-BUILT_IN = "outputs/corpora/calibration.parquet"  # the pool prepare_data writes; older params said null
 DATA_FILES = (".parquet", ".jsonl")
 # The settings columns in order; those in WIDE only with `--all`, which also adds each task's accuracy and the speedups.
 ORDER = [
@@ -40,7 +40,7 @@ def _data_label(path: str | None, source: str | None) -> str:
     """Where the text came from, short enough for a cell: `built-in`, a file's name, or a Hugging Face id."""
     if source:
         return str(source)
-    if not path or Path(path).as_posix() == BUILT_IN:
+    if not path or Path(path).as_posix() == BUILTIN_CORPUS:  # prepare_data's pool; older params said null
         return "built-in"
     return Path(path).name if Path(path).suffix in DATA_FILES else str(path)
 

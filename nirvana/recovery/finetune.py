@@ -32,11 +32,10 @@ from transformers import (
 from nirvana.core.data import bos_id, token_stream, windows
 from nirvana.core.errors import InputError
 from nirvana.core.params import FinetuneParams, ModelParams, ParamError
-from nirvana.method.forward import is_seq2seq, split
+from nirvana.method.forward import IGNORE, is_seq2seq, split
 from nirvana.models import get_adapter
 from nirvana.models.loading import auto_class, device, load_model
 
-IGNORE = -100  # label of tokens left out of the loss
 PROMPT = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
 
 
