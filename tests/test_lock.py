@@ -35,7 +35,7 @@ def copy(tmp_path: Path) -> Path:
 
 def test_an_edited_module_a_changed_param_and_a_missing_entry_are_named(copy: Path) -> None:
     before = stale_stages(copy)  # empty when this checkout is fresh (test above)
-    with (copy / "nirvana/core/data.py").open("a") as handle:
+    with (copy / "nirvana/evaluation/perplexity.py").open("a") as handle:
         handle.write("# edited\n")
     params = yaml.safe_load((copy / "params.yaml").read_text())
     (copy / "params.yaml").write_text(yaml.safe_dump(params | {"sparsity": 0.35}))
@@ -43,13 +43,12 @@ def test_an_edited_module_a_changed_param_and_a_missing_entry_are_named(copy: Pa
     del lock["stages"]["compare"]
     (copy / "dvc.lock").write_text(yaml.safe_dump(lock))
     stale = stale_stages(copy)
-    assert "nirvana/core/data.py modified" in stale["prepare_data"]
     assert "params.yaml: sparsity modified" in stale["allocate_sparsity"]
     assert stale["compare"] == ["no entry in dvc.lock"]
-    assert "nirvana/core/data.py modified" in stale["evaluate@dense"]
-    assert stale.get("prepare_model") == before.get("prepare_model")  # prepare_model never reads data.py
+    assert "nirvana/evaluation/perplexity.py modified" in stale["evaluate@dense"]
+    assert stale.get("prepare_model") == before.get("prepare_model")  # prepare_model never imports perplexity
     report = lock_report(stale)
-    assert "prepare_data: " in report and report.endswith(f"To fix: {FIX}.")
+    assert "evaluate@dense: " in report and report.endswith(f"To fix: {FIX}.")
 
 
 def test_a_committed_metric_that_differs_from_the_lock_is_named(copy: Path) -> None:

@@ -301,7 +301,7 @@ def test_trust_remote_code_reaches_the_tokenizer_and_the_skeleton(
 
 def test_keys_match_the_pipeline() -> None:
     """The modeling file cannot import nirvana, so it repeats the config keys: they must not drift."""
-    from nirvana.models.remote import modeling_nirvana
+    from nirvana.models import modeling_nirvana
 
     assert (modeling_nirvana.UNITS_KEY, modeling_nirvana.BIAS_KEY) == remote.PRUNED_KEYS == (CONFIG_KEY, BIAS_KEY)
     assert modeling_nirvana.GRANULARITY_KEY == GRANULARITY_KEY

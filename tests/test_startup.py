@@ -87,8 +87,13 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor
     prune_model(model, random_plan(model, seed=4, drop=0.5))
     save_tokenizer(folder / "tokenizer")
     save_model(model, AutoTokenizer.from_pretrained(folder / "tokenizer"), folder / "pruned")
-    with torch.no_grad():
-        return folder / "pruned", model(input_ids=TOKENS).logits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fresh process computes (`python`): the same bits need the same split
+    try:
+        with torch.no_grad():
+            return folder / "pruned", model(input_ids=TOKENS).logits
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_fresh(folder: Path, how: str, out: Path) -> subprocess.CompletedProcess[str]:
