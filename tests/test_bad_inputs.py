@@ -1,12 +1,15 @@
 """A bad input stops a stage before any work, as DVC would run it: exit code 1, one line on stderr
 naming the culprit (the params key or the file), no traceback, and nothing written.
 
-Every case runs a real stage script in a temporary folder holding params.yaml and the inputs. A
-stage process spends most of its seconds importing torch and transformers, so the selected cases
-run a few at a time, all at once when the first test asks; each test then checks its own."""
+Every case sets up a temporary folder holding params.yaml and the inputs, and runs in this process what the
+stage would: `load_params` there, then the stage script's `main` on the same paths, whose checks come first.
+A few cases (WIRED) also run the real stage script, which proves `run_stage` turns the refusal into one line
+and exit code 1; a stage process spends most of its seconds importing torch and transformers, so those run
+all at once when the first of them asks; each test then checks its own."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,18 +18,19 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import huggingface_hub
 import pandas as pd
 import pytest
 import yaml
-from test_determinism import dvc_env, lock_outs, read_lock, tiny_checkout
-from test_pipeline import sh, stages_run
+from pipeline_fixture import dvc_env, lock_outs, read_lock, sh, stages_run, tiny_checkout
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
 from nirvana.core.errors import InputError
+from nirvana.core.params import ParamError, load_params
 from nirvana.core.stage import run_stage
 from nirvana.method.surgery import prune_model
 from nirvana.pipeline.checks import check_model, check_model_name, check_windows
@@ -151,10 +155,10 @@ def ids(rows: int, token: int = 1, length: int = 16) -> pd.DataFrame:
 
 KEY = "allocation.gamma_candidates"
 
+# tests/test_params.py checks sparsity 1.0, gamma 0, method magic, allocation.mode global and attention.granularity
+# head with the same messages: they are not repeated here
 CASES = [
     # params.yaml, through the cheapest stage
-    Case("sparsity_one", "allocate_sparsity", ["sparsity = 1.0", "0 <= sparsity < 1"], {"sparsity": 1.0}),
-    Case("gamma_zero", "allocate_sparsity", ["gamma = 0", "> 0"], {"gamma": 0}),
     Case("gamma_word", "allocate_sparsity", ["gamma = 'best'", "or auto"], {"gamma": "best"}),
     # gamma: auto's candidates, refused even when gamma is a number
     *(
@@ -194,14 +198,6 @@ CASES = [
         "allocate_sparsity",
         ["calibration.seq_len = '16'", "wrong type"],
         {"calibration.seq_len": "16"},
-    ),
-    Case("unknown_method", "allocate_sparsity", ["method = 'magic'", "one of nirvana"], {"method": "magic"}),
-    Case("unknown_allocation_mode", "allocate_sparsity", ["allocation.mode = 'global'"], {"allocation.mode": "global"}),
-    Case(
-        "unknown_granularity",
-        "allocate_sparsity",
-        ["attention.granularity = 'head'"],
-        {"attention.granularity": "head"},
     ),
     Case(
         "negative_num_samples", "allocate_sparsity", ["calibration.num_samples = -4"], {"calibration.num_samples": -4}
@@ -441,17 +437,45 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_case(case: Case, assets: Path, repo: Path) -> subprocess.CompletedProcess[str]:
+def prepare(case: Case, assets: Path, repo: Path) -> list[str]:
+    """The case's folder at `repo`, and the paths its stage takes on the command line (inputs, then outputs)."""
     shutil.copytree(assets, repo)
     write_params(repo, case.params)
     if case.spoil:
         case.spoil(repo)
     inputs, outputs = STAGES[case.stage]
     paths = DEFAULT_PATHS | {k: v for k, v in case.params.items() if k in DEFAULT_PATHS}
-    inputs = [paths.get(name.strip("{}"), name) for name in inputs]  # dvc.yaml's ${...} in the command
+    return [paths.get(name.strip("{}"), name) for name in inputs] + outputs  # dvc.yaml's ${...} in the command
+
+
+@cache
+def stage_main(stage: str) -> Callable[..., None]:
+    """The `main` of stages/<stage>.py, which run_stage calls with the validated params and the paths."""
+    spec = importlib.util.spec_from_file_location(f"stage_{stage}", ROOT / "stages" / f"{stage}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def refusal(case: Case, assets: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The line run_stage would print for the case, in this process: params.yaml loaded in the case's folder as
+    the stage loads it, then the stage's main on the same paths, offline as the stage scripts run here."""
+    paths = prepare(case, assets, repo)
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    try:
+        stage_main(case.stage)(load_params(), *paths)
+    except (ParamError, InputError) as err:
+        return f"[{case.stage}] {err}"
+    raise AssertionError(f"{case.stage} accepted the inputs of {case.name}")
+
+
+def run_case(case: Case, assets: Path, repo: Path) -> subprocess.CompletedProcess[str]:
+    paths = prepare(case, assets, repo)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, str(ROOT / "stages" / f"{case.stage}.py"), *inputs, *outputs]
+    command = [sys.executable, str(ROOT / "stages" / f"{case.stage}.py"), *paths]
     return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -459,11 +483,12 @@ def run_case(case: Case, assets: Path, repo: Path) -> subprocess.CompletedProces
 def runs(
     request: pytest.FixtureRequest, assets: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
-    """Every selected case's folder and finished stage process, run four at a time."""
+    """Every selected WIRED case's folder and finished stage process, run four at a time."""
     selected = []
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
-        if getattr(item, "module", None) is request.module and callspec is not None and "case" in callspec.params:
+        wired = getattr(item, "originalname", None) == "test_bad_input_stops_the_stage"
+        if callspec is not None and wired and getattr(item, "module", None) is request.module:
             selected.append(callspec.params["case"])
     base = tmp_path_factory.mktemp("cases")
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -474,9 +499,29 @@ def runs(
 def test_case_names_are_unique() -> None:
     """`runs` keys each case's folder and result by its name: two cases of one name would share them."""
     assert len({c.name for c in CASES}) == len(CASES)
+    assert set(WIRED) <= {c.name for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input_is_refused_before_any_work(
+    case: Case, assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every case, in this process: the stage's params or its checks refuse it in one line naming the culprit."""
+    repo = tmp_path / case.name
+    message = refusal(case, assets, repo, monkeypatch)
+    assert "\n" not in message, message
+    for part in case.culprit:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert not (repo / "out").exists(), sorted(p.name for p in (repo / "out").iterdir())
+    assert not (repo / "checkpoints").exists()  # the fine-tune's resume folder is not made either
+
+
+# through the real script: a params.yaml value (compute_saliency), the model name (check_params), a value the
+# later stages refuse (check_inputs) and a model folder (finetune)
+WIRED = ("threads_zero", "misspelt_model_name", "unreachable_sparsity_checked_first", "hand_edited_pruned_widths")
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.name in WIRED], ids=str)
 def test_bad_input_stops_the_stage(case: Case, runs: dict) -> None:
     repo, done = runs[case.name]
     assert done.returncode == 1, done.stderr[-3000:]

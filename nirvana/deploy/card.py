@@ -100,7 +100,7 @@ def prune_record(
     selection: dict | None = None,
 ) -> dict[str, Any]:
     """The provenance of a freshly pruned model; `params` name the chosen criterion and gamma
-    (`nirvana.method.selection.winner`), `metrics` are the prune stage's (counts, sparsity)."""
+    (`nirvana.deploy.card.selected_params`), `metrics` are the prune stage's (counts, sparsity)."""
     return {
         "stage": "prune",
         "base_model": {
