@@ -16,7 +16,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEPS   := $(VENV)/.dependencies
 
-.PHONY: run quick test lint install lock clean
+.PHONY: run quick test test-fast lint install lock clean
 
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
@@ -31,6 +31,11 @@ quick: $(STAMP)
 test: $(STAMP)
 	$(MAKE) lint
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
+
+# The unit tests alone, in a few minutes, for the edit-test loop: no lint and no test marked slow (those run the
+# pipeline, a dvc command or the linters end to end; pyproject.toml registers the marker). `make test` runs all.
+test-fast: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q -m "not slow"
 
 # Lint, format and type checks; `make test` runs them first, pre-commit runs the same.
 lint:

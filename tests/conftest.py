@@ -17,6 +17,7 @@ if is_x86():
 import pandas as pd
 import pytest
 import torch
+from pipeline_fixture import reproduce_tiny
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -169,3 +170,11 @@ def load_stage(name: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline reproduced and committed once per session (tests/pipeline_fixture.py): read it as it
+    is, or change a `copy_run` of it."""
+    model = tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+    return reproduce_tiny(tmp_path_factory.mktemp("tiny_run"), model)

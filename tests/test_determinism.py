@@ -1,10 +1,9 @@
 """Same params and code under two different native CPU levels: the tiny pipeline (a random 2-layer Llama with a
-word-level tokenizer) run by `dvc repro` with ATEN_CPU_CAPABILITY=default in the parent, then rerun from
-nothing by `nirvana audit` with the parent's variable unset (this CPU's best level), records the same hash for
-every output but the timing files: the project's pin (cpu.kernels: portable) wins over the parent. The run's
-numbers also match the committed table tests/data/tiny_pipeline.json, on whatever machine CI runs.
-
-Also the helpers for a tiny git+DVC checkout that tests/test_interruption.py shares."""
+word-level tokenizer) run by `dvc repro` with ATEN_CPU_CAPABILITY=default in the parent (the session's shared
+run, tests/conftest.py's `tiny_run`), then rerun from nothing by `nirvana audit` with the parent's variable unset
+(this CPU's best level), records the same hash for every output but the timing files: the project's pin
+(cpu.kernels: portable) wins over the parent. The run's numbers also match the committed table
+tests/data/tiny_pipeline.json, on whatever machine CI runs."""
 
 import hashlib
 import json
@@ -16,49 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from test_pipeline import SMALL, checkout, sh, stages_run
+from pipeline_fixture import copy_run, dvc_env, lock_outs, read_lock, sh, stages_run
 
-from conftest import tiny_model_dir
 from nirvana.core.environment import PORTABLE
 from nirvana.evaluation.timings import TIMING_FILES, is_timed
 from nirvana.pipeline.audit import cache_object
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Small sizes on a tiny model: each stage costs little more than its imports.
-TINY = {
-    **SMALL,
-    "calibration": SMALL["calibration"] | {"candidates": 2},
-    "finetune": SMALL["finetune"] | {"steps": 4, "save_steps": 2},
-    "evaluate": SMALL["evaluate"] | {"tasks": ["piqa"], "limit": 4},
-}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
-
-
-def tiny_checkout(repo: Path, model_dir: Path, overrides: dict | None = None) -> Path:
-    """A git+DVC checkout of the pipeline in `repo` on the tiny model saved in `model_dir`."""
-    return checkout(repo, TINY | {"model": {"name_or_path": str(model_dir)}} | (overrides or {}))
-
-
-def dvc_env(**extra: str) -> dict[str, str]:
-    """The environment `sh` runs commands in (this venv's dvc and python first on PATH)."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
-
-
-def read_lock(repo: Path) -> dict:
-    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-
-
-def lock_outs(lock: dict) -> dict[tuple[str, str], str]:
-    """(stage, output path) -> md5 recorded in dvc.lock, for every output (metrics included)."""
-    return {(stage, out["path"]): out["md5"] for stage, entry in lock.items() for out in entry.get("outs", [])}
-
-
-def file_digests(path: Path) -> dict[str, str]:
-    """md5 of every file under `path` (or of `path` itself), by path relative to it."""
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    return {f.relative_to(path).as_posix(): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
 
 
 def workspace_files(repo: Path) -> list[Path]:
@@ -91,17 +55,15 @@ def without_digests(value: object) -> object:
 
 
 @pytest.fixture(scope="module")
-def committed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline reproduced with the parent asking for ATEN's plainest kernels, and committed."""
-    model = tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
-    repo = tiny_checkout(tmp_path_factory.mktemp("run1"), model)
-    parent = {k: v for k, v in dvc_env().items() if k not in PORTABLE} | {"ATEN_CPU_CAPABILITY": "default"}
-    log = subprocess.run(["dvc", "repro"], cwd=repo, env=parent, capture_output=True, text=True)
-    assert log.returncode == 0, f"dvc repro failed:\n{(log.stdout + log.stderr)[-5000:]}"
-    assert "compare" in stages_run(log.stdout)
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "run")
-    return repo
+def committed(tiny_run: Path) -> Path:
+    """The shared tiny run: reproduced with the parent asking for ATen's plainest kernels, and committed."""
+    return tiny_run
+
+
+@pytest.fixture
+def damaged(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of that run for a test to break: the shared one stays as committed."""
+    return copy_run(tiny_run, tmp_path / "repo")
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +161,15 @@ def test_rerunning_prune_in_place_reproduces_its_outputs(audited: tuple[subproce
 
 
 @pytest.mark.slow
-def test_the_audit_names_a_changed_package_before_any_work(committed: Path) -> None:
-    lock = committed / "requirements.lock"
+def test_the_audit_names_a_changed_package_before_any_work(damaged: Path) -> None:
+    lock = damaged / "requirements.lock"
     text = lock.read_text()
     numpy = re.search(r"^numpy==(\S+)", text, re.M)
     assert numpy
     lock.write_text(text.replace(f"numpy=={numpy.group(1)}", "numpy==1.0.0"))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "nirvana.pipeline.cli", "audit"], cwd=committed, capture_output=True, text=True
+            [sys.executable, "-m", "nirvana.pipeline.cli", "audit"], cwd=damaged, capture_output=True, text=True
         )
     finally:
         lock.write_text(text)
@@ -216,17 +178,17 @@ def test_the_audit_names_a_changed_package_before_any_work(committed: Path) -> N
 
 
 @pytest.mark.slow
-def test_the_audit_names_an_output_whose_cached_bytes_changed(committed: Path) -> None:
+def test_the_audit_names_an_output_whose_cached_bytes_changed(damaged: Path) -> None:
     """One byte flipped in the DVC cache's copy of the pruned model's weights: named, and nothing rerun."""
-    (folder,) = [out for out in read_lock(committed)["prune"]["outs"] if out["path"] == "outputs/pruned_model"]
-    files = json.loads(cache_object(committed, folder["md5"]).read_text())
-    weights = cache_object(committed, next(e["md5"] for e in files if e["relpath"] == "model.safetensors"))
+    (folder,) = [out for out in read_lock(damaged)["prune"]["outs"] if out["path"] == "outputs/pruned_model"]
+    files = json.loads(cache_object(damaged, folder["md5"]).read_text())
+    weights = cache_object(damaged, next(e["md5"] for e in files if e["relpath"] == "model.safetensors"))
     original = weights.read_bytes()
     weights.chmod(0o644)
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "nirvana.pipeline.cli", "audit"], cwd=committed, capture_output=True, text=True
+            [sys.executable, "-m", "nirvana.pipeline.cli", "audit"], cwd=damaged, capture_output=True, text=True
         )
     finally:
         weights.write_bytes(original)

@@ -1,7 +1,7 @@
 """Interrupted stages leave nothing half-written, and the next `dvc repro` finishes the job.
 
-The tiny pipeline (see tests/test_determinism.py) is reproduced up to `finetune`, then stages are
-started again and killed at chosen points. A `sitecustomize` hook, put on the stage processes'
+A copy of the session's tiny pipeline run (tests/conftest.py's `tiny_run`) has stages started again and
+killed at chosen points. A `sitecustomize` hook, put on the stage processes'
 PYTHONPATH, makes each kill land where it is meant to: the stage writes a marker holding its pid
 and sleeps (a) inside `os.replace` of a named output, i.e. with the output fully written under
 its temporary name, or (b) right after Trainer saved the checkpoint of a given step. Then:
@@ -23,10 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_determinism import dvc_env, file_digests, lock_outs, read_lock, tiny_checkout
-from test_pipeline import sh, stages_run
-
-from conftest import tiny_model_dir
+from pipeline_fixture import copy_run, dvc_env, file_digests, lock_outs, read_lock, sh, stages_run
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = '''
@@ -81,14 +78,13 @@ STASH: dict[str, Path] = {}  # a complete checkpoint that test_finetune_killed..
 
 
 class Pipeline:
-    """The tiny pipeline reproduced up to finetune, with what that first uninterrupted run wrote."""
+    """A copy of the tiny pipeline's run, with what that uninterrupted run wrote."""
 
     def __init__(self, repo: Path, scratch: Path) -> None:
         self.repo, self.scratch = repo, scratch
         self.started: list[subprocess.Popen] = []
         (scratch / "hook").mkdir()
         (scratch / "hook/sitecustomize.py").write_text(textwrap.dedent(HOOK).lstrip())
-        sh(repo, "dvc", "repro", "finetune")
         self.lock = read_lock(repo)
         self.outs = lock_outs(self.lock)
         self.files = {path: file_digests(repo / path) for _, path in self.outs}
@@ -162,9 +158,9 @@ def stop(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    model = tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
-    pipeline = Pipeline(tiny_checkout(tmp_path_factory.mktemp("interrupted"), model), tmp_path_factory.mktemp("hook"))
+def pipeline(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    repo = copy_run(tiny_run, tmp_path_factory.mktemp("interrupted") / "repo")
+    pipeline = Pipeline(repo, tmp_path_factory.mktemp("hook"))
     yield pipeline
     pipeline.close()
 

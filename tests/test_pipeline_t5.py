@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_pipeline import SMALL, checkout, sh, stages_run
+from pipeline_fixture import SMALL, checkout, sh, stages_run
 from transformers import AutoModelForSeq2SeqLM
 
 from conftest import save_tokenizer, tiny_t5

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # `dvc plots show` and a headless browser
+
 # What each library's bundle assigns when it loads: the globals the page's vegaEmbed calls need.
 GLOBALS = [").vega={}", ").vegaLite={}", ").vegaEmbed="]
 

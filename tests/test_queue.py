@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_pipeline import checkout, sh
+from pipeline_fixture import checkout, sh
 
 from nirvana.core.params import ParamError
 from nirvana.core.stage import cpu_share, running_jobs
@@ -19,6 +19,7 @@ from nirvana.pipeline.sweep import sweep, sweep_commands, untracked_data
 MINE = "data/calibration/mine.parquet"
 
 
+@pytest.mark.slow  # a dvc experiment: seconds of imports per command
 def test_a_temporary_run_names_the_untracked_file_and_copy_paths_fixes_it(tmp_path: Path) -> None:
     """The trial's step (`dvc exp run --queue -S calibration.path=...` on an untracked file), run with
     --temp, which uses the same executor in a temporary copy, and only the first stage as target."""
@@ -62,6 +63,7 @@ def test_each_job_takes_its_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -
             cpu_share()
 
 
+@pytest.mark.slow  # three stage processes, each importing torch
 def test_a_stage_runs_on_its_share_and_refuses_a_bad_job_count(tmp_path: Path) -> None:
     """With cpu.threads null a stage takes its share of the CPUs; with the default fixed count it keeps it
     (the numbers depend on it) and warns that the jobs ask for more threads than there are CPUs."""

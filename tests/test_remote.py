@@ -15,23 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_determinism import file_digests, tiny_checkout
-from test_pipeline import sh, stages_run
-
-from conftest import tiny_model_dir
+from pipeline_fixture import copy_run, file_digests, sh, stages_run
 
 OUTPUTS = ["outputs/base_model", "outputs/pruned_model", "outputs/finetuned_model", "outputs/release", "outputs/gguf"]
 
 
 @pytest.fixture(scope="module")
-def machines(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A: the pipeline run, committed and pushed (git to a bare origin, data and run-cache to the remote);
-    B: a fresh clone of origin that has pulled nothing yet."""
+def machines(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A: the pipeline run (a copy of the session's tiny run), committed and pushed (git to a bare origin, data
+    and run-cache to the remote); B: a fresh clone of origin that has pulled nothing yet."""
     root = tmp_path_factory.mktemp("machines")
-    model = tiny_model_dir(root / "tiny_model")
-    a = tiny_checkout(root / "a", model)
+    a = copy_run(tiny_run, root / "a")
     sh(a, "dvc", "remote", "add", "-d", "storage", str(root / "storage"))
-    sh(a, "dvc", "repro")
     sh(a, "git", "add", "-A")
     sh(a, "git", "commit", "-qm", "run, with its remote")
     sh(root, "git", "init", "-q", "--bare", "origin.git")
