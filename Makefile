@@ -33,7 +33,7 @@ test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q
 
 # The unit tests alone, in a few minutes, for the edit-test loop: no lint and no test marked slow (those run the
-# pipeline, a dvc command or the linters end to end; pyproject.toml registers the marker). `make test` runs all.
+# pipeline, a dvc command, several processes or the linters; pyproject.toml registers the marker). `make test` runs all.
 test-fast: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q -m "not slow"
 

@@ -25,7 +25,7 @@ import huggingface_hub
 import pandas as pd
 import pytest
 import yaml
-from pipeline_fixture import dvc_env, lock_outs, read_lock, sh, stages_run, tiny_checkout
+from pipeline_fixture import copy_run, dvc_env, lock_outs, read_lock, sh, stages_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import random_plan, random_text, tiny_llama, tiny_model_dir
@@ -521,6 +521,7 @@ def test_bad_input_is_refused_before_any_work(
 WIRED = ("threads_zero", "misspelt_model_name", "unreachable_sparsity_checked_first", "hand_edited_pruned_widths")
 
 
+@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
 @pytest.mark.parametrize("case", [case for case in CASES if case.name in WIRED], ids=str)
 def test_bad_input_stops_the_stage(case: Case, runs: dict) -> None:
     repo, done = runs[case.name]
@@ -595,13 +596,9 @@ def test_a_model_in_the_hub_cache_passes_offline(tmp_path: Path, monkeypatch: py
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline of tests/test_determinism.py, reproduced and committed: a user's last run."""
-    repo = tiny_checkout(tmp_path_factory.mktemp("pipeline"), tiny_model_dir(tmp_path_factory.mktemp("tiny_model")))
-    sh(repo, "dvc", "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "run")
-    return repo
+def reproduced(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's tiny run (conftest's tiny_run), reproduced and committed: a user's last run."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 @pytest.mark.slow

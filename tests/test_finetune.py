@@ -228,6 +228,7 @@ def run_stage(repo: Path, finetune: dict, launcher: list[str]) -> subprocess.Com
     )
 
 
+@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
 def test_stage_under_two_process_accelerate_launch(pruned_dir: Path) -> None:
     repo = pruned_dir.parent
     text_rows(40).to_parquet(repo / "corpus.parquet")
@@ -267,6 +268,7 @@ def test_zero_steps_pass_the_pruned_model_through(pruned_dir: Path) -> None:
     shutil.rmtree(repo / "out")
 
 
+@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_fsdp_sharded_student_is_gathered_and_merged(tmp_path: Path, adapter: str) -> None:
     """FSDP and ZeRO-3 leave each process a shard of every weight: the saved model is rebuilt from the gathered
