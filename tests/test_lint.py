@@ -35,7 +35,7 @@ def lint_commands(tree: Path) -> list[str]:
     """The lint recipe's commands as make runs them (`make -n`): make stops at the first that fails, so the
     test runs each one itself."""
     venv = Path(sys.executable).parent.parent
-    makefile = ["make", "-n", "-f", str(ROOT / "Makefile"), "lint", f"VENV={venv}"]
+    makefile = ["make", "-n", "--no-print-directory", "-f", str(ROOT / "Makefile"), "lint", f"VENV={venv}"]
     return subprocess.run(makefile, cwd=tree, capture_output=True, text=True, check=True).stdout.splitlines()
 
 
