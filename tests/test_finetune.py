@@ -258,6 +258,7 @@ def test_stage_under_two_process_accelerate_launch(pruned_dir: Path) -> None:
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
 def test_zero_steps_pass_the_pruned_model_through(pruned_dir: Path) -> None:
     repo = pruned_dir.parent
     text_rows().to_parquet(repo / "corpus.parquet")
@@ -333,6 +334,7 @@ def test_zero3_without_gathering_is_refused(
         check_sharded_saving()
 
 
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
 def test_stage_refuses_zero3_without_gathering_before_training(pruned_dir: Path, monkeypatch: pytest.MonkeyPatch):
     repo = pruned_dir.parent
     text_rows().to_parquet(repo / "corpus.parquet")
