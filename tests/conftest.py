@@ -17,6 +17,7 @@ if is_x86():
 import pandas as pd
 import pytest
 import torch
+from filelock import FileLock
 from pipeline_fixture import reproduce_tiny
 from transformers import (
     AutoConfig,
@@ -32,6 +33,32 @@ import nirvana
 from nirvana.models import GRANULARITY_KEY
 
 nirvana.register()  # the tests load pruned folders with transformers' own from_pretrained, as a user would
+
+# `make test` runs two pytest-xdist workers: each computes in-process on its share of the CPUs, not on all of
+# them, which would slow both. The stages they start pin their own threads (cpu.threads), so two of them can
+# share a core: their OpenMP threads then wait in the kernel sooner instead of spinning on a core the other
+# needs (an allocate_sparsity on SmolLM2 next to stage start-ups: 33 s spinning as by default, 24 s so, 19 s
+# alone; the same bits, since how a thread waits changes no sum).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+# The files that take longest, first (`pytest --durations=0`: the SmolLM2 pipeline, then the tiny ones); with
+# `--dist loadfile --no-loadscope-reorder` the workers take whole files in this order, so no long file is
+# left to run alone at the end.
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_bad_inputs.py",
+    "test_pipeline_t5.py",
+    "test_remote.py",
+    "test_determinism.py",
+    "test_interruption.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
 
 SHAPES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -175,6 +202,15 @@ def load_stage(name: str) -> types.ModuleType:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline reproduced and committed once per session (tests/pipeline_fixture.py): read it as it
-    is, or change a `copy_run` of it."""
-    model = tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
-    return reproduce_tiny(tmp_path_factory.mktemp("tiny_run"), model)
+    is, or change a `copy_run` of it. pytest-xdist's workers share one, in the folder that holds theirs: the
+    first to ask reproduces it, holding a lock, and the others wait for it."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent
+    run, done = shared / "tiny_run", shared / "tiny_run.done"
+    with FileLock(shared / "tiny_run.lock"):
+        if not done.exists():
+            assert not run.exists(), f"{run} is what is left of a tiny run that failed in another worker"
+            reproduce_tiny(run, tiny_model_dir(shared / "tiny_model"))
+            done.touch()
+    return run
