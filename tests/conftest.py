@@ -30,6 +30,7 @@ from transformers import (
 )
 
 import nirvana
+from nirvana.core.stage import cpus
 from nirvana.models import GRANULARITY_KEY
 
 nirvana.register()  # the tests load pruned folders with transformers' own from_pretrained, as a user would
@@ -40,7 +41,7 @@ nirvana.register()  # the tests load pruned folders with transformers' own from_
 # needs (an allocate_sparsity on SmolLM2 next to stage start-ups: 33 s spinning as by default, 24 s so, 19 s
 # alone; the same bits, since how a thread waits changes no sum).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 # The files that take longest, first (`pytest --durations=0`: the SmolLM2 pipeline, then the tiny ones); with
