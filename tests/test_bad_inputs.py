@@ -521,7 +521,7 @@ def test_bad_input_is_refused_before_any_work(
 WIRED = ("threads_zero", "misspelt_model_name", "unreachable_sparsity_checked_first", "hand_edited_pruned_widths")
 
 
-@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("case", [case for case in CASES if case.name in WIRED], ids=str)
 def test_bad_input_stops_the_stage(case: Case, runs: dict) -> None:
     repo, done = runs[case.name]

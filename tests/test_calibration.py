@@ -87,7 +87,7 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_user_input_ids_are_used_verbatim(repo: Path) -> None:
     mine = pd.DataFrame({"input_ids": [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 9, 9]]})
     mine.to_parquet(repo / "data/calibration/mine.parquet")
@@ -105,7 +105,7 @@ def test_user_input_ids_are_used_verbatim(repo: Path) -> None:
     assert record["pool_sha256"] == hashlib.sha256((repo / "data/calibration/mine.parquet").read_bytes()).hexdigest()
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> None:
     done = run_select_stage(
         repo, {"num_samples": 4, "seq_len": 16, "candidates": 3, "kl_samples": 8, "kl_seq_len": 16, "kl_batch_size": 4}

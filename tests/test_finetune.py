@@ -228,7 +228,7 @@ def run_stage(repo: Path, finetune: dict, launcher: list[str]) -> subprocess.Com
     )
 
 
-@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
+@pytest.mark.slow  # starts processes
 def test_stage_under_two_process_accelerate_launch(pruned_dir: Path) -> None:
     repo = pruned_dir.parent
     text_rows(40).to_parquet(repo / "corpus.parquet")
@@ -258,7 +258,7 @@ def test_stage_under_two_process_accelerate_launch(pruned_dir: Path) -> None:
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_zero_steps_pass_the_pruned_model_through(pruned_dir: Path) -> None:
     repo = pruned_dir.parent
     text_rows().to_parquet(repo / "corpus.parquet")
@@ -269,7 +269,7 @@ def test_zero_steps_pass_the_pruned_model_through(pruned_dir: Path) -> None:
     shutil.rmtree(repo / "out")
 
 
-@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_fsdp_sharded_student_is_gathered_and_merged(tmp_path: Path, adapter: str) -> None:
     """FSDP and ZeRO-3 leave each process a shard of every weight: the saved model is rebuilt from the gathered
@@ -334,7 +334,7 @@ def test_zero3_without_gathering_is_refused(
         check_sharded_saving()
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_stage_refuses_zero3_without_gathering_before_training(pruned_dir: Path, monkeypatch: pytest.MonkeyPatch):
     repo = pruned_dir.parent
     text_rows().to_parquet(repo / "corpus.parquet")

@@ -280,7 +280,7 @@ def prompt_logits(path: Path, ids: list[int]) -> np.ndarray:
     return cpp_logits(load(path), ids)
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_q8_0_prompt_batch_runs_in_the_installed_llama_cpp(project: Path) -> None:
     """A q8_0 file whose matrices are all whole blocks, fed a 48-token prompt in one batch: the path whose matrix
     kernels a native build specialises for its CPU (AMX on Xeons that announce it, which died of SIGILL on virtual
@@ -311,7 +311,7 @@ def die_of_sigill(path: Path) -> None:
     os.kill(os.getpid(), signal.SIGILL)
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_a_crashed_llama_cpp_stops_the_stage_in_one_line_naming_file_and_signal(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,7 +442,7 @@ def smollm2_tokenizer_folder(path: Path) -> Path:
 SMOL_TEXTS = [*TEXTS, "<|im_start|>user\nHi there<|im_end|>", "def f(x):\n    return x ** 2  # 3.14159"]
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_smollm2_tokenizer_tokenizes_as_transformers(project: Path) -> None:
     folder = smollm2_tokenizer_folder(project / "model")
     export(folder, "outputs/s.gguf", "f16")
@@ -632,7 +632,7 @@ def measured(project: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     return folders
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_gguf_perplexity_scores_llama_cpp_and_transformers_on_evaluates_first_windows(
     measured: dict[str, Path],
 ) -> None:
@@ -658,7 +658,7 @@ MEASURE += ["outputs/corpora", "dense", "pruned", "metrics/gguf.json", "timings/
 TIMING = {"types": ["f32", "f16"], "prompt_len": 8, "new_tokens": 2, "warmup": 0, "repeats": 2, "max_repeats": 3}
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_measure_gguf_times_in_paired_rounds_and_gathers_the_perplexities(
     measured: dict[str, Path], project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

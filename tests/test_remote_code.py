@@ -320,7 +320,7 @@ def test_card_verifies_a_folder_with_the_modeling_file(tmp_path: Path) -> None:
     assert ok, message
 
 
-@pytest.mark.slow  # starts processes (make test-fast leaves it to make test)
+@pytest.mark.slow  # starts processes
 def test_lm_eval_command_line_without_nirvana(folders: dict[str, Path], tmp_path: Path) -> None:
     """lm-eval's own CLI on one offline task, in a process that cannot import nirvana."""
     tasks = tmp_path / "tasks"

@@ -141,7 +141,7 @@ def test_matches_stock_definition(rendered: Path, task: str):
     assert mine == stock
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_unknown_task_fails_before_touching_the_model():
     with pytest.raises(ValueError, match=r"unknown zero-shot task.*'no_such_task'.*arc_challenge, arc_easy"):
         zero_shot(None, None, ["piqa", "no_such_task"], limit=1)  # type: ignore[arg-type]
@@ -149,7 +149,7 @@ def test_unknown_task_fails_before_touching_the_model():
         check_tasks(["piqa", "piqa"])
 
 
-@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole (make test-fast leaves it to make test)
+@pytest.mark.slow  # a stage, llama.cpp or lm-eval run whole
 def test_other_lm_eval_tasks_pass_through():
     check_tasks(["piqa", "lambada_openai"])  # lm-eval's own task, run by name
     assert lm_eval_name("lambada_openai") == "lambada_openai" and lm_eval_name("piqa") == "nirvana_piqa"
