@@ -138,7 +138,7 @@ def auto_for(folder: Path) -> type[AutoModelForCausalLM] | type[AutoModelForSeq2
 
 def without_nirvana(tmp: Path) -> dict[str, str]:
     """Environment of a process that cannot import nirvana and reads nothing from the network, computing on the
-    CPU code paths this process runs (tests/conftest.py pins them), so that logits compare bit for bit."""
+    CPU code paths (tests/conftest.py pins them) and threads this process runs, so that logits compare bit for bit."""
     site = tmp / "no_nirvana"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCKER)
@@ -151,6 +151,7 @@ def without_nirvana(tmp: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
         **{key: os.environ[key] for key in PORTABLE if key in os.environ},
     }
 
