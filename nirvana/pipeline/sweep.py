@@ -9,10 +9,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from nirvana.core.params import BUILTIN_CORPUS, METHODS
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
 
 DATA_KEYS = ("calibration.path", "finetune.path")  # the params that name a user's file
 
@@ -89,21 +93,42 @@ def run_outputs(runs: Path) -> set[str]:
 
 def transfer_run_outputs(direction: str, remote: str) -> None:
     """Send or fetch the files the run records name: `dvc push --run-cache` sends the records and the cached
-    outputs of the workspace, not the git-tracked metrics a stage also wrote, and without them another machine
+    outputs of the workspace, not the git-tracked metrics a stage also wrote, nor the outputs of a run the
+    workspace has since left (an experiment before `dvc checkout` of main); without them another machine
     cannot restore the stage and runs it again (found by tests/test_remote.py)."""
+    from dvc.data_cloud import get_index
     from dvc.repo import Repo
-    from dvc_data.hashfile.hash_info import HashInfo
 
     with Repo() as repo:
-        move = repo.cloud.push if direction == "push" else repo.cloud.pull
         md5s = run_outputs(Path(repo.stage_cache.cache_dir))
-        move({HashInfo("md5", md5) for md5 in md5s}, remote=remote)
-        files = set()  # a folder output is a `.dir` list of its files' md5s: those move too
-        for md5 in (m for m in md5s if m.endswith(".dir")):
-            listing = Path(repo.cache.local.oid_to_path(md5))
-            if listing.is_file():
-                files |= {entry["md5"] for entry in json.loads(listing.read_text())}
-        move({HashInfo("md5", md5) for md5 in files}, remote=remote)
+        folders = {md5 for md5 in md5s if md5.endswith(".dir")}  # a folder output's `.dir` list of its files
+        if direction == "pull":
+            move(repo, "pull", md5s, remote)
+            move(repo, "pull", folder_files(repo, folders), remote)  # the lists are here now
+            return
+        # DVC takes a folder's list on the remote to mean that its files are there too: they go first, checked
+        # one by one on the remote, since an earlier push may have recorded a folder whose files never arrived
+        get_index(repo.cloud.get_remote_odb(remote, "push")).clear()
+        move(repo, "push", (md5s - folders) | folder_files(repo, folders), remote)
+        move(repo, "push", folders, remote)
+
+
+def move(repo: Repo, direction: str, md5s: set[str], remote: str) -> None:
+    """`dvc push` or `dvc pull` of these objects of the cache."""
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    transfer = repo.cloud.push if direction == "push" else repo.cloud.pull
+    transfer({HashInfo("md5", md5) for md5 in md5s}, remote=remote)
+
+
+def folder_files(repo: Repo, folders: set[str]) -> set[str]:
+    """The md5 of every file the `.dir` lists in the local cache name."""
+    files = set()
+    for md5 in folders:
+        listing = Path(repo.cache.local.oid_to_path(md5))
+        if listing.is_file():
+            files |= {entry["md5"] for entry in json.loads(listing.read_text())}
+    return files
 
 
 def share(direction: str, remote: str) -> None:
