@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 from nirvana.core.environment import PORTABLE, is_x86
@@ -18,19 +19,22 @@ import pandas as pd
 import pytest
 import torch
 from filelock import FileLock
-from pipeline_fixture import reproduce_tiny
+from pipeline_fixture import Experiment, reproduce_tiny, run_experiment
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 import nirvana
 from nirvana.core.stage import cpus
+from nirvana.deploy.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 from nirvana.models import GRANULARITY_KEY
 
 nirvana.register()  # the tests load pruned folders with transformers' own from_pretrained, as a user would
@@ -55,6 +59,7 @@ LONGEST_FIRST = (
     "test_bad_inputs.py",
     "test_pipeline_t5.py",
     "test_remote.py",
+    "test_experiments.py",
     "test_determinism.py",
     "test_interruption.py",
 )
@@ -149,9 +154,6 @@ WORDS = [f"w{i}" for i in range(62)]
 
 def save_tokenizer(path) -> None:
     """A word-level tokenizer over the tiny models' 64-token vocabulary (<unk> 0, </s> 63)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<unk>": 0} | {w: i + 1 for i, w in enumerate(WORDS)} | {"</s>": 63}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -162,6 +164,57 @@ def tiny_model_dir(path, kind: str = "gqa"):
     """A saved tiny Llama with a word-level tokenizer over its 64-token vocabulary."""
     tiny_llama(kind).save_pretrained(path)
     save_tokenizer(path)
+    return path
+
+
+CORPUS = [
+    "the model reads the text and writes the next word",
+    "pruned models keep fewer heads and fewer channels in every layer",
+    "numbers like 12 345 and 2026 appear in text; so do commas, dots and quotes",
+    "llama.cpp runs the exported file on a laptop, it's fast",
+] * 20
+
+
+def bpe_tokenizer(pre: str = "gpt-2", size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, <s> prepended on encode, whose pre-tokenizer is the
+    one of GPT-2, SmolLM2 (digits split), Llama 3 or Qwen2 (regex splits), named as llama.cpp names them."""
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre in ("llama-bpe", "qwen2"):
+        pattern = LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    elif pre == "smollm":
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
+    )
+
+
+def tiny_bpe_model_dir(path: Path) -> Path:
+    """A saved tiny Llama with a byte-level BPE tokenizer (`bpe_tokenizer`), which llama.cpp runs too: the
+    session's tiny pipeline exports, scores and times it in llama.cpp as the real pipeline does SmolLM2."""
+    tokenizer = bpe_tokenizer()
+    # 256 positions: lm-eval refuses a PIQA answer longer than the context, and bytes make long answers
+    tiny_llama("gqa", vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -204,18 +257,33 @@ def load_stage(name: str) -> types.ModuleType:
     return module
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline reproduced and committed once per session (tests/pipeline_fixture.py): read it as it
-    is, or change a `copy_run` of it. pytest-xdist's workers share one, in the folder that holds theirs: the
-    first to ask reproduces it, holding a lock, and the others wait for it."""
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name` made by `build` once per session. pytest-xdist's workers share it, in the folder that
+    holds theirs: the first to ask builds it, holding a lock, and the others wait for it."""
     shared = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:
         shared = shared.parent
-    run, done = shared / "tiny_run", shared / "tiny_run.done"
-    with FileLock(shared / "tiny_run.lock"):
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(shared / f"{name}.lock"):
         if not done.exists():
-            assert not run.exists(), f"{run} is what is left of a tiny run that failed in another worker"
-            reproduce_tiny(run, tiny_model_dir(shared / "tiny_model"))
+            assert not folder.exists(), f"{folder} is what is left of a build that failed in another worker"
+            build(folder)
             done.touch()
-    return run
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline reproduced and committed once per session (tests/pipeline_fixture.py): read it as it
+    is, or change a `copy_run` of it."""
+    return built_once(
+        tmp_path_factory, "tiny_run", lambda run: reproduce_tiny(run, tiny_bpe_model_dir(run.with_name("tiny_model")))
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    """A copy of the tiny run changed by `dvc exp run -S sparsity=0.4`, once per session: read it as it is, or
+    change a `copy_run` of it, whose run-cache restores that experiment instead of running it again."""
+    repo = built_once(tmp_path_factory, "tiny_experiment", lambda repo: run_experiment(tiny_run, repo))
+    return Experiment.read(repo)

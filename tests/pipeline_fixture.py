@@ -1,18 +1,20 @@
 """Git+DVC checkouts of the pipeline for the end-to-end tests, and the tiny run they share.
 
-The tiny pipeline (a random 2-layer Llama, tests/conftest.py's `tiny_model_dir`) is reproduced once per pytest
+The tiny pipeline (a random 2-layer Llama, tests/conftest.py's `tiny_bpe_model_dir`) is reproduced once per pytest
 session (conftest's `tiny_run`); a test that changes a run works on a `copy_run` of it, cache included, instead
 of reproducing the pipeline again: each reproduction costs minutes on a 2-core machine."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -122,6 +124,35 @@ def copy_run(run: Path, repo: Path) -> Path:
     dvc = run / ".dvc"
     shutil.copytree(run, repo, symlinks=True, ignore=lambda folder, _: ["tmp"] if Path(folder) == dvc else [])
     return repo
+
+
+EXPERIMENT_SPARSITY = 0.4
+"""`run_experiment` runs `dvc exp run -S sparsity=0.4`."""
+
+
+class Experiment(NamedTuple):
+    """A copy of the tiny run changed by an experiment (`run_experiment`), and what DVC printed on the way."""
+
+    repo: Path  # the experiment's results in its workspace, the run as committed in git
+    repro_log: str  # `dvc repro` of the committed run first: nothing to do
+    log: str  # `dvc exp run -S sparsity=0.4`
+
+    @classmethod
+    def read(cls, repo: Path) -> Experiment:
+        return cls(repo, **json.loads(logs_beside(repo).read_text()))
+
+
+def logs_beside(repo: Path) -> Path:
+    return repo.with_name(f"{repo.name}.logs.json")
+
+
+def run_experiment(run: Path, repo: Path) -> None:
+    """A copy of `run` in `repo`, reproduced again (nothing to do), then changed by `dvc exp run -S
+    sparsity=EXPERIMENT_SPARSITY`; both logs go to a file beside it (`Experiment.read`)."""
+    copy_run(run, repo)
+    again = sh(repo, "dvc", "repro")
+    logs = {"repro_log": again, "log": sh(repo, "dvc", "exp", "run", "-S", f"sparsity={EXPERIMENT_SPARSITY}")}
+    logs_beside(repo).write_text(json.dumps(logs))
 
 
 def read_lock(repo: Path) -> dict:

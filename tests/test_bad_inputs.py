@@ -606,7 +606,7 @@ def reproduced(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     "key,value,stage",
     [
         ("calibration.seq_len", 1000000, "check_inputs"),  # was refused by select_calibration, its outputs gone
-        ("evaluate.windows", [128], "check_inputs"),  # evaluate@dense, which no other stage orders
+        ("evaluate.windows", [64, 512], "check_inputs"),  # 512 > the context; evaluate@dense, no other stage orders
         ("sparsity", 0.95, "check_inputs"),  # unreachable
         ("model.name_or_path", "smollm2-135", "check_params"),  # was refused by prepare_model, the base model gone
     ],

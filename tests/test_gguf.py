@@ -28,16 +28,14 @@ from transformers import (
     AutoTokenizer,
     MistralConfig,
     PreTrainedModel,
-    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
-from conftest import load_stage, random_plan, tiny_llama, tiny_model_dir
+from conftest import CORPUS, bpe_tokenizer, load_stage, random_plan, tiny_llama, tiny_model_dir
 from nirvana.core.errors import NativeCrash
 from nirvana.core.stage import run_stage
 from nirvana.deploy.gguf import export, gguf_name, rope_rows
 from nirvana.deploy.gguf_errors import ExportError
-from nirvana.deploy.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 from nirvana.deploy.llamacpp import announce, isolated
 from nirvana.method.surgery import prune_model, save_model
 from nirvana.models import get_adapter
@@ -50,47 +48,6 @@ TEXTS = [
     "  spaces   and\ttabs\nnew lines, it's what we'd test; don't we?",
     "Ünïcödé: naïve café — 東京 🚀",
 ]
-CORPUS = [
-    "the model reads the text and writes the next word",
-    "pruned models keep fewer heads and fewer channels in every layer",
-    "numbers like 12 345 and 2026 appear in text; so do commas, dots and quotes",
-    "llama.cpp runs the exported file on a laptop, it's fast",
-] * 20
-
-
-def bpe_tokenizer(pre: str = "gpt-2", size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences, <s> prepended on encode, whose pre-tokenizer is the
-    one of GPT-2, SmolLM2 (digits split), Llama 3 or Qwen2 (regex splits), named as llama.cpp names them."""
-    from tokenizers import Regex, Tokenizer, decoders, models, processors, trainers
-
-    backend = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if pre in ("llama-bpe", "qwen2"):
-        pattern = LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT
-        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    elif pre == "smollm":
-        digits = pre_tokenizers.Digits(individual_digits=True)
-        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
-    else:
-        backend.pre_tokenizer = byte_level
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
-    )
 
 
 def tiny_model(model_type: str, vocab: int, seed: int = 0, **overrides: object) -> PreTrainedModel:

@@ -1,6 +1,6 @@
 """Results travel between machines through a DVC remote: machine A (a clone) runs the tiny pipeline and pushes;
 machine B (another clone of the same git remote, an empty cache) pulls byte-identical outputs that verify, restores
-what A's shared sweep ran instead of running it, and sees A's pushed experiment next to its own. A local-folder
+what A's shared sweep recorded instead of running it, and sees A's pushed experiment next to its own. A local-folder
 remote, real `dvc` and `git` commands, no mocks."""
 
 import getpass
@@ -15,17 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pipeline_fixture import copy_run, file_digests, sh, stages_run
+from pipeline_fixture import EXPERIMENT_SPARSITY, Experiment, copy_run, file_digests, sh, stages_run
 
 OUTPUTS = ["outputs/base_model", "outputs/pruned_model", "outputs/finetuned_model", "outputs/release", "outputs/gguf"]
 
 
 @pytest.fixture(scope="module")
-def machines(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A: the pipeline run (a copy of the session's tiny run), committed and pushed (git to a bare origin, data
-    and run-cache to the remote); B: a fresh clone of origin that has pulled nothing yet."""
+def machines(tiny_experiment: Experiment, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A: the pipeline run (a copy of the session's tiny experiment, back at the committed run; its run-cache
+    holds the experiment), committed and pushed (git to a bare origin, data and run-cache to the remote); B: a
+    fresh clone of origin that has pulled nothing yet."""
     root = tmp_path_factory.mktemp("machines")
-    a = copy_run(tiny_run, root / "a")
+    a = copy_run(tiny_experiment.repo, root / "a")
+    sh(a, "git", "checkout", "--", ".")
+    sh(a, "dvc", "checkout")
     sh(a, "dvc", "remote", "add", "-d", "storage", str(root / "storage"))
     sh(a, "git", "add", "-A")
     sh(a, "git", "commit", "-qm", "run, with its remote")
@@ -65,8 +68,9 @@ RESTORED = (
 
 @pytest.mark.slow
 def test_a_shared_sweep_restores_on_b_what_a_ran_and_a_reports_b_sees(machines: tuple[Path, Path]) -> None:
-    """A sweeps sparsity 0.3 with --share; B, sweeping the same, restores the search, the pruning and the
-    fine-tuning from A's records instead of running them, and gets A's model. A pushes its experiment; B pulls
+    """A sweeps sparsity 0.4 with --share (restored from the run-cache of the session's experiment, as on a
+    machine that ran it); B, sweeping the same, restores the search, the pruning and the fine-tuning from A's
+    records instead of running them, and gets A's model. A pushes its experiment; B pulls
     it, and `nirvana report` lists it beside B's own with A's numbers."""
     a, b = machines
     sweep = [
@@ -77,7 +81,7 @@ def test_a_shared_sweep_restores_on_b_what_a_ran_and_a_reports_b_sees(machines: 
         "--methods",
         "nirvana",
         "--sparsities",
-        "0.3",
+        str(EXPERIMENT_SPARSITY),
         "--share",
     ]
     sh(a, *sweep)
@@ -93,7 +97,7 @@ def test_a_shared_sweep_restores_on_b_what_a_ran_and_a_reports_b_sees(machines: 
     sh(a, "dvc", "exp", "push", "origin", name)
     sh(b, "dvc", "exp", "pull", "origin", name)
     report = sh(b, sys.executable, "-m", "nirvana.pipeline.cli", "report")
-    rows = [line for line in report.splitlines() if "| nirvana " in line and "0.3 (" in line]
+    rows = [line for line in report.splitlines() if "| nirvana " in line and f"{EXPERIMENT_SPARSITY} (" in line]
     assert len({row.split("|")[1].strip() for row in rows}) == 2, report  # A's experiment and B's
     ppl = json.loads((a / "metrics/pruned.json").read_text())["ppl_wiki_64"]
     assert any(row.split("|")[1].strip() == name and f"{ppl:.4g}" in row for row in rows), report
