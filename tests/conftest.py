@@ -57,10 +57,10 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 LONGEST_FIRST = (
     "test_pipeline.py",
     "test_bad_inputs.py",
+    "test_experiments.py",  # makes the shared experiment; test_remote, which needs it too, comes late
     "test_pipeline_t5.py",
-    "test_remote.py",
-    "test_experiments.py",
     "test_determinism.py",
+    "test_remote.py",
     "test_interruption.py",
 )
 
