@@ -47,9 +47,6 @@ nirvana.register()  # the tests load pruned folders with transformers' own from_
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-    # A plain process a test starts computes with the worker's threads too, so that its logits compare bit for
-    # bit with the test's own (a matmul's sums are split by thread).
-    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 # The files that take longest, first (`pytest --durations=0`: the SmolLM2 pipeline, then the tiny ones); with
 # `--dist loadfile --no-loadscope-reorder` the workers take whole files in this order, so no long file is

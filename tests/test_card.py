@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import shutil
 import struct
@@ -380,7 +381,10 @@ def test_the_cards_loading_line_loads_the_pruned_folder(repo: Path, tmp_path: Pa
     )
     assert found, "the card no longer says how to load the folder with nirvana"
     script = LOAD_BY_CARD.format(setup=found[1].replace("; ", "\n"), load=found[2])
-    done = sh(ROOT, sys.executable, "-c", script, str(pruned), str(tmp_path / "logits.safetensors"))
+    # the threads this process computes with now (a stage run in it pins its own): the same split, the same bits
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    args = [sys.executable, "-c", script, str(pruned), str(tmp_path / "logits.safetensors")]
+    done = subprocess.run(args, cwd=ROOT, env=os.environ | threads, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(pruned).eval()(input_ids=torch.arange(12).view(2, 6)).logits
