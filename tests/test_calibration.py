@@ -129,6 +129,7 @@ def test_search_stage_on_a_tiny_model_writes_table_and_metrics(repo: Path) -> No
         ({"candidates": 0}, "calibration.candidates = 0 is invalid"),
     ],
 )
+@pytest.mark.slow  # a stage run whole (until it stops)
 def test_bad_calibration_params_stop_before_any_work(repo: Path, calibration: dict, message: str) -> None:
     done = run_select_stage(repo, calibration)
     assert done.returncode != 0 and message in done.stderr

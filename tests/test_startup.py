@@ -18,6 +18,8 @@ from transformers import AutoTokenizer
 from conftest import random_plan, save_tokenizer, tiny_llama
 from nirvana.method.surgery import prune_model, save_model
 
+pytestmark = pytest.mark.slow  # each test starts fresh interpreters, which is what it measures
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELING = "transformers.modeling_utils"
 TOKENS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
