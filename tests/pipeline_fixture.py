@@ -126,6 +126,9 @@ def copy_run(run: Path, repo: Path) -> Path:
     return repo
 
 
+MODELS = ("dense", "pruned", "finetuned")
+"""The models every run evaluates, exports to GGUF and times."""
+
 EXPERIMENT_SPARSITY = 0.4
 """`run_experiment` runs `dvc exp run -S sparsity=0.4`."""
 

@@ -11,12 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_fixture import EXPERIMENT_SPARSITY, ROOT, Experiment, copy_run, sh, stages_run
+from pipeline_fixture import EXPERIMENT_SPARSITY, MODELS, ROOT, Experiment, copy_run, sh, stages_run
 
 pytestmark = pytest.mark.slow  # each test runs dvc and stages
-
-MODELS = ("dense", "pruned", "finetuned")
-
 
 def sparsity(repo: Path) -> float:
     return json.loads((repo / "metrics/prune.json").read_text())["sparsity_realised"]

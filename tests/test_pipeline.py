@@ -13,15 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from pipeline_fixture import SMALL, checkout, dvc_env, sh, stages_run
+from pipeline_fixture import MODELS, SMALL, checkout, dvc_env, sh, stages_run
 from transformers import AutoModelForCausalLM
 
 from nirvana.deploy.card import read_card
 from nirvana.deploy.verify import verify_folder
 from nirvana.evaluation.timings import rejoin
 from nirvana.method.surgery import zero_model
-
-MODELS = ("dense", "pruned", "finetuned")
 
 
 @pytest.fixture(scope="module")
