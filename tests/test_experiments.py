@@ -15,6 +15,7 @@ from pipeline_fixture import EXPERIMENT_SPARSITY, MODELS, ROOT, Experiment, copy
 
 pytestmark = pytest.mark.slow  # each test runs dvc and stages
 
+
 def sparsity(repo: Path) -> float:
     return json.loads((repo / "metrics/prune.json").read_text())["sparsity_realised"]
 
